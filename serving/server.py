@@ -1,0 +1,223 @@
+"""The model server process: gRPC (+ health, reflection), REST, model manager, batching.
+
+`create_server(config)` builds a `ModelServer`; `run_server(config)` runs one until SIGTERM or
+SIGINT. With `engine="tfserving"` the real `tensorflow_model_server` is exec'd instead,
+with the equivalent flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from google.protobuf import text_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tensorflow_serving.apis import (model_service_pb2, model_service_pb2_grpc, prediction_service_pb2,
+                                     prediction_service_pb2_grpc)
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving import inference, models, prediction, rest
+from serving.batching import Batcher
+from serving.config import ServeConfig
+from serving.metrics import Metrics
+
+LOG = logging.getLogger("serving.server")
+PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
+MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+# "" is the whole server; the short names are the ones TF Serving itself marks.
+HEALTH_SERVICE_NAMES = ("", PREDICTION_SERVICE, MODEL_SERVICE, "PredictionService", "ModelService")
+
+
+def load_server_config(config: ServeConfig) -> model_server_config_pb2.ModelServerConfig:
+    """The ModelServerConfig from the config file, or a one-model config from name/base path."""
+    if config.model_config_file is None:
+        return models.single_model_config(config.model_name, config.model_base_path)
+    try:
+        with open(config.model_config_file, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        raise ValueError(f"cannot read model_config_file {config.model_config_file!r}: {error}") from None
+    try:
+        return text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+    except text_format.ParseError as error:
+        raise ValueError(f"Error parsing text-format tensorflow.serving.ModelServerConfig in "
+                         f"{config.model_config_file!r}: {error}") from None
+
+
+class ModelServer:
+    """One server: call start(), then wait_until_ready(), and stop() when done."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.health = health.HealthServicer()
+        for name in HEALTH_SERVICE_NAMES:
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._stopped = False
+        self._ready = threading.Event()
+        self.manager = models.ModelManager(
+            load_server_config(config), config.poll_seconds,
+            warmup=lambda loaded, path: inference.run_warmup(loaded, path, config.max_request_elements),
+            on_change=self._models_changed)
+        self.batcher = None
+        if config.enable_batching:
+            self.batcher = Batcher(config.max_batch_size, config.batch_timeout_micros,
+                                   config.max_enqueued_batches, config.num_batch_threads)
+        self._grpc_server = self._build_grpc_server()
+        self._grpc_port = self._grpc_server.add_insecure_port(f"{_host_for_grpc(config.host)}:{config.port}")
+        if self._grpc_port == 0:
+            raise ValueError(f"cannot bind gRPC to {config.host}:{config.port}")
+        self._rest_server = None
+        if config.rest_port >= 0:
+            api = rest.RestApi(self.manager, self.metrics, config.max_request_elements, self.batcher)
+            self._rest_server = rest.RestServer(api, config.host, config.rest_port, config.max_message_bytes)
+
+    def _build_grpc_server(self) -> grpc.Server:
+        options = [("grpc.max_send_message_length", self.config.max_message_bytes),
+                   ("grpc.max_receive_message_length", self.config.max_message_bytes)]
+        # Enough workers that batched requests can wait together; the limit sheds the rest.
+        workers = min(self.config.max_concurrent_rpcs, max(32, 4 * (os.cpu_count() or 1)))
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+                             options=options, maximum_concurrent_rpcs=self.config.max_concurrent_rpcs)
+        runner = prediction.RequestRunner(self.manager, self.metrics)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            prediction.PredictionService(runner, self.config.max_request_elements, self.batcher), server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(prediction.ModelService(runner), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        service_names = (PREDICTION_SERVICE, MODEL_SERVICE,
+                         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(service_names, server)
+        return server
+
+    @property
+    def grpc_port(self) -> int:
+        return self._grpc_port
+
+    @property
+    def rest_port(self) -> int | None:
+        return self._rest_server.port if self._rest_server is not None else None
+
+    def start(self) -> None:
+        self._grpc_server.start()
+        if self._rest_server is not None:
+            self._rest_server.start()
+        self.manager.start()
+
+    def wait_until_ready(self, timeout: float | None = None) -> bool:
+        """True once every configured model has an available version (False on timeout)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.manager.all_models_available():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self._ready.wait(0.05 if remaining is None else min(0.05, remaining))
+        return True
+
+    def _models_changed(self) -> None:
+        if self._stopped:
+            return
+        status = (health_pb2.HealthCheckResponse.SERVING if self.manager.has_available_version()
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in HEALTH_SERVICE_NAMES:
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let in-flight calls finish, then unload."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_seconds if grace is None else grace
+        self.health.enter_graceful_shutdown()
+        if self._rest_server is not None:
+            self._rest_server.stop()
+        self._grpc_server.stop(grace).wait()
+        if self.batcher is not None:
+            self.batcher.stop()
+        self.manager.stop()
+
+
+def _host_for_grpc(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def create_server(config: ServeConfig) -> ModelServer:
+    """Build (but do not start) a model server for `config`."""
+    return ModelServer(config)
+
+
+def run_server(config: ServeConfig) -> int:
+    """Serve until SIGTERM/SIGINT, then stop gracefully; returns the exit code."""
+    if config.engine == "tfserving":
+        exec_tfserving(config)
+    server = create_server(config)
+    server.start()
+    print(f"gRPC listening on {config.host}:{server.grpc_port}", flush=True)
+    if server.rest_port is not None:
+        print(f"REST listening on {config.host}:{server.rest_port}", flush=True)
+    stop_requested = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop_requested.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.wait_until_ready(timeout=None if config.poll_seconds > 0 else 60)
+        for name, versions in server.manager.available_models().items():
+            print(f"model {name}: versions {versions or 'none loaded yet'}", flush=True)
+        while not stop_requested.wait(0.5):
+            pass
+    finally:
+        print("stopping", flush=True)
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+# ---------------- the real tensorflow_model_server ----------------
+def tfserving_command(config: ServeConfig, batching_file: str | None = None) -> list[str]:
+    """tensorflow_model_server flags equivalent to `config`."""
+    binary = shutil.which("tensorflow_model_server")
+    if binary is None:
+        raise ValueError("tensorflow_model_server is not on PATH; install TensorFlow Serving "
+                         "(apt package tensorflow-model-server or the tensorflow/serving Docker image) "
+                         "or use engine 'builtin'")
+    if config.port == 0 or config.rest_port == 0:
+        raise ValueError("engine 'tfserving' cannot pick free ports: give explicit port and rest_port")
+    command = [binary, f"--port={config.port}",
+               f"--rest_api_port={max(config.rest_port, 0)}",  # TF Serving: 0 means REST off
+               f"--file_system_poll_wait_seconds={int(round(config.poll_seconds))}"]
+    if config.model_config_file is not None:
+        command.append(f"--model_config_file={os.path.abspath(config.model_config_file)}")
+    else:
+        command += [f"--model_name={config.model_name}",
+                    f"--model_base_path={os.path.abspath(config.model_base_path)}"]
+    if config.enable_batching:
+        command += ["--enable_batching=true", f"--batching_parameters_file={batching_file}"]
+    return command
+
+
+def batching_parameters_text(config: ServeConfig) -> str:
+    """A text-format BatchingParameters for --batching_parameters_file."""
+    return (f"max_batch_size {{ value: {config.max_batch_size} }}\n"
+            f"batch_timeout_micros {{ value: {config.batch_timeout_micros} }}\n"
+            f"max_enqueued_batches {{ value: {config.max_enqueued_batches} }}\n"
+            f"num_batch_threads {{ value: {config.num_batch_threads} }}\n")
+
+
+def exec_tfserving(config: ServeConfig) -> None:
+    """Replace this process with tensorflow_model_server (never returns on success)."""
+    batching_file = None
+    if config.enable_batching:
+        handle, batching_file = tempfile.mkstemp(prefix="batching_parameters_", suffix=".txt")
+        with os.fdopen(handle, "w") as file:
+            file.write(batching_parameters_text(config))
+    command = tfserving_command(config, batching_file)
+    print("exec " + " ".join(command), flush=True)
+    sys.stdout.flush()
+    os.execv(command[0], command)
