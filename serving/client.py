@@ -1,0 +1,171 @@
+"""Client library behind the CLI's generate/status/metadata commands.
+
+It uses only the standard TF Serving stubs, so it works against this project's server and
+against the real tensorflow_model_server. Every failure becomes a one-line `ClientError`.
+TensorFlow protos are imported lazily so importing this module stays cheap for the CLI.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import grpc
+import numpy as np
+
+DEFAULT_MODEL = "digitgan"
+_round_robin = itertools.count()
+_round_robin_lock = threading.Lock()
+
+
+class ClientError(Exception):
+    """A one-line, user-facing description of a failed request."""
+
+
+def _servers(server: str) -> list[str]:
+    servers = [item.strip() for item in server.split(",") if item.strip()]
+    if not servers:
+        raise ClientError(f"no server address given (got {server!r})")
+    return servers
+
+
+def _ordered(servers: list[str]) -> list[str]:
+    with _round_robin_lock:
+        start = next(_round_robin) % len(servers)
+    return servers[start:] + servers[:start]
+
+
+def _describe(error: grpc.RpcError, address: str, model_name: str) -> str:
+    code, details = error.code(), (error.details() or "").splitlines()[0:1]
+    detail = details[0] if details else ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"cannot reach digitgan server at {address} (is `python cli.py serve` running?)"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"request to {address} timed out (deadline exceeded)"
+    if code == grpc.StatusCode.NOT_FOUND:
+        return f"model {model_name!r} not found on {address}: {detail}"
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return f"invalid request: {detail}"
+    return f"server error {code.name}: {detail}"
+
+
+def _call(server: str, model_name: str, method: str, request, timeout: float):
+    """Send to each server in round-robin order, moving on when one is UNAVAILABLE."""
+    from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+    last_error = None
+    for address in _ordered(_servers(server)):
+        with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 * 2**20)]) as channel:
+            if method == "GetModelStatus":
+                stub = model_service_pb2_grpc.ModelServiceStub(channel)
+            else:
+                stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            try:
+                return getattr(stub, method)(request, timeout=timeout)
+            except grpc.RpcError as error:
+                last_error = ClientError(_describe(error, address, model_name))
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise last_error from None
+    raise last_error
+
+
+def _model_spec(spec, model_name: str, version: int | None, signature_name: str = "") -> None:
+    spec.name = model_name
+    if signature_name:
+        spec.signature_name = signature_name
+    if version is not None:
+        spec.version.value = int(version)
+
+
+def generate(server: str, model_name: str = DEFAULT_MODEL, digits: list[int] | None = None, count: int = 16,
+             seed: int = 0, version: int | None = None, timeout: float = 30.0,
+             latent_dim: int | None = None) -> tuple[np.ndarray, int]:
+    """Generate images; returns (float32 [N,28,28,1] in [0,1], version used).
+
+    With `digits`, N = len(digits) * count via the `sample` signature (seeds seed, seed+1, ...);
+    otherwise `count` images from `serving_default` with numpy normal noise from `seed`.
+    """
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    if count < 1:
+        raise ClientError(f"count must be at least 1, got {count}")
+    request = predict_pb2.PredictRequest()
+    if digits:
+        for digit in digits:
+            if not 0 <= int(digit) <= 9:
+                raise ClientError(f"digit must be in 0..9, got {digit}")
+        total = len(digits) * count
+        _model_spec(request.model_spec, model_name, version, "sample")
+        digit_array = np.repeat(np.asarray(digits, np.int32), count)
+        seeds = np.arange(seed, seed + total, dtype=np.int64)
+        request.inputs["digit"].CopyFrom(tf.make_tensor_proto(digit_array))
+        request.inputs["seed"].CopyFrom(tf.make_tensor_proto(seeds))
+        request.output_filter.append("images")
+    else:
+        if latent_dim is None:
+            latent_dim = _latent_dim(server, model_name, version, timeout)
+        noise = np.random.default_rng(seed).standard_normal((count, latent_dim)).astype(np.float32)
+        _model_spec(request.model_spec, model_name, version, "serving_default")
+        request.inputs["noise"].CopyFrom(tf.make_tensor_proto(noise))
+    response = _call(server, model_name, "Predict", request, timeout)
+    if "images" not in response.outputs:
+        raise ClientError(f"model {model_name!r} returned no 'images' output")
+    images = tf.make_ndarray(response.outputs["images"]).astype(np.float32)
+    return images, response.model_spec.version.value
+
+
+def _latent_dim(server: str, model_name: str, version: int | None, timeout: float) -> int:
+    metadata = get_metadata(server, model_name, version, timeout)
+    signature = metadata["signatures"].get("serving_default")
+    if signature is None or "noise" not in signature["inputs"]:
+        raise ClientError(f"model {model_name!r} has no serving_default signature with a 'noise' input")
+    shape = signature["inputs"]["noise"]["shape"]
+    if len(shape) != 2 or shape[1] < 1:
+        raise ClientError(f"cannot tell the latent size from noise shape {shape}; pass latent_dim")
+    return shape[1]
+
+
+def get_status(server: str, model_name: str = DEFAULT_MODEL, version: int | None = None,
+               timeout: float = 10) -> list[dict]:
+    """One dict per version: version, state name, error code name, error message."""
+    from tensorflow_serving.apis import get_model_status_pb2
+
+    request = get_model_status_pb2.GetModelStatusRequest()
+    _model_spec(request.model_spec, model_name, version)
+    response = _call(server, model_name, "GetModelStatus", request, timeout)
+    states = get_model_status_pb2.ModelVersionStatus.State
+    return [{"version": item.version, "state": states.Name(item.state),
+             "error_code": grpc.StatusCode.OK.name if item.status.error_code == 0 else _code_name(item.status.error_code),
+             "error_message": item.status.error_message}
+            for item in response.model_version_status]
+
+
+def _code_name(number: int) -> str:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code.name
+    return str(number)
+
+
+def get_metadata(server: str, model_name: str = DEFAULT_MODEL, version: int | None = None,
+                 timeout: float = 10) -> dict:
+    """{"version": int, "signatures": {name: {"method_name", "inputs", "outputs"}}}; dims -1 if unknown."""
+    from tensorflow.core.framework import types_pb2
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    _model_spec(request.model_spec, model_name, version)
+    response = _call(server, model_name, "GetModelMetadata", request, timeout)
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(signature_map)
+
+    def describe(tensors):
+        return {alias: {"dtype": types_pb2.DataType.Name(info.dtype),
+                        "shape": None if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim]}
+                for alias, info in sorted(tensors.items())}
+
+    signatures = {name: {"method_name": sig.method_name, "inputs": describe(sig.inputs),
+                         "outputs": describe(sig.outputs)}
+                  for name, sig in sorted(signature_map.signature_def.items())}
+    return {"version": response.model_spec.version.value, "signatures": signatures}
