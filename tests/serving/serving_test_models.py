@@ -45,9 +45,10 @@ class TinyGenerator(tf.Module):
         return {"images": images, "png": png}
 
     def _checked_bias(self, digit):
-        tf.debugging.assert_greater_equal(digit, 0, message="digit must be in 0..9")
-        tf.debugging.assert_less_equal(digit, 9, message="digit must be in 0..9")
-        return tf.gather(self.digit_bias, digit)
+        checks = [tf.debugging.assert_greater_equal(digit, 0, message="digit must be in 0..9"),
+                  tf.debugging.assert_less_equal(digit, 9, message="digit must be in 0..9")]
+        with tf.control_dependencies(checks):  # check before gather, which would fail first
+            return tf.gather(self.digit_bias, digit)
 
 
 def build_generator(path: str, scale: float = 1.0, warmup: bool = True) -> str:
