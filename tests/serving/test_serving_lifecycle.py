@@ -1,0 +1,238 @@
+"""Hot swap, broken versions, config reload, health, batching and the client library."""
+
+import os
+import shutil
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tensorflow_serving.apis import (get_model_status_pb2, model_management_pb2, model_service_pb2_grpc,
+                                     predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.config import model_server_config_pb2
+
+import serving_test_models as models
+from serving import client
+from serving.config import ServeConfig
+from serving.server import create_server
+
+AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+END = get_model_status_pb2.ModelVersionStatus.END
+
+
+@pytest.fixture(scope="module")
+def generator_v1(tmp_path_factory):
+    return models.build_generator(str(tmp_path_factory.mktemp("gen") / "v1"), scale=1.0)
+
+
+@pytest.fixture(scope="module")
+def generator_v2(tmp_path_factory):
+    return models.build_generator(str(tmp_path_factory.mktemp("gen") / "v2"), scale=2.0)
+
+
+@pytest.fixture
+def fresh_server(tmp_path, generator_v1):
+    base = tmp_path / "digitgan"
+    shutil.copytree(generator_v1, base / "1")
+    servers = []
+
+    def start(**overrides):
+        options = dict(model_base_path=str(base), port=0, rest_port=-1, poll_seconds=0.2, grace_seconds=1.0)
+        options.update(overrides)
+        server = create_server(ServeConfig(**options))
+        server.start()
+        assert server.wait_until_ready(60)
+        servers.append(server)
+        return server, base
+
+    yield start
+    for server in servers:
+        server.stop(0.5)
+
+
+def noise_request(rows=1):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "digitgan"
+    request.inputs["noise"].CopyFrom(tf.make_tensor_proto(np.ones([rows, 100], np.float32)))
+    return request
+
+
+def statuses(channel):
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "digitgan"
+    stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    return [(s.version, s.state, s.status.error_code) for s in stub.GetModelStatus(request, 10).model_version_status]
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def copy_atomically(source, base, version):
+    temporary = base / f"tmp-{version}"
+    shutil.copytree(source, temporary)
+    os.rename(temporary, base / str(version))
+
+
+def test_hot_add_version_without_failures(fresh_server, generator_v2):
+    server, base = fresh_server()
+    failures, versions, stop = [], [], threading.Event()
+
+    def send_continuously():
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            while not stop.is_set():
+                try:
+                    versions.append(stub.Predict(noise_request(), 10).model_spec.version.value)
+                except grpc.RpcError as error:
+                    failures.append(error.code())
+
+    thread = threading.Thread(target=send_continuously)
+    thread.start()
+    try:
+        assert wait_for(lambda: len(versions) > 5)
+        copy_atomically(generator_v2, base, 2)
+        assert wait_for(lambda: versions and versions[-1] == 2)
+        count = len(versions)
+        assert wait_for(lambda: len(versions) > count + 5)
+    finally:
+        stop.set()
+        thread.join()
+    assert failures == []
+    first_two = versions.index(2)
+    assert set(versions[:first_two]) == {1} and set(versions[first_two:]) == {2}
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        assert wait_for(lambda: statuses(channel) == [(2, AVAILABLE, 0), (1, END, 0)])
+        output = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(noise_request(), 10)
+    np.testing.assert_allclose(tf.make_ndarray(output.outputs["images"]),
+                               models.expected_images(np.ones([1, 100]), scale=2.0), atol=1e-6)
+
+
+def test_broken_version_never_replaces_working_one(fresh_server):
+    server, base = fresh_server()
+    broken = base / "7"
+    os.makedirs(broken / "variables")
+    (broken / "saved_model.pb").write_bytes(b"this is not a protobuf")
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        assert wait_for(lambda: statuses(channel)[0][:2] == (7, END))
+        version, state, code = statuses(channel)[0]
+        assert code != 0
+        assert statuses(channel)[1] == (1, AVAILABLE, 0)
+        time.sleep(0.5)  # several polls: it is not retried while unchanged
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(noise_request(), 10)
+        assert response.model_spec.version.value == 1
+    assert [row["state"] for row in client.get_status(f"127.0.0.1:{server.grpc_port}")] == ["END", "AVAILABLE"]
+
+
+def test_failing_warmup_fails_the_load(fresh_server, generator_v1):
+    server, base = fresh_server()
+    candidate = base.parent / "staging"
+    shutil.copytree(generator_v1, candidate)
+    with tf.io.TFRecordWriter(str(candidate / "assets.extra" / "tf_serving_warmup_requests")) as writer:
+        writer.write(b"garbage record")
+    os.rename(candidate, base / "3")
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        assert wait_for(lambda: statuses(channel)[0][:2] == (3, END))
+        assert statuses(channel)[1] == (1, AVAILABLE, 0)
+
+
+def test_reload_config_and_health_on_stop(fresh_server, generator_v2, tmp_path):
+    server, base = fresh_server()
+    other_base = tmp_path / "other"
+    shutil.copytree(generator_v2, other_base / "5")
+    config = model_server_config_pb2.ModelServerConfig()
+    model = config.model_config_list.config.add(name="other", base_path=str(other_base))
+    model.version_labels["canary"] = 5
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        response = stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=config), 60)
+        assert response.status.error_code == 0
+        request = noise_request()
+        request.model_spec.name = "other"
+        request.model_spec.version_label = "canary"
+        predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
+        assert predict(request, 10).model_spec.version.value == 5
+        with pytest.raises(grpc.RpcError) as info:
+            predict(noise_request(), 10)  # digitgan was dropped from the config
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
+            check = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+        stopper = threading.Thread(target=server.stop, args=(1.0,))
+        stopper.start()
+        observed = []
+        try:
+            observed.append(health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status)
+        except grpc.RpcError as error:
+            observed.append(error.code())
+        stopper.join()
+    assert observed[0] in (health_pb2.HealthCheckResponse.NOT_SERVING, grpc.StatusCode.UNAVAILABLE)
+    assert server.health.Check(health_pb2.HealthCheckRequest(service=""), None).status == \
+        health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_batching_concurrent_requests(fresh_server):
+    server, _ = fresh_server(enable_batching=True, max_batch_size=8, batch_timeout_micros=50_000,
+                             num_batch_threads=2)
+    rng = np.random.default_rng(3)
+    noises = [rng.standard_normal((1, 100)).astype(np.float32) for _ in range(16)]
+    results, errors = [None] * 16, []
+    barrier = threading.Barrier(16)
+
+    def send(index):
+        request = noise_request()
+        request.inputs["noise"].CopyFrom(tf.make_tensor_proto(noises[index]))
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            barrier.wait()
+            try:
+                results[index] = tf.make_ndarray(stub.Predict(request, 30).outputs["images"])
+            except grpc.RpcError as error:
+                errors.append(error)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for noise, images in zip(noises, results):
+        np.testing.assert_allclose(images, models.expected_images(noise), rtol=1e-5, atol=1e-6)
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(noise_request(rows=9), 10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Task size 9 is larger than maximum input batch size 8" in info.value.details()
+
+
+def test_client_generate_status_metadata(server):
+    address = f"127.0.0.1:{server.grpc_port}"
+    images, version = client.generate(address, digits=[1, 2], count=3, seed=4)
+    assert images.shape == (6, 28, 28, 1) and images.dtype == np.float32 and version == 1
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    again, _ = client.generate(address, digits=[1, 2], count=3, seed=4)
+    np.testing.assert_array_equal(images, again)
+    images, version = client.generate(f"127.0.0.1:1,{address}", count=2, seed=0)  # first server down
+    noise = np.random.default_rng(0).standard_normal((2, 100)).astype(np.float32)
+    np.testing.assert_allclose(images, models.expected_images(noise), rtol=1e-5, atol=1e-6)
+    metadata = client.get_metadata(address)
+    assert metadata["version"] == 1
+    assert metadata["signatures"]["sample"]["inputs"]["seed"] == {"dtype": "DT_INT64", "shape": [-1]}
+    assert client.get_status(address) == [
+        {"version": 1, "state": "AVAILABLE", "error_code": "OK", "error_message": ""}]
+    with pytest.raises(client.ClientError, match="cannot reach digitgan server at 127.0.0.1:1"):
+        client.generate("127.0.0.1:1", count=1, latent_dim=100, timeout=2)
+    with pytest.raises(client.ClientError, match="not found"):
+        client.generate(address, model_name="nope", count=1, latent_dim=100)
+    with pytest.raises(client.ClientError, match="digit must be in 0..9"):
+        client.generate(address, digits=[11])
