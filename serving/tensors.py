@@ -98,7 +98,11 @@ def checked_shape(proto: tensor_pb2.TensorProto, max_elements: int) -> tuple[tup
     for size in dims:
         if size < 0:
             raise invalid_argument(f"tensor shape {list(dims)} has a negative dimension")
-    # Python ints cannot overflow, so a shape like [2**62, 2**62] is caught here.
+    # Python ints cannot overflow, so a shape like [2**62, 2**62] is caught here. Like TF,
+    # refuse shapes whose non-zero dims overflow int64 even when a zero dim makes them empty.
+    # (numpy also needs the byte size, at up to 16 bytes an element, to fit in int64.)
+    if math.prod(size for size in dims if size) >= 2**58:
+        raise invalid_argument(f"tensor shape {list(dims)} is too large")
     elements = math.prod(dims)
     if elements > max_elements:
         raise invalid_argument(

@@ -1,0 +1,147 @@
+"""Unit tests: the TensorProto parser (with a hypothesis property test), config validation,
+version discovery and the tensorflow_model_server command line."""
+
+import math
+import os
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tensorflow.core.framework import tensor_pb2, types_pb2
+from tensorflow_serving.config import file_system_storage_path_source_pb2
+
+from serving import models, server, tensors
+from serving.config import ServeConfig
+from serving.tensors import ServingError
+
+LIMIT = 10_000
+
+
+def proto(dtype, shape, **fields):
+    result = tensor_pb2.TensorProto(dtype=dtype, **fields)
+    for size in shape:
+        result.tensor_shape.dim.add(size=size)
+    return result
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, -2], np.int8), np.array([2**40], np.int64),
+    np.array([[True, False]]), np.array([b"a", b"\xff"], dtype=object), np.array([1.5, -0.25], np.float16),
+    np.array(3.0, np.float64), np.array([7], np.uint16), np.zeros((0, 3), np.float32)])
+@pytest.mark.parametrize("tensor_content", [False, True])
+def test_round_trip(array, tensor_content):
+    encoded = tensors.ndarray_to_proto(array, tensor_content)
+    if array.dtype != object and array.size:
+        assert bool(encoded.tensor_content) == tensor_content
+    decoded = tensors.proto_to_ndarray(encoded, LIMIT)
+    assert decoded.shape == array.shape and decoded.dtype == array.dtype
+    np.testing.assert_array_equal(decoded, array)
+
+
+def test_repeat_last_value_and_zero_fill():
+    np.testing.assert_array_equal(tensors.proto_to_ndarray(proto(types_pb2.DT_FLOAT, [3], float_val=[2.0]), LIMIT),
+                                  [2.0, 2.0, 2.0])
+    np.testing.assert_array_equal(tensors.proto_to_ndarray(proto(types_pb2.DT_INT32, [2, 2]), LIMIT), np.zeros((2, 2)))
+
+
+@pytest.mark.parametrize("bad", [
+    proto(types_pb2.DT_FLOAT, [10000, 28, 28, 1], float_val=[1.0]),
+    proto(types_pb2.DT_FLOAT, [2**62, 2**62], float_val=[1.0]),
+    proto(types_pb2.DT_FLOAT, [-1], float_val=[1.0]),
+    proto(types_pb2.DT_FLOAT, [2], float_val=[1.0, 2.0, 3.0]),
+    proto(types_pb2.DT_FLOAT, [3], tensor_content=b"\x00" * 11),
+    proto(types_pb2.DT_STRING, [1], tensor_content=b"abc"),
+    proto(999, [1]),
+    proto(types_pb2.DT_RESOURCE, [1]),
+    tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape={"unknown_rank": True}),
+])
+def test_rejected(bad):
+    with pytest.raises(ServingError) as info:
+        tensors.proto_to_ndarray(bad, LIMIT)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_truncate_message():
+    assert tensors.truncate_message("x" * 1024) == "x" * 1024
+    assert tensors.truncate_message("x" * 2000) == "x" * 1024 + "...TRUNCATED"
+
+
+FIELDS = {dtype: field for dtype, (_np, field) in tensors.DTYPES.items()}
+VALUE_STRATEGIES = {
+    "float_val": st.floats(width=32, allow_nan=False), "double_val": st.floats(allow_nan=False),
+    "int_val": st.integers(-2**31, 2**31 - 1), "int64_val": st.integers(-2**63, 2**63 - 1),
+    "uint32_val": st.integers(0, 2**32 - 1), "uint64_val": st.integers(0, 2**64 - 1),
+    "bool_val": st.booleans(), "string_val": st.binary(max_size=5), "half_val": st.integers(0, 2**16 - 1),
+    "scomplex_val": st.floats(width=32, allow_nan=False), "dcomplex_val": st.floats(allow_nan=False),
+}
+
+
+@st.composite
+def tensor_protos(draw):
+    dtype = draw(st.sampled_from(sorted(FIELDS) + [types_pb2.DT_INVALID, types_pb2.DT_RESOURCE, 12345]))
+    shape = draw(st.lists(st.one_of(st.integers(0, 6), st.integers(-3, 2**40)), max_size=5))
+    result = proto(dtype, shape)
+    if draw(st.booleans()) and dtype in FIELDS:
+        values = draw(st.lists(VALUE_STRATEGIES[FIELDS[dtype]], max_size=12))
+        getattr(result, FIELDS[dtype]).extend(values)
+    else:
+        result.tensor_content = draw(st.binary(max_size=64))
+    return result
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tensor_protos())
+def test_parser_property(candidate):
+    """Either an array of exactly the declared shape, or INVALID_ARGUMENT; never more than LIMIT elements."""
+    declared = [d.size for d in candidate.tensor_shape.dim]
+    try:
+        array = tensors.proto_to_ndarray(candidate, LIMIT)
+    except ServingError as error:
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        return
+    assert list(array.shape) == declared
+    assert array.size <= LIMIT and math.prod(declared) <= LIMIT
+    assert array.dtype == tensors.DTYPES[candidate.dtype][0]
+
+
+def test_config_validation():
+    assert ServeConfig().port == 8500
+    for bad in (dict(port=-1), dict(rest_port=-2), dict(port=70000), dict(max_batch_size=0),
+                dict(engine="docker"), dict(poll_seconds=-1), dict(model_name=""), dict(port=9000, rest_port=9000),
+                dict(max_request_elements=True), dict(batch_timeout_micros=-1)):
+        with pytest.raises(ValueError) as info:
+            ServeConfig(**bad)
+        assert repr(list(bad.values())[-1]) in str(info.value)
+
+
+def test_version_discovery_and_policies(tmp_path):
+    for name in ("1", "00017", "3", "temp-4", "not_a_version"):
+        os.makedirs(tmp_path / name)
+    (tmp_path / "9").write_text("a file, not a directory")
+    found = models.discover_versions(str(tmp_path))
+    assert sorted(found) == [1, 3, 17]
+    policy = file_system_storage_path_source_pb2.FileSystemStoragePathSourceConfig.ServableVersionPolicy()
+    assert models.select_versions(policy, list(found)) == {17}
+    policy.latest.num_versions = 2
+    assert models.select_versions(policy, list(found)) == {17, 3}
+    policy.all.SetInParent()
+    assert models.select_versions(policy, list(found)) == {1, 3, 17}
+    policy.specific.versions.extend([3, 99])
+    assert models.select_versions(policy, list(found)) == {3}
+
+
+def test_tfserving_engine(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    config = ServeConfig(engine="tfserving", enable_batching=True, model_base_path="models/x")
+    with pytest.raises(ValueError, match="tensorflow_model_server is not on PATH"):
+        server.tfserving_command(config)
+    binary = tmp_path / "tensorflow_model_server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    command = server.tfserving_command(config, "/tmp/batching.txt")
+    assert command[1:] == ["--port=8500", "--rest_api_port=8501", "--file_system_poll_wait_seconds=1",
+                           "--model_name=digitgan", f"--model_base_path={os.path.abspath('models/x')}",
+                           "--enable_batching=true", "--batching_parameters_file=/tmp/batching.txt"]
+    assert "max_batch_size { value: 64 }" in server.batching_parameters_text(config)
