@@ -155,3 +155,16 @@ def test_prometheus_metrics(server, prediction_stub):
     assert ':tensorflow:serving:request_count{model_name="half",status="OK"}' in text
     assert ':tensorflow:serving:request_latency_bucket{model_name="half",API="predict",entrypoint="REST",le=' in text
     assert ':tensorflow:serving:request_latency_count{model_name="half",API="Predict",entrypoint="GRPC"}' in text
+
+
+def test_rest_body_limit(server):
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=10)
+    connection.putrequest("POST", "/v1/models/half:predict")
+    connection.putheader("Content-Length", str(server.config.max_message_bytes + 1))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413
+    assert "exceeds the limit" in json.loads(response.read())["error"]
+    connection.close()
