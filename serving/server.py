@@ -166,7 +166,9 @@ def run_server(config: ServeConfig) -> int:
     stop_requested = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop_requested.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.wait_until_ready(timeout=None if config.poll_seconds > 0 else 60)
+        # Keep honouring SIGTERM while models load (a model may never appear).
+        while not server.wait_until_ready(timeout=0.5) and not stop_requested.is_set():
+            pass
         for name, versions in server.manager.available_models().items():
             print(f"model {name}: versions {versions or 'none loaded yet'}", flush=True)
         while not stop_requested.wait(0.5):
