@@ -1,0 +1,1 @@
+"""digitgan's exporter: a training checkpoint → a versioned, validated TensorFlow Serving bundle."""

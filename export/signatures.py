@@ -1,0 +1,103 @@
+"""The public serving signatures of a digitgan bundle, as a `tf.Module` around the generator.
+
+All signatures run the generator in inference mode (BatchNorm moving statistics, no dropout) and
+return images float32 [B, 28, 28, 1] in [0, 1] (0 = black background, 1 = white ink):
+
+- `serving_default`: `noise` float32 [B, latent_dim] → `images`. A pure function of the noise. For a
+  conditional generator the digit is read from the noise itself: digit = floor(10 * Phi(noise[:, 0]))
+  (Phi = the standard normal CDF, capped at 9), which is uniform over 0..9 for standard normal noise.
+- `conditional` (conditional models): `noise` float32 [B, latent_dim], `digit` int32 [B] → `images`.
+- `sample`: `digit` int32 [B] (conditional models only) and `seed` int64 [B] → `images` and `png`
+  (string [B], each a 28x28 8-bit grayscale PNG). The noise for example i is
+  `tf.random.stateless_normal([latent_dim], seed=[seed[i], 0])`, so "a 7, seed 42" is the same image
+  for every client in every language.
+
+Bad input (digits outside 0..9, a noise width other than latent_dim, digit/seed batch mismatch)
+fails inside the graph with InvalidArgument and a message saying what was expected.
+Only standard TensorFlow ops are used, so `tensorflow_model_server` loads the bundle as it is.
+"""
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from trainer import models
+
+NUM_CLASSES = models.NUM_CLASSES
+NOISE_SEED_SALT = 0  # second half of the stateless seed pair; part of the public contract
+
+
+def digit_from_noise(noise: tf.Tensor) -> tf.Tensor:
+    """int32 [B]: floor(10 * Phi(noise[:, 0])), capped at 9; uniform over 0..9 for N(0, 1) noise."""
+    cdf = 0.5 * (1.0 + tf.math.erf(noise[:, 0] / math.sqrt(2.0)))
+    return tf.minimum(tf.cast(tf.floor(cdf * NUM_CLASSES), tf.int32), NUM_CLASSES - 1)
+
+
+class GeneratorSignatures(tf.Module):
+    """Holds the generator and exposes the signatures as `tf.function`s with fixed input specs."""
+
+    def __init__(self, generator, latent_dim: int, conditional: bool):
+        super().__init__(name="digitgan")
+        self.generator = generator
+        self.latent_dim = latent_dim
+        self.conditional = conditional
+        noise_spec = tf.TensorSpec([None, latent_dim], tf.float32, name="noise")
+        digit_spec = tf.TensorSpec([None], tf.int32, name="digit")
+        seed_spec = tf.TensorSpec([None], tf.int64, name="seed")
+        self.serving_default = tf.function(self._serving_default, input_signature=[noise_spec])
+        if conditional:
+            self.conditional_images = tf.function(self._conditional, input_signature=[noise_spec, digit_spec])
+            self.sample = tf.function(self._sample_conditional, input_signature=[digit_spec, seed_spec])
+        else:
+            self.sample = tf.function(self._sample_unconditional, input_signature=[seed_spec])
+
+    def signatures(self) -> dict:
+        """The name → concrete function map passed to `tf.saved_model.save`."""
+        functions = {"serving_default": self.serving_default, "sample": self.sample}
+        if self.conditional:
+            functions["conditional"] = self.conditional_images
+        return {name: function.get_concrete_function() for name, function in functions.items()}
+
+    def _images(self, noise, digits):
+        raw = self.generator(models.generator_inputs(noise, digits, self.conditional), training=False)
+        return tf.clip_by_value((tf.cast(raw, tf.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+    def _check_noise(self, noise):
+        tf.debugging.assert_equal(tf.shape(noise)[1], self.latent_dim,
+                                  message=f"noise must have shape [batch, {self.latent_dim}]")
+        return tf.identity(noise)
+
+    def _check_digits(self, digits):
+        in_range = tf.reduce_all((digits >= 0) & (digits < NUM_CLASSES))
+        tf.debugging.Assert(in_range, ["digit must be in 0..9, got", digits], summarize=16)
+        return tf.identity(digits)
+
+    def _serving_default(self, noise):
+        noise = self._check_noise(noise)
+        digits = digit_from_noise(noise) if self.conditional else None
+        return {"images": self._images(noise, digits)}
+
+    def _conditional(self, noise, digit):
+        noise = self._check_noise(noise)
+        tf.debugging.assert_equal(tf.shape(noise)[0], tf.shape(digit)[0],
+                                  message="noise and digit must have the same batch size")
+        return {"images": self._images(noise, self._check_digits(digit))}
+
+    def _noise_from_seeds(self, seed):
+        return tf.map_fn(lambda one: tf.random.stateless_normal([self.latent_dim], seed=tf.stack([one, NOISE_SEED_SALT])),
+                         seed, fn_output_signature=tf.TensorSpec([self.latent_dim], tf.float32))
+
+    def _with_png(self, images):
+        pixels = tf.cast(tf.round(images * 255.0), tf.uint8)
+        png = tf.map_fn(tf.io.encode_png, pixels, fn_output_signature=tf.TensorSpec([], tf.string))
+        return {"images": images, "png": png}
+
+    def _sample_conditional(self, digit, seed):
+        tf.debugging.assert_equal(tf.shape(digit)[0], tf.shape(seed)[0],
+                                  message="digit and seed must have the same batch size")
+        digit = self._check_digits(digit)
+        return self._with_png(self._images(self._noise_from_seeds(seed), digit))
+
+    def _sample_unconditional(self, seed):
+        return self._with_png(self._images(self._noise_from_seeds(seed), None))

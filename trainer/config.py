@@ -1,0 +1,94 @@
+"""`TrainConfig`: every knob of a training run, validated, and saved as `config.json` in the run dir."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from common import files
+
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+CONFIG_FILE = "config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A training run. Field defaults are the project's default recipe (see docs/experiments.md)."""
+
+    run_dir: str = "runs/default"
+    """Where checkpoints (`checkpoints/`), TensorBoard logs (`logs/`), samples (`samples/`) and `config.json` go."""
+    epochs: int = 3
+    """Passes over the 60,000 MNIST training images."""
+    batch_size: int = 128
+    """Global batch size, split evenly over the replicas (must be divisible by the replica count)."""
+    learning_rate: float = 2e-4
+    """Adam learning rate of both the generator and the discriminator."""
+    beta_1: float = 0.5
+    """Adam's first-moment decay; 0.5 is the DCGAN paper's value (the tutorial's 0.9 trains slower)."""
+    latent_dim: int = 100
+    """Length of the generator's noise vector."""
+    conditional: bool = True
+    """Class-conditional GAN (clients can ask for a digit) or the tutorial's unconditional one."""
+    max_steps: int | None = None
+    """Stop after this many steps in total (smoke runs); None trains all epochs."""
+    seed: int = 0
+    """Seeds the weights, the noise generator and the per-epoch shuffle: the same seed gives the same run."""
+    data_dir: str | None = None
+    """The TFDS data dir holding (or receiving) the `mnist` dataset; None is TFDS's default (~/tensorflow_datasets)."""
+    resume: bool = True
+    """Continue from the newest checkpoint in `run_dir` when there is one."""
+    precision: str = "float32"
+    """Keras mixed-precision policy: float32, mixed_bfloat16 (CPUs with AVX512-BF16/AMX, TPUs) or mixed_float16 (GPUs)."""
+    gpus: int | None = None
+    """GPUs to train on (0 = CPU only); None uses every visible GPU, or the CPU when there is none."""
+    cpu_replicas: int | None = None
+    """Split the CPU into this many logical devices and mirror over them (tests, CI); None = one CPU device."""
+    steps_per_call: int = 10
+    """Training steps run inside one compiled `tf.function` call; more steps cut Python overhead."""
+    checkpoint_every_steps: int = 200
+    """Save a checkpoint at least this often (and at every epoch end, on SIGINT/SIGTERM and at the end)."""
+    keep_checkpoints: int = 3
+    """How many recent checkpoints to keep."""
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "epochs", self.epochs, "at least 1")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
+        _require(0 < self.learning_rate < 1, "learning_rate", self.learning_rate, "between 0 and 1")
+        _require(0 <= self.beta_1 < 1, "beta_1", self.beta_1, "in [0, 1)")
+        _require(self.latent_dim >= 2, "latent_dim", self.latent_dim, "at least 2")
+        _require(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "at least 1")
+        _require(self.precision in PRECISIONS, "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        _require(self.gpus is None or self.gpus >= 0, "gpus", self.gpus, "0 or more")
+        _require(self.cpu_replicas is None or self.cpu_replicas >= 1, "cpu_replicas", self.cpu_replicas, "at least 1")
+        _require(not (self.cpu_replicas and self.gpus), "cpu_replicas", self.cpu_replicas,
+                 "used only without GPUs (pass --gpus 0 or leave --gpus out)")
+        _require(self.steps_per_call >= 1, "steps_per_call", self.steps_per_call, "at least 1")
+        _require(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", self.checkpoint_every_steps, "at least 1")
+        _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "at least 1")
+        _require(bool(self.run_dir), "run_dir", self.run_dir, "a directory path")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.run_dir) / "checkpoints"
+
+    def save(self) -> Path:
+        """Writes the resolved config as `<run_dir>/config.json`, atomically."""
+        return files.write_json_atomic(Path(self.run_dir) / CONFIG_FILE, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, run_dir: str) -> "TrainConfig":
+        """Reads `<run_dir>/config.json`; raises ValueError when it is missing or not a TrainConfig."""
+        path = Path(run_dir) / CONFIG_FILE
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"no {CONFIG_FILE} in run dir '{run_dir}': is it a digitgan run?") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"'{path}' is not valid JSON: {error}") from None
+        known = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+def _require(condition: bool, name: str, value: object, expectation: str) -> None:
+    if not condition:
+        raise ValueError(f"{name} must be {expectation}, got {value!r}")

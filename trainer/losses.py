@@ -1,0 +1,24 @@
+"""GAN losses: binary cross-entropy on logits, averaged over the GLOBAL batch.
+
+Each replica divides its sum of per-example losses by the global batch size
+(`tf.nn.compute_average_loss`), so summing the replicas' losses (and gradients) gives the
+single-device mean. We use `tf.nn` rather than Keras loss objects on purpose: Keras 3 losses with
+the default reduction already divide by the replica count under a strategy, and doing both would
+scale the gradients by 1/N twice.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def discriminator_loss(real_logits, fake_logits, global_batch_size: int, real_label: float = 1.0):
+    """D's loss: real → `real_label` (1, or e.g. 0.9 for one-sided smoothing), fake → 0. Logits [B, 1] float32."""
+    real = tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.fill(tf.shape(real_logits), real_label), logits=real_logits)
+    fake = tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.zeros_like(fake_logits), logits=fake_logits)
+    return tf.nn.compute_average_loss(tf.squeeze(real + fake, -1), global_batch_size=global_batch_size)
+
+
+def generator_loss(fake_logits, global_batch_size: int):
+    """G's non-saturating loss: the discriminator should call the fakes real (label 1)."""
+    fake = tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.ones_like(fake_logits), logits=fake_logits)
+    return tf.nn.compute_average_loss(tf.squeeze(fake, -1), global_batch_size=global_batch_size)

@@ -1,0 +1,97 @@
+"""Choosing the `tf.distribute` strategy from `--gpus`, `--cpu-replicas` and `TF_CONFIG`.
+
+Every path returns a mirrored strategy, so the same step and loop run on one CPU, N logical CPUs,
+N GPUs, or several machines.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+
+class StrategyError(ValueError):
+    """The requested devices are not available; the message says what to pass instead."""
+
+
+def create_strategy(gpus: int | None = None, cpu_replicas: int | None = None) -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy when TF_CONFIG is set, else MirroredStrategy over the chosen devices
+    (TensorFlow's default strategy when that is a single device and --cpu-replicas was not given).
+
+    gpus: None = every visible GPU (CPU when there is none); 0 = CPU; N = GPUs 0..N-1, and fewer
+    visible GPUs is an error, never a silent fallback. cpu_replicas: N logical CPU devices.
+    Must run before TensorFlow initialises its devices (the CLI calls it first).
+    """
+    if os.environ.get("TF_CONFIG"):
+        return _multi_worker(cpu_replicas)
+    visible_gpus = len(tf.config.list_physical_devices("GPU"))
+    if gpus is None:
+        gpus = visible_gpus if cpu_replicas is None else 0
+    if gpus > visible_gpus:
+        raise StrategyError(
+            f"--gpus {gpus} asks for {gpus} GPU(s) but {visible_gpus} {'is' if visible_gpus == 1 else 'are'} visible; "
+            f"pass --gpus {visible_gpus} (or --gpus 0 --cpu-replicas {max(gpus, 2)} to test the distributed path on the CPU)")
+    devices = [f"/gpu:{index}" for index in range(gpus)] if gpus else configure_cpu_devices(cpu_replicas or 1)
+    if len(devices) == 1 and cpu_replicas is None:
+        # One device: TensorFlow's default strategy runs the same code (scope, run, reduce) without
+        # the mirroring machinery, which cost 40% of the step on a 2-core CPU (bench/train_throughput.py).
+        return tf.distribute.get_strategy()
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def configure_cpu_devices(count: int) -> list[str]:
+    """Splits the physical CPU into `count` logical devices; returns their names.
+
+    TensorFlow fixes the logical devices when its runtime starts, so a process that already has
+    at least `count` CPU devices reuses the first `count` of them (as the test suite does).
+    """
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    if count > 1:
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+        except RuntimeError:
+            pass  # already initialised: check below what we have
+    available = tf.config.list_logical_devices("CPU")
+    if len(available) < count:
+        raise StrategyError(f"--cpu-replicas {count} needs {count} logical CPU devices, but TensorFlow was already "
+                            f"started with {len(available)}; run it in a fresh process")
+    return [device.name for device in available[:count]]
+
+
+def _multi_worker(cpu_replicas: int | None) -> tf.distribute.Strategy:
+    try:
+        cluster = json.loads(os.environ["TF_CONFIG"])
+        cluster["cluster"]["worker"], cluster["task"]["index"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise StrategyError(f"TF_CONFIG is not a valid cluster spec ({error!r}); expected "
+                            '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}') from None
+    if cpu_replicas:
+        configure_cpu_devices(cpu_replicas)
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the worker that writes checkpoints, summaries and samples (worker 0 without a chief job)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type == "chief" or (task_type == "worker" and task_id == 0
+                                    and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def describe(strategy: tf.distribute.Strategy) -> str:
+    """One line: the strategy, its replica count and devices (printed at the start of training)."""
+    try:
+        devices = strategy.extended.worker_devices
+    except (AttributeError, RuntimeError):  # the default strategy has no device list
+        devices = [tf.config.list_logical_devices("GPU")[0].name if tf.config.list_physical_devices("GPU")
+                   else tf.config.list_logical_devices("CPU")[0].name]
+    name = type(strategy).__name__.lstrip("_").replace("DefaultDistributionStrategy", "default strategy")
+    line = f"{name} with {strategy.num_replicas_in_sync} replica(s) on {', '.join(devices)}"
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is not None and resolver.cluster_spec().as_dict():
+        workers = len(resolver.cluster_spec().as_dict().get("worker", []))
+        line += f"; {workers} worker(s), this is {resolver.task_type} {resolver.task_id}"
+    return line
