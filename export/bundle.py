@@ -86,7 +86,7 @@ def export_bundle(config: ExportConfig, metrics: dict | None = None) -> ExportRe
         raise ExportError(f"cannot write to {base}: {error.strerror}") from None
     try:
         module = signatures_lib.GeneratorSignatures(generator, train_config.latent_dim, train_config.conditional)
-        tf.saved_model.save(module, str(staging), signatures=module.signatures())
+        module.write(str(staging))
         write_warmup(staging, config.model_name, module)
         metadata = _metadata(config, train_config, checkpoint_path, step, version, metrics)
         files.write_json_atomic(staging / "assets.extra" / METADATA_FILE, metadata)

@@ -34,30 +34,40 @@ def digit_from_noise(noise: tf.Tensor) -> tf.Tensor:
     return tf.minimum(tf.cast(tf.floor(cdf * NUM_CLASSES), tf.int32), NUM_CLASSES - 1)
 
 
-class GeneratorSignatures(tf.Module):
-    """Holds the generator and exposes the signatures as `tf.function`s with fixed input specs."""
+class GeneratorSignatures:
+    """The generator and the signature functions, written out with Keras's `ExportArchive`.
+
+    `ExportArchive` (not `tf.saved_model.save` of a `tf.Module`) because it saves each Keras 3
+    variable once: a `tf.Module` around a Keras 3 model saves a second, unrestored copy of every
+    variable, which TF1-style loaders (as `tensorflow_model_server` uses) then fail to read.
+    """
 
     def __init__(self, generator, latent_dim: int, conditional: bool):
-        super().__init__(name="digitgan")
         self.generator = generator
         self.latent_dim = latent_dim
         self.conditional = conditional
-        noise_spec = tf.TensorSpec([None, latent_dim], tf.float32, name="noise")
+
+    def endpoints(self) -> list[tuple[str, object, list[tf.TensorSpec]]]:
+        """(signature name, function, input specs) for every public signature."""
+        noise_spec = tf.TensorSpec([None, self.latent_dim], tf.float32, name="noise")
         digit_spec = tf.TensorSpec([None], tf.int32, name="digit")
         seed_spec = tf.TensorSpec([None], tf.int64, name="seed")
-        self.serving_default = tf.function(self._serving_default, input_signature=[noise_spec])
-        if conditional:
-            self.conditional_images = tf.function(self._conditional, input_signature=[noise_spec, digit_spec])
-            self.sample = tf.function(self._sample_conditional, input_signature=[digit_spec, seed_spec])
-        else:
-            self.sample = tf.function(self._sample_unconditional, input_signature=[seed_spec])
+        if not self.conditional:
+            return [("serving_default", self.serving_default, [noise_spec]),
+                    ("sample", self._sample_unconditional, [seed_spec])]
+        return [("serving_default", self.serving_default, [noise_spec]),
+                ("conditional", self._conditional, [noise_spec, digit_spec]),
+                ("sample", self._sample_conditional, [digit_spec, seed_spec])]
 
-    def signatures(self) -> dict:
-        """The name → concrete function map passed to `tf.saved_model.save`."""
-        functions = {"serving_default": self.serving_default, "sample": self.sample}
-        if self.conditional:
-            functions["conditional"] = self.conditional_images
-        return {name: function.get_concrete_function() for name, function in functions.items()}
+    def write(self, path: str) -> None:
+        """Writes the SavedModel (tag `serve`) with every endpoint as a signature."""
+        import keras
+
+        archive = keras.export.ExportArchive()
+        archive.track(self.generator)
+        for name, function, input_signature in self.endpoints():
+            archive.add_endpoint(name, function, input_signature=input_signature)
+        archive.write_out(path, verbose=False)
 
     def _images(self, noise, digits):
         raw = self.generator(models.generator_inputs(noise, digits, self.conditional), training=False)
@@ -73,7 +83,7 @@ class GeneratorSignatures(tf.Module):
         tf.debugging.Assert(in_range, ["digit must be in 0..9, got", digits], summarize=16)
         return tf.identity(digits)
 
-    def _serving_default(self, noise):
+    def serving_default(self, noise):
         noise = self._check_noise(noise)
         digits = digit_from_noise(noise) if self.conditional else None
         return {"images": self._images(noise, digits)}

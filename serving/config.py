@@ -52,7 +52,7 @@ class ServeConfig:
     batch_timeout_micros: int = 2000
     max_enqueued_batches: int = 64
     num_batch_threads: int = 1
-    max_request_elements: int = 10_000_000
+    max_request_elements: int = 1_000_000
     max_message_bytes: int = 64 * MEBIBYTE
     max_concurrent_rpcs: int = 256
     grace_seconds: float = 10.0

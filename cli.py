@@ -1,0 +1,233 @@
+"""digitgan's command line: train → export → serve → generate.
+
+Each command parses its options, builds one config and calls one library function. Libraries are
+imported inside the commands, so `python cli.py --help` starts instantly and does no TensorFlow work.
+Bad input ends with one clear line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+# Keep TensorFlow's C++ start-up chatter out of the user's terminal (errors still show).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+app = typer.Typer(help="A class-conditional DCGAN on real MNIST: train it, export it for TensorFlow Serving, "
+                       "serve it, and ask it for digits over gRPC.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+DEFAULT_SERVER = "localhost:8500"
+
+
+def fail(message: str) -> typer.Exit:
+    """Prints `error: message` on stderr and returns the exit-code-2 exception to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def user_errors(*error_types: type[BaseException]):
+    """Turns the libraries' ValueErrors (and the given types) into one line and exit code 2."""
+    try:
+        yield
+    except (ValueError, *error_types) as error:
+        raise fail(str(error)) from None
+
+
+@app.command()
+def train(
+    epochs: int = typer.Option(3, help="Passes over the 60,000 MNIST training images."),
+    batch_size: int = typer.Option(128, help="Global batch size, split evenly over the replicas."),
+    learning_rate: float = typer.Option(2e-4, help="Adam learning rate of G and D."),
+    beta_1: float = typer.Option(0.5, help="Adam beta_1 of G and D."),
+    latent_dim: int = typer.Option(100, help="Length of the generator's noise vector."),
+    run_dir: str = typer.Option("runs/default", help="Checkpoints, TensorBoard logs, samples/ and config.json go here."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps in total (smoke runs)."),
+    seed: int = typer.Option(0, help="Seeds weights, noise and data order; the same seed gives the same run."),
+    conditional: bool = typer.Option(True, "--conditional/--unconditional",
+                                     help="Class-conditional GAN (ask for a digit) or the tutorial's unconditional one."),
+    data_dir: Optional[str] = typer.Option(None, help="TFDS data dir for MNIST [default: ~/tensorflow_datasets]."),
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="Continue from the run dir's newest checkpoint; --no-resume refuses to touch a run dir that has one."),
+    precision: str = typer.Option("float32", help="float32, mixed_bfloat16 (CPUs with AVX512-BF16/AMX) or mixed_float16 (GPUs)."),
+    gpus: Optional[int] = typer.Option(None, help="GPUs to mirror over (0 = CPU) [default: every visible GPU]."),
+    cpu_replicas: Optional[int] = typer.Option(None, help="Split the CPU into N logical devices and mirror over them."),
+    steps_per_call: int = typer.Option(10, help="Training steps per compiled tf.function call."),
+    checkpoint_every: int = typer.Option(200, help="Save a checkpoint at least every N steps (also each epoch and on Ctrl-C)."),
+) -> None:
+    """Train the GAN on MNIST (MirroredStrategy; MultiWorkerMirroredStrategy when TF_CONFIG is set)."""
+    from trainer import config as config_lib
+
+    with user_errors():
+        config = config_lib.TrainConfig(
+            run_dir=run_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, beta_1=beta_1,
+            latent_dim=latent_dim, conditional=conditional, max_steps=max_steps, seed=seed, data_dir=data_dir,
+            resume=resume, precision=precision, gpus=gpus, cpu_replicas=cpu_replicas, steps_per_call=steps_per_call,
+            checkpoint_every_steps=checkpoint_every)
+    from trainer import loop
+
+    with user_errors():
+        result = loop.train(config, report=typer.echo)
+    if result.interrupted_by is not None:
+        raise typer.Exit(code=128 + result.interrupted_by)
+
+
+@app.command("export")
+def export_command(
+    run_dir: str = typer.Option("runs/default", help="The training run to export (its newest checkpoint)."),
+    checkpoint: Optional[str] = typer.Option(None, help="A specific checkpoint prefix, e.g. runs/default/checkpoints/ckpt-400."),
+    model_base_path: str = typer.Option("models/digitgan", help="Folder holding the numeric version folders (as in `serve`)."),
+    model_name: str = typer.Option("digitgan", help="Model name used in the bundle's warmup requests."),
+    version: Optional[int] = typer.Option(None, help="Version number to write [default: highest present + 1]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing version of the same number."),
+) -> None:
+    """Export the generator as a versioned TensorFlow Serving bundle (<model-base-path>/<version>/)."""
+    from export import bundle
+
+    with user_errors():
+        config = bundle.ExportConfig(run_dir=run_dir, checkpoint=checkpoint, model_base_path=model_base_path,
+                                     model_name=model_name, version=version, overwrite=overwrite)
+        result = bundle.export_bundle(config)
+    typer.echo(f"Exported step {result.step} as version {result.version}: {result.path}")
+    for name, spec in result.signatures.items():
+        inputs = ", ".join(f"{alias}: {kind}" for alias, kind in spec["inputs"].items())
+        outputs = ", ".join(f"{alias}: {kind}" for alias, kind in spec["outputs"].items())
+        typer.echo(f"  {name}({inputs}) -> {outputs}")
+
+
+@app.command()
+def serve(
+    model_base_path: str = typer.Option("models/digitgan", help="Folder holding numeric version folders (TF Serving's --model_base_path)."),
+    model_name: str = typer.Option("digitgan", help="Name clients use in ModelSpec.name."),
+    model_config_file: Optional[str] = typer.Option(None, help="TF Serving ModelServerConfig text file (several models, version policies, labels)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 opens the server to the network."),
+    port: int = typer.Option(8500, help="gRPC port (0 = pick a free one)."),
+    rest_port: int = typer.Option(8501, help="REST port (0 = pick a free one, -1 = no REST)."),
+    poll_seconds: float = typer.Option(1.0, help="How often to look for new versions."),
+    enable_batching: bool = typer.Option(False, "--enable-batching", help="Batch concurrent Predict requests on the server."),
+    max_batch_size: int = typer.Option(64, help="Batching: largest batch run at once."),
+    batch_timeout_micros: int = typer.Option(2000, help="Batching: how long a batch waits to fill."),
+    max_enqueued_batches: int = typer.Option(64, help="Batching: queued batches before requests are turned away (UNAVAILABLE)."),
+    num_batch_threads: int = typer.Option(1, help="Batching: batches run in parallel."),
+    max_request_elements: int = typer.Option(1_000_000, help="Largest total tensor element count a request may declare."),
+    engine: str = typer.Option("builtin", help="builtin (this project's server) or tfserving (exec tensorflow_model_server)."),
+) -> None:
+    """Serve exported bundles over TF Serving's gRPC (and REST) API until Ctrl-C/SIGTERM."""
+    from serving import config as config_lib
+
+    with user_errors():
+        config = config_lib.ServeConfig(
+            model_base_path=model_base_path, model_name=model_name, model_config_file=model_config_file, host=host,
+            port=port, rest_port=rest_port, poll_seconds=poll_seconds, enable_batching=enable_batching,
+            max_batch_size=max_batch_size, batch_timeout_micros=batch_timeout_micros,
+            max_enqueued_batches=max_enqueued_batches, num_batch_threads=num_batch_threads,
+            max_request_elements=max_request_elements, engine=engine)
+    from serving import server
+
+    with user_errors(OSError):
+        raise typer.Exit(code=server.run_server(config))
+
+
+def parse_digits(text: Optional[str]) -> Optional[list[int]]:
+    """"7" → [7]; "0123456789" or "0,1,2" → [0, 1, 2, ...]; None stays None."""
+    if text is None:
+        return None
+    characters = [character for character in text if character not in ", "]
+    if not characters or not all(character.isdigit() for character in characters):
+        raise ValueError(f"--digit takes digits 0-9, like 7 or 0123456789; got {text!r}")
+    return [int(character) for character in characters]
+
+
+@app.command()
+def generate(
+    digit: Optional[str] = typer.Option(None, help="Digit(s) to draw, e.g. 7 or 0123456789 [default: any, from noise]."),
+    count: int = typer.Option(16, help="Images per digit (or in all, without --digit)."),
+    seed: int = typer.Option(0, help="Seed of the first image; the same seed gives the same image."),
+    out: Path = typer.Option(Path("digits.png"), help="Output file."),
+    output_format: str = typer.Option("png", "--format", help="png (a grid, one row per digit) or npy (float32 [N,28,28,1] in [0,1])."),
+    server: str = typer.Option(DEFAULT_SERVER, help="host:port of the gRPC server; a comma-separated list spreads requests."),
+    model_name: str = typer.Option("digitgan", help="Model name on the server."),
+    version: Optional[int] = typer.Option(None, help="Model version [default: the latest available]."),
+    timeout: float = typer.Option(30.0, help="Seconds to wait for the server."),
+) -> None:
+    """Ask a served model for digits over gRPC and write them as a PNG grid (or .npy)."""
+    from serving import client
+
+    with user_errors(client.ClientError):
+        if output_format not in ("png", "npy"):
+            raise ValueError(f"--format must be png or npy, got {output_format!r}")
+        if count < 1:
+            raise ValueError(f"--count must be at least 1, got {count}")
+        digits = parse_digits(digit)
+        images, served_version = client.generate(server, model_name, digits=digits, count=count, seed=seed,
+                                                 version=version, timeout=timeout)
+        _write_images(out, images, output_format, columns=count if digits else None)
+    typer.echo(f"Wrote {len(images)} image(s) from {model_name} version {served_version} to {out}")
+
+
+def _write_images(out: Path, images, output_format: str, columns: Optional[int]) -> None:
+    import io
+
+    import numpy as np
+
+    from common import files, images as image_grids
+
+    if output_format == "npy":
+        buffer = io.BytesIO()
+        np.save(buffer, images)
+        files.write_bytes_atomic(out, buffer.getvalue())
+    else:
+        image_grids.save_grid(out, images, columns=columns)
+
+
+@app.command()
+def status(
+    server: str = typer.Option(DEFAULT_SERVER, help="host:port of the gRPC server."),
+    model_name: str = typer.Option("digitgan", help="Model name on the server."),
+    version: Optional[int] = typer.Option(None, help="One version [default: all known versions]."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Show the model's versions and their states (GetModelStatus)."""
+    from serving import client
+
+    with user_errors(client.ClientError):
+        versions = client.get_status(server, model_name, version=version)
+    if as_json:
+        typer.echo(json.dumps(versions, indent=2))
+        return
+    for entry in versions:
+        problem = f"  ({entry['error_code']}: {entry['error_message']})" if entry.get("error_message") else ""
+        typer.echo(f"{model_name} version {entry['version']}: {entry['state']}{problem}")
+
+
+@app.command()
+def metadata(
+    server: str = typer.Option(DEFAULT_SERVER, help="host:port of the gRPC server."),
+    model_name: str = typer.Option("digitgan", help="Model name on the server."),
+    version: Optional[int] = typer.Option(None, help="Model version [default: the latest available]."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Show the model's signatures (GetModelMetadata)."""
+    from serving import client
+
+    with user_errors(client.ClientError):
+        described = client.get_metadata(server, model_name, version=version)
+    if as_json:
+        typer.echo(json.dumps(described, indent=2))
+        return
+    typer.echo(f"{model_name} version {described['version']}")
+    for name, signature in sorted(described["signatures"].items()):
+        typer.echo(f"  {name} ({signature.get('method_name', '')})")
+        for direction in ("inputs", "outputs"):
+            for alias, tensor in sorted(signature[direction].items()):
+                typer.echo(f"    {direction[:-1]:6} {alias}: {tensor['dtype']} {tensor['shape']}")
+
+
+if __name__ == "__main__":
+    app()
