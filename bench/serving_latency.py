@@ -1,0 +1,425 @@
+"""Serving latency/throughput of the digitgan bundle: in-process vs the project's gRPC server.
+
+Everything is measured in one run on the same machine, so the printed ratios compare like with
+like:
+
+  * in-process: the same SavedModel signature called directly, both as TF2
+    (`tf.saved_model.load(...).signatures["serving_default"]`) and through the TF1 Session path the
+    server itself uses (`serving.models.LoadedVersion`), 1 and 64 images per call;
+  * gRPC Predict to the project's server running in a *subprocess* (so the client's Python does
+    not share a GIL with the server; the same as `python cli.py serve --port 0 --rest-port -1`),
+    1 and 64 images per request, 1 and 16 concurrent client threads, batching off and on;
+  * response encoding: float_val (what the server sends) vs tensor_content for 64 images, encode +
+    serialize + client parse + decode; and the `sample` signature's `png` output vs `images`.
+
+The bundle: `--model-base-path` if given, else `models/digitgan` if it exists, else a bundle of the
+real generator architecture (trainer.models + export.signatures, untrained weights: same cost)
+written to a temporary folder; if that cannot be built, the small test look-alike from
+tests/serving/serving_test_models.py (its cost is far from the real one, as the output says).
+
+    .venv/bin/python bench/serving_latency.py                 # default run, ~2-3 minutes
+    .venv/bin/python bench/serving_latency.py --seconds 2     # quicker
+    .venv/bin/python bench/serving_latency.py --requests 500  # fixed request count per cell
+
+No timing is asserted; targets are reported as met / NOT met with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
+
+MODEL_NAME = "digitgan"
+WIDTH = 52
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 * 2**20)]
+
+
+# ---------------- the bundle ----------------
+def find_or_build_bundle(base_path: str | None, workdir: str) -> tuple[str, str, int]:
+    """(base path holding numeric versions, description, latent dim)."""
+    for candidate in ([base_path] if base_path else ["models/digitgan"]):
+        base = Path(candidate)
+        versions = sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()) \
+            if base.is_dir() else []
+        if versions:
+            path = base / str(versions[-1])
+            latent = latent_dim_of(str(path))
+            return str(base.resolve()), f"exported bundle {path}", latent
+        if base_path:
+            raise SystemExit(f"no numeric version folder under {base_path}")
+    target = Path(workdir) / MODEL_NAME / "1"
+    try:
+        from export import bundle as bundle_lib, signatures as signatures_lib
+        from trainer import models
+
+        latent = 100
+        generator = models.build_generator(latent, conditional=True)
+        module = signatures_lib.GeneratorSignatures(generator, latent, conditional=True)
+        module.write(str(target))
+        try:
+            bundle_lib.write_warmup(target, MODEL_NAME, module)
+        except Exception:  # warmup file is optional for the benchmark
+            pass
+        params = sum(int(np.prod(w.shape)) for w in generator.weights)
+        return str(target.parent), (f"real digitgan generator architecture, untrained weights "
+                                    f"({params:,} parameters), written to a temp dir"), latent
+    except Exception as error:  # trainer/export unavailable: fall back to the test look-alike
+        sys.path.insert(0, str(ROOT / "tests" / "serving"))
+        import serving_test_models
+
+        serving_test_models.build_generator(str(target))
+        return str(target.parent), (f"test look-alike generator (one 100x784 matmul; NOT the real cost), "
+                                    f"because the real one failed: {error}"), serving_test_models.LATENT_DIM
+
+
+def latent_dim_of(path: str) -> int:
+    signature = tf.saved_model.load(path).signatures["serving_default"]
+    return int(signature.structured_input_signature[1]["noise"].shape[1])
+
+
+# ---------------- statistics ----------------
+def summarize(latencies: list[float], wall: float, images_per_request: int) -> dict:
+    ordered = sorted(latencies)
+    count = len(ordered)
+    return {"n": count,
+            "p50": ordered[count // 2] * 1e3,
+            "p99": ordered[min(count - 1, int(count * 0.99))] * 1e3,
+            "mean": statistics.fmean(ordered) * 1e3,
+            "rps": count / wall,
+            "ips": count * images_per_request / wall}
+
+
+def run_for(call, seconds: float, requests: int | None, warmup: int = 5) -> tuple[list[float], float]:
+    for _ in range(warmup):
+        call()
+    latencies = []
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        call()
+        latencies.append(time.perf_counter() - t0)
+        if requests is not None:
+            if len(latencies) >= requests:
+                break
+        elif t0 - start >= seconds:
+            break
+    return latencies, time.perf_counter() - start
+
+
+# ---------------- in-process ----------------
+def bench_in_process(version_dir: str, latent: int, args) -> dict:
+    from serving.models import LoadedVersion
+
+    results = {}
+    rng = np.random.default_rng(0)
+    tf2 = tf.saved_model.load(version_dir).signatures["serving_default"]
+    tf1 = LoadedVersion(MODEL_NAME, 1, version_dir)
+    signature = tf1.signature_defs["serving_default"]
+    feed_name, fetch_name = signature.inputs["noise"].name, signature.outputs["images"].name
+    for size in (1, 16, 64):
+        noise = rng.standard_normal((size, latent)).astype(np.float32)
+        tensor = tf.constant(noise)
+        lat, wall = run_for(lambda: tf2(noise=tensor)["images"].numpy(), args.seconds, args.requests)
+        results[("tf2", size)] = summarize(lat, wall, size)
+        lat, wall = run_for(lambda: tf1.run({feed_name: noise}, [fetch_name]), args.seconds, args.requests)
+        results[("tf1", size)] = summarize(lat, wall, size)
+    # Two callers at once (one per core here), as the server runs concurrent unbatched requests.
+    noise = rng.standard_normal((64, latent)).astype(np.float32)
+    results[("tf1x2", 64)] = run_threads(lambda: tf1.run({feed_name: noise}, [fetch_name]), 2, 64, args)
+    tf1._close() if hasattr(tf1, "_close") else None
+    return results
+
+
+def run_threads(call, threads: int, size: int, args) -> dict:
+    for _ in range(2):
+        call()
+    per_thread = None if args.requests is None else max(1, args.requests // threads)
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    start = time.perf_counter()
+
+    def worker(mine: list) -> None:
+        while True:
+            t0 = time.perf_counter()
+            call()
+            t1 = time.perf_counter()
+            mine.append(t1 - t0)
+            if (per_thread is not None and len(mine) >= per_thread) or \
+                    (per_thread is None and t1 - start >= args.seconds):
+                return
+
+    workers = [threading.Thread(target=worker, args=(mine,)) for mine in latencies]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return summarize([x for mine in latencies for x in mine], time.perf_counter() - start, size)
+
+
+# ---------------- the server in a subprocess ----------------
+def deploy_batching_parameters() -> dict[str, int]:
+    """The four BatchingParameters of serving/deploy/batching.config (what real TF Serving gets)."""
+    text = (ROOT / "serving" / "deploy" / "batching.config").read_text()
+    return {name: int(value) for name, value in
+            re.findall(r"^\s*(\w+)\s*\{\s*value:\s*(\d+)\s*\}", text, re.M)}
+
+
+class ServerProcess:
+    def __init__(self, base_path: str, batching: bool):
+        extra = "".join(f", {name}={value}" for name, value in deploy_batching_parameters().items()) \
+            if batching else ""
+        code = ("import sys; from serving.config import ServeConfig; from serving.server import run_server; "
+                f"sys.exit(run_server(ServeConfig(model_base_path={base_path!r}, port=0, rest_port=-1, "
+                f"poll_seconds=0, enable_batching={batching!r}{extra})))")
+        self.process = subprocess.Popen([sys.executable, "-c", code], cwd=str(ROOT), stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, text=True)
+        self.port = None
+        deadline = time.monotonic() + 180
+        for line in self.process.stdout:
+            match = re.match(r"gRPC listening on .*:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+            if line.startswith(f"model {MODEL_NAME}: versions"):
+                break
+            if time.monotonic() > deadline:
+                break
+        if self.port is None:
+            self.stop()
+            raise SystemExit("the server subprocess did not start")
+        threading.Thread(target=lambda: [None for _ in self.process.stdout], daemon=True).start()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def predict_request(noise: np.ndarray) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL_NAME
+    request.inputs["noise"].CopyFrom(tf.make_tensor_proto(noise))
+    return request
+
+
+def bench_grpc(port: int, latent: int, size: int, clients: int, args) -> dict:
+    request = predict_request(np.random.default_rng(1).standard_normal((size, latent)).astype(np.float32))
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) for _ in range(clients)]
+    stubs = [prediction_service_pb2_grpc.PredictionServiceStub(channel) for channel in channels]
+    for stub in stubs:  # connect + warm every channel
+        for _ in range(3):
+            stub.Predict(request, timeout=60)
+    per_client = None if args.requests is None else max(1, args.requests // clients)
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    barrier = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def client(index: int) -> None:
+        stub, mine = stubs[index], latencies[index]
+        barrier.wait()
+        while True:
+            t0 = time.perf_counter()
+            stub.Predict(request, timeout=60)
+            t1 = time.perf_counter()
+            mine.append(t1 - t0)
+            if per_client is not None:
+                if len(mine) >= per_client:
+                    return
+            elif t1 >= stop_at[0]:
+                return
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    start = time.perf_counter()
+    stop_at[0] = start + args.seconds
+    barrier.wait()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    for channel in channels:
+        channel.close()
+    return summarize([x for mine in latencies for x in mine], wall, size)
+
+
+# ---------------- response encoding ----------------
+def bench_encoding(latent: int, args) -> dict:
+    from tensorflow.core.framework import tensor_pb2
+
+    from serving.tensors import ndarray_to_proto
+
+    images = np.random.default_rng(2).random((64, 28, 28, 1), dtype=np.float32)
+    results = {}
+    for name, use_content in (("float_val", False), ("tensor_content", True)):
+        def encode():
+            return ndarray_to_proto(images, use_tensor_content=use_content).SerializeToString()
+
+        data = encode()
+
+        def decode():
+            proto = tensor_pb2.TensorProto()
+            proto.ParseFromString(data)
+            return tf.make_ndarray(proto)
+
+        assert np.array_equal(decode(), images)
+        lat_e, _ = run_for(encode, min(args.seconds, 2.0), args.requests and min(args.requests, 200))
+        lat_d, _ = run_for(decode, min(args.seconds, 2.0), args.requests and min(args.requests, 200))
+        results[name] = {"bytes": len(data), "encode": statistics.median(lat_e) * 1e3,
+                         "decode": statistics.median(lat_d) * 1e3}
+    return results
+
+
+def bench_sample_png(port: int, args) -> dict | None:
+    """gRPC Predict on the `sample` signature (64 images), outputs filtered to images / png."""
+    from PIL import Image
+    import io
+
+    results = {}
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for output in ("images", "png"):
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = MODEL_NAME
+            request.model_spec.signature_name = "sample"
+            request.inputs["digit"].CopyFrom(tf.make_tensor_proto(np.arange(64, dtype=np.int32) % 10))
+            request.inputs["seed"].CopyFrom(tf.make_tensor_proto(np.arange(64, dtype=np.int64)))
+            request.output_filter.append(output)
+            try:
+                response = stub.Predict(request, timeout=60)
+            except grpc.RpcError as error:
+                return {"error": f"{error.code().name}: {error.details()}"}
+
+            def call_and_decode():
+                reply = stub.Predict(request, timeout=60)
+                if output == "images":
+                    return tf.make_ndarray(reply.outputs["images"])
+                return [np.asarray(Image.open(io.BytesIO(png))) for png in reply.outputs["png"].string_val]
+
+            lat, _ = run_for(call_and_decode, min(args.seconds, 3.0), args.requests and min(args.requests, 100), 2)
+            results[output] = {"bytes": response.ByteSize(), "p50": statistics.median(lat) * 1e3}
+    return results
+
+
+# ---------------- report ----------------
+def fmt(row: dict) -> str:
+    return (f"{row['p50']:8.2f} {row['p99']:8.2f} {row['rps']:9.1f} {row['ips']:10.1f} {row['n']:7d}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="time per measured cell (default 3)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="fixed request count per cell instead of --seconds (split across clients)")
+    parser.add_argument("--model-base-path", default=None,
+                        help="folder of numeric versions to serve (default: models/digitgan, else built)")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    workdir = tempfile.mkdtemp(prefix="serving_bench_")
+    base_path, description, latent = find_or_build_bundle(args.model_base_path, workdir)
+    version = max(int(p.name) for p in Path(base_path).iterdir() if p.name.isdigit())
+    version_dir = str(Path(base_path) / str(version))
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    print(f"machine: {os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, "
+          f"TF {tf.__version__}, grpcio {grpc.__version__}, Python {platform.python_version()}")
+    print(f"bundle: {description}; latent {latent}")
+    mode = f"{args.requests} requests" if args.requests else f"{args.seconds:g} s"
+    print(f"server: subprocess, run_server(ServeConfig(port=0, rest_port=-1)); batching on = "
+          f"serving/deploy/batching.config {deploy_batching_parameters()}")
+    print(f"each cell: {mode} after warm-up; p50/p99 in ms; rps = requests/s; ips = images/s\n")
+
+    header = f"{'path':{WIDTH}s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>9s} {'images/s':>10s} {'n':>7s}"
+    print(header)
+    print("-" * len(header))
+    local = bench_in_process(version_dir, latent, args)
+    labels = {"tf2": "TF2 signature", "tf1": "TF1 Session (server path)", "tf1x2": "TF1 Session, 2 threads"}
+    for (kind, size), row in local.items():
+        print(f"{'in-process ' + labels[kind] + f', {size:2d} img':{WIDTH}s} {fmt(row)}", flush=True)
+
+    remote, png = {}, None
+    for batching in (False, True):
+        server = ServerProcess(base_path, batching)
+        try:
+            for size in (1, 64):
+                for clients in (1, 16):
+                    row = bench_grpc(server.port, latent, size, clients, args)
+                    remote[(batching, size, clients)] = row
+                    label = f"gRPC batching {'on ' if batching else 'off'}, {size:2d} img, {clients:2d} clients"
+                    print(f"{label:{WIDTH}s} {fmt(row)}", flush=True)
+            if not batching:
+                png = bench_sample_png(server.port, args)
+        finally:
+            server.stop()
+
+    print("\nresponse encoding, 64 images (64x28x28x1 float32): serialize on the server, parse + "
+          "tf.make_ndarray on the client")
+    encoding = bench_encoding(latent, args)
+    for name, row in encoding.items():
+        print(f"  {name:15s} {row['bytes']:9,d} bytes  encode {row['encode']:7.3f} ms  decode {row['decode']:7.3f} ms")
+    print("  (the server sends float_val, as TF Serving does by default)")
+    if png is not None:
+        print("\nsample signature, 64 images over gRPC (1 client, batching off), incl. client decode:")
+        if "error" in png:
+            print(f"  not measured: {png['error']}")
+        else:
+            for name, row in png.items():
+                decode = "tf.make_ndarray" if name == "images" else "PIL decode of each PNG"
+                print(f"  output_filter {name!r:9s} {row['bytes']:9,d} bytes  p50 {row['p50']:7.2f} ms ({decode})")
+
+    tf1_1 = local[("tf1", 1)]
+    tf1_64 = max(local[("tf1", 64)], local[("tf1x2", 64)], key=lambda row: row["ips"])
+    grpc_1 = remote[(False, 1, 1)]
+    off16, on16 = remote[(False, 1, 16)], remote[(True, 1, 16)]
+    print("\nratios")
+    ratio_lat = grpc_1["p50"] / tf1_1["p50"]
+    extra = grpc_1["p50"] - tf1_1["p50"]
+    print(f"  gRPC p50 / in-process (TF1) p50, 1 img 1 client      {ratio_lat:6.2f}x  "
+          f"({extra:+.2f} ms; vs TF2 in-process {grpc_1['p50'] / local[('tf2', 1)]['p50']:.2f}x)")
+    tf1_64_seq = local[("tf1", 64)]
+    print(f"  gRPC p50 / in-process p50, 64 img 1 client           "
+          f"{remote[(False, 64, 1)]['p50'] / tf1_64_seq['p50']:6.2f}x  "
+          f"({remote[(False, 64, 1)]['p50'] - tf1_64_seq['p50']:+.2f} ms)")
+    print(f"  in-process images/s, 64-img / 1-img calls (TF1)      "
+          f"{local[('tf1', 64)]['ips'] / tf1_1['ips']:6.2f}x  (the most batching can gain on this CPU)")
+    ratio_batch = on16["rps"] / off16["rps"]
+    print(f"  batched rps / unbatched rps (16 clients, 1 img)      {ratio_batch:6.2f}x  "
+          f"({on16['rps']:.0f} vs {off16['rps']:.0f} req/s)")
+    ratio_peak = on16["ips"] / tf1_64["ips"]
+    print(f"  batched gRPC images/s / in-process batched images/s  {ratio_peak:6.2f}x  "
+          f"({on16['ips']:.0f} vs {tf1_64['ips']:.0f} images/s: 16 clients x 1 img vs best in-process 64-img rate)")
+    best = max(remote.values(), key=lambda row: row["ips"])
+    print(f"  best gRPC images/s / in-process batched images/s     {best['ips'] / tf1_64['ips']:6.2f}x")
+    enc = encoding
+    print(f"  float_val / tensor_content (encode+decode, 64 img)   "
+          f"{(enc['float_val']['encode'] + enc['float_val']['decode']) / (enc['tensor_content']['encode'] + enc['tensor_content']['decode']):6.2f}x")
+
+    print("\ntargets")
+    verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    print(f"  gRPC p50 within in-process p50 + 1 ms (1 img):        {verdict(extra <= 1.0)} ({extra:+.2f} ms)")
+    print(f"  batched >= 3x unbatched rps (16 clients, 1 img):       {verdict(ratio_batch >= 3)} ({ratio_batch:.2f}x)")
+    print(f"  batched >= 70% of in-process batched throughput:      {verdict(ratio_peak >= 0.7)} "
+          f"({ratio_peak:.0%})")
+    print(f"\ntotal time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
