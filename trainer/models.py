@@ -59,10 +59,11 @@ class ProjectionLogit(keras.layers.Layer):
         return self.linear(features) + projection
 
 
-def build_generator(latent_dim: int = 100, conditional: bool = True) -> keras.Model:
+def build_generator(latent_dim: int = 100, conditional: bool = True, synchronized_batch_norm: bool = False) -> keras.Model:
     """DCGAN generator: Dense 7x7x256 → Conv2DTranspose 128 (7x7) / 64 (14x14) / 1 (28x28), BatchNorm, LeakyReLU, tanh.
 
-    The conditional generator concatenates a one-hot digit to the noise.
+    The conditional generator concatenates a one-hot digit to the noise. Pass
+    `synchronized_batch_norm=True` when training over several replicas (see `_normalize_and_activate`).
     """
     noise = keras.Input((latent_dim,), name="noise")
     inputs = [noise]
@@ -73,11 +74,11 @@ def build_generator(latent_dim: int = 100, conditional: bool = True) -> keras.Mo
         one_hot = keras.ops.one_hot(digit, NUM_CLASSES, dtype=noise.dtype)
         hidden = keras.layers.Concatenate(name="noise_and_digit")([noise, one_hot])
     hidden = keras.layers.Dense(7 * 7 * 256, use_bias=False, name="project")(hidden)
-    hidden = _normalize_and_activate(hidden, "project")
+    hidden = _normalize_and_activate(hidden, "project", synchronized_batch_norm)
     hidden = keras.layers.Reshape((7, 7, 256))(hidden)
     for filters, strides, name in ((128, 1, "up1"), (64, 2, "up2")):
         hidden = keras.layers.Conv2DTranspose(filters, 5, strides=strides, padding="same", use_bias=False, name=name)(hidden)
-        hidden = _normalize_and_activate(hidden, name)
+        hidden = _normalize_and_activate(hidden, name, synchronized_batch_norm)
     logits = keras.layers.Conv2DTranspose(1, 5, strides=2, padding="same", use_bias=False, name="to_image")(hidden)
     # tanh in float32 so mixed-precision runs still produce float32 images.
     images = keras.layers.Activation("tanh", dtype="float32", name="images")(logits)
@@ -103,10 +104,14 @@ def build_discriminator(conditional: bool = True) -> keras.Model:
     return keras.Model(inputs, logit, name="discriminator")
 
 
-def _normalize_and_activate(hidden, name: str):
-    # Per-replica (unsynchronized) BatchNorm: each replica normalizes over its own slice of the batch
-    # (64+ images by default), which is plenty for these statistics and saves an all-reduce per layer.
-    hidden = keras.layers.BatchNormalization(name=f"{name}_norm")(hidden)
+def _normalize_and_activate(hidden, name: str, synchronized: bool):
+    # Synchronized BatchNorm: batch statistics are all-reduced over the replicas. Keras 3 keeps the
+    # moving mean/variance in MirroredVariables with aggregation NONE and lets each replica assign
+    # its own local statistics, so unsynchronized BN leaves the copies silently different (and the
+    # checkpoint keeps replica 0's). With synchronized statistics every replica computes the same
+    # update; the cost is one small all-reduce per BN layer. The variables are the same either way,
+    # so checkpoints load into both variants.
+    hidden = keras.layers.BatchNormalization(synchronized=synchronized, name=f"{name}_norm")(hidden)
     return keras.layers.LeakyReLU(negative_slope=0.2, name=f"{name}_relu")(hidden)
 
 

@@ -39,7 +39,8 @@ def build_state(config: TrainConfig, strategy: tf.distribute.Strategy) -> GanSta
     keras.mixed_precision.set_global_policy(config.precision)
     keras.utils.set_random_seed(config.seed)  # the initial weights depend on the seed only
     with strategy.scope():
-        generator = models.build_generator(config.latent_dim, config.conditional)
+        generator = models.build_generator(config.latent_dim, config.conditional,
+                                           synchronized_batch_norm=strategy.num_replicas_in_sync > 1)
         discriminator = models.build_discriminator(config.conditional)
         generator_optimizer = _adam(config)
         discriminator_optimizer = _adam(config)
@@ -70,20 +71,31 @@ def replica_step(state: GanState, images, digits, global_batch_size: int, latent
     images float32 [b, 28, 28, 1] in [-1, 1]; digits int32 [b]; b = this replica's share of the batch.
     """
     batch = tf.shape(images)[0]  # the per-replica batch, not the global one
+    # Drawn from the in-scope Generator: every replica gets its own noise.
     noise = state.noise_generator.normal([batch, latent_dim])
     fake_digits = state.noise_generator.uniform([batch], 0, models.NUM_CLASSES, dtype=tf.int32)
     with tf.GradientTape() as generator_tape, tf.GradientTape() as discriminator_tape:
-        fakes = state.generator(models.generator_inputs(noise, fake_digits, conditional), training=True)
-        real_logits = state.discriminator(models.discriminator_inputs(images, digits, conditional), training=True)
-        fake_logits = state.discriminator(models.discriminator_inputs(fakes, fake_digits, conditional), training=True)
-        # Each loss is divided by the GLOBAL batch here; the replicas' gradients are summed by the optimizer.
-        generator_loss = losses.generator_loss(fake_logits, global_batch_size)
-        discriminator_loss = losses.discriminator_loss(real_logits, fake_logits, global_batch_size)
+        generator_loss, discriminator_loss = compute_losses(state, images, digits, noise, fake_digits,
+                                                            global_batch_size, conditional, training=True)
         scaled_generator_loss = _scale(state.generator_optimizer, generator_loss)
         scaled_discriminator_loss = _scale(state.discriminator_optimizer, discriminator_loss)
     _apply(state.generator_optimizer, generator_tape, scaled_generator_loss, state.generator)
     _apply(state.discriminator_optimizer, discriminator_tape, scaled_discriminator_loss, state.discriminator)
     return generator_loss, discriminator_loss
+
+
+def compute_losses(state: GanState, images, digits, noise, fake_digits, global_batch_size: int, conditional: bool,
+                   training: bool = True):
+    """(generator_loss, discriminator_loss) of one forward pass, each divided by the GLOBAL batch size.
+
+    Summing the replicas' values (and the optimizer summing their gradients) gives the
+    single-device mean over the whole global batch.
+    """
+    fakes = state.generator(models.generator_inputs(noise, fake_digits, conditional), training=training)
+    real_logits = state.discriminator(models.discriminator_inputs(images, digits, conditional), training=training)
+    fake_logits = state.discriminator(models.discriminator_inputs(fakes, fake_digits, conditional), training=training)
+    return (losses.generator_loss(fake_logits, global_batch_size),
+            losses.discriminator_loss(real_logits, fake_logits, global_batch_size))
 
 
 def _scale(optimizer, loss):

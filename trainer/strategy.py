@@ -37,7 +37,12 @@ def create_strategy(gpus: int | None = None, cpu_replicas: int | None = None) ->
         # One device: TensorFlow's default strategy runs the same code (scope, run, reduce) without
         # the mirroring machinery, which cost 40% of the step on a 2-core CPU (bench/train_throughput.py).
         return tf.distribute.get_strategy()
-    return tf.distribute.MirroredStrategy(devices)
+    if gpus:
+        return tf.distribute.MirroredStrategy(devices)  # NCCL all-reduce between GPUs
+    # On logical CPU devices, reduce through one device rather than collective ops: collective
+    # instance keys restart with every strategy, so a second strategy in the same process (a test
+    # suite, a notebook) with other tensor shapes fails with "Shape mismatch in the collective instance".
+    return tf.distribute.MirroredStrategy(devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
 
 
 def configure_cpu_devices(count: int) -> list[str]:

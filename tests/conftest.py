@@ -1,0 +1,56 @@
+"""Shared test set-up: 2 logical CPU devices (MirroredStrategy on a CPU-only machine), real MNIST, tiny runs.
+
+TensorFlow fixes its logical devices when its runtime starts, so the split happens here, before
+any test touches TensorFlow.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from unittest import mock
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+REPO = Path(__file__).resolve().parent.parent
+# A TFDS data dir reused across test sessions on one machine (CI starts without it), so the
+# 20 MB mirror download and the 1-minute conversion happen once; tests that need an EMPTY data
+# dir use their own tmp dir.
+SHARED_DATA_DIR = Path(os.environ.get("DIGITGAN_TEST_DATA_DIR", REPO / ".test-data" / "tensorflow_datasets"))
+
+
+@pytest.fixture(scope="session")
+def mnist_data_dir() -> str:
+    """A TFDS data dir holding real MNIST, prepared through the offline mirror path."""
+    from trainer import data
+
+    with mock.patch.object(data, "host_reachable", return_value=False):
+        data.load_mnist(str(SHARED_DATA_DIR))
+    return str(SHARED_DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, mnist_data_dir) -> dict:
+    """Two tiny trained runs (conditional and unconditional), 4 steps each, on 2 logical CPUs."""
+    from trainer import loop
+    from trainer.config import TrainConfig
+
+    runs = {}
+    for name, conditional in (("conditional", True), ("unconditional", False)):
+        run_dir = tmp_path_factory.mktemp(f"run-{name}")
+        config = TrainConfig(run_dir=str(run_dir), data_dir=mnist_data_dir, conditional=conditional, max_steps=4,
+                             batch_size=16, cpu_replicas=2, steps_per_call=2, checkpoint_every_steps=2)
+        loop.train(config, report=lambda line: None, progress=False)
+        runs[name] = str(run_dir)
+    return runs
+
+
+def copy_tree(source: str, target: Path) -> str:
+    shutil.copytree(source, target)
+    return str(target)

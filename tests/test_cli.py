@@ -1,0 +1,96 @@
+"""The CLI end to end: help text, clear errors with exit code 2, train → export → serve → generate."""
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import cli
+
+runner = CliRunner()
+
+TRAIN_OPTIONS = ["--epochs", "--batch-size", "--learning-rate", "--latent-dim", "--run-dir", "--max-steps", "--seed",
+                 "--conditional", "--unconditional", "--data-dir", "--resume", "--no-resume", "--precision", "--gpus",
+                 "--cpu-replicas", "--steps-per-call", "--checkpoint-every"]
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def test_train_help_documents_every_option():
+    result = runner.invoke(cli.app, ["train", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0
+    for option in TRAIN_OPTIONS:
+        assert option in _plain(result.output), option
+
+
+def test_every_command_has_help():
+    for command in ("export", "serve", "generate", "status", "metadata"):
+        result = runner.invoke(cli.app, [command, "--help"])
+        assert result.exit_code == 0 and "--help" in result.output
+
+
+def test_more_gpus_than_visible_exits_2_with_the_visible_count(tmp_path):
+    result = runner.invoke(cli.app, ["train", "--gpus", "2", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "0 are visible" in result.output and "--gpus 0" in result.output
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["train", "--batch-size", "0"], "batch_size must be at least 1"),
+    (["train", "--precision", "float8"], "precision must be one of"),
+    (["export", "--run-dir", "/nonexistent-run"], "no checkpoint in run dir"),
+    (["generate", "--digit", "x7"], "--digit takes digits 0-9"),
+    (["generate", "--server", "127.0.0.1:1", "--timeout", "2"], "cannot reach digitgan server"),
+    (["status", "--server", "127.0.0.1:1"], "cannot reach digitgan server"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(arguments, message):
+    result = runner.invoke(cli.app, arguments)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_export_serve_generate_end_to_end(tiny_runs, tmp_path):
+    from serving import config as serve_config, server as server_lib
+
+    base = tmp_path / "models" / "digitgan"
+    exported = runner.invoke(cli.app, ["export", "--run-dir", tiny_runs["conditional"], "--model-base-path", str(base)])
+    assert exported.exit_code == 0, exported.output
+    assert "version 1" in exported.output and "sample(digit: int32 [-1], seed: int64 [-1])" in exported.output
+    server = server_lib.create_server(serve_config.ServeConfig(model_base_path=str(base), port=0, rest_port=-1,
+                                                               poll_seconds=0.2))
+    server.start()
+    try:
+        assert server.wait_until_ready(timeout=60)
+        address = f"127.0.0.1:{server.grpc_port}"
+        png = tmp_path / "grid.png"
+        result = runner.invoke(cli.app, ["generate", "--digit", "0123456789", "--count", "3", "--seed", "42",
+                                         "--server", address, "--out", str(png)])
+        assert result.exit_code == 0, result.output
+        assert "Wrote 30 image(s) from digitgan version 1" in result.output
+        picture = Image.open(io.BytesIO(png.read_bytes()))
+        assert picture.format == "PNG" and picture.size[0] < picture.size[1] * 1.0 + 1  # 10 rows of 3
+        array = tmp_path / "sevens.npy"
+        result = runner.invoke(cli.app, ["generate", "--digit", "7", "--count", "2", "--format", "npy",
+                                         "--server", address, "--out", str(array)])
+        again = tmp_path / "again.npy"
+        runner.invoke(cli.app, ["generate", "--digit", "7", "--count", "2", "--format", "npy",
+                                "--server", address, "--out", str(again)])
+        images = np.load(array)
+        assert images.shape == (2, 28, 28, 1) and 0.0 <= images.min() and images.max() <= 1.0
+        np.testing.assert_array_equal(images, np.load(again))  # same seed → same digits
+        status = runner.invoke(cli.app, ["status", "--server", address])
+        assert "digitgan version 1: AVAILABLE" in status.output
+        metadata = runner.invoke(cli.app, ["metadata", "--server", address, "--json"])
+        assert '"serving_default"' in metadata.output and '"conditional"' in metadata.output
+        missing = runner.invoke(cli.app, ["generate", "--server", address, "--model-name", "nope"])
+        assert missing.exit_code == 2 and "not found" in missing.output
+    finally:
+        server.stop(grace=1)
