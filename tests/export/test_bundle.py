@@ -1,0 +1,116 @@
+"""Export: versions, atomicity, signatures as TF Serving sees them, warmup records, bad input."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+from export import bundle
+
+
+def _export(run_dir: str, base: Path, **options) -> bundle.ExportResult:
+    return bundle.export_bundle(bundle.ExportConfig(run_dir=run_dir, model_base_path=str(base), **options))
+
+
+def _numeric_children(base: Path) -> list[str]:
+    return sorted(child.name for child in base.iterdir() if child.name.isdigit())
+
+
+def test_versions_are_numbered_and_overwrite_is_explicit(tiny_runs, tmp_path):
+    base = tmp_path / "digitgan"
+    assert _export(tiny_runs["conditional"], base).version == 1
+    assert _export(tiny_runs["conditional"], base).version == 2
+    assert _export(tiny_runs["conditional"], base, version=7).version == 7
+    assert _export(tiny_runs["conditional"], base).version == 8
+    with pytest.raises(bundle.ExportError, match="version 7 already exists"):
+        _export(tiny_runs["conditional"], base, version=7)
+    assert _export(tiny_runs["conditional"], base, version=7, overwrite=True).version == 7
+    assert _numeric_children(base) == ["1", "2", "7", "8"]
+    assert [child.name for child in base.iterdir() if not child.name.isdigit()] == []  # no temp leftovers
+
+
+def test_failed_validation_publishes_nothing(tiny_runs, tmp_path):
+    base = tmp_path / "digitgan"
+    with mock.patch.object(bundle, "validate_bundle", side_effect=bundle.ExportError("simulated failure")):
+        with pytest.raises(bundle.ExportError, match="simulated failure"):
+            _export(tiny_runs["conditional"], base)
+    assert list(base.iterdir()) == []
+
+
+def test_signatures_as_saved_model_cli_lists_them(tiny_runs, tmp_path):
+    result = _export(tiny_runs["conditional"], tmp_path / "digitgan")
+    shown = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--dir",
+                            result.path, "--all"], capture_output=True, text=True, check=True).stdout
+    for signature in ("serving_default", "conditional", "sample"):
+        assert f"signature_def['{signature}']" in shown
+    assert result.signatures == {
+        "conditional": {"inputs": {"digit": "int32 [-1]", "noise": "float32 [-1, 100]"},
+                        "outputs": {"images": "float32 [-1, 28, 28, 1]"}},
+        "sample": {"inputs": {"digit": "int32 [-1]", "seed": "int64 [-1]"},
+                   "outputs": {"images": "float32 [-1, 28, 28, 1]", "png": "string [-1]"}},
+        "serving_default": {"inputs": {"noise": "float32 [-1, 100]"}, "outputs": {"images": "float32 [-1, 28, 28, 1]"}},
+    }
+
+
+def test_sample_is_deterministic_and_checks_digits(tiny_runs, tmp_path):
+    served = tf.saved_model.load(_export(tiny_runs["conditional"], tmp_path / "digitgan").path).signatures
+    inputs = dict(digit=tf.constant([7, 7, 3], tf.int32), seed=tf.constant([42, 43, 42], tf.int64))
+    first, second = served["sample"](**inputs), served["sample"](**inputs)
+    np.testing.assert_array_equal(first["images"].numpy(), second["images"].numpy())
+    assert not np.array_equal(first["images"][0].numpy(), first["images"][1].numpy())  # other seed, other image
+    assert first["png"].numpy()[0].startswith(b"\x89PNG")
+    decoded = tf.io.decode_png(first["png"][0]).numpy()
+    np.testing.assert_array_equal(decoded, np.round(first["images"][0].numpy() * 255).astype(np.uint8))
+    images = first["images"].numpy()
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    with pytest.raises(tf.errors.InvalidArgumentError, match="digit must be in 0..9"):
+        served["sample"](digit=tf.constant([-1], tf.int32), seed=tf.constant([0], tf.int64))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="same batch size"):
+        served["sample"](digit=tf.constant([1, 2], tf.int32), seed=tf.constant([0], tf.int64))
+
+
+def test_serving_default_digit_is_uniform_from_noise():
+    from export import signatures
+
+    noise = tf.random.stateless_normal([100_000, 4], seed=[1, 2])
+    counts = np.bincount(signatures.digit_from_noise(noise).numpy(), minlength=10) / 100_000
+    assert np.all(np.abs(counts - 0.1) < 0.005), counts
+
+
+def test_warmup_records_and_metadata(tiny_runs, tmp_path):
+    result = _export(tiny_runs["conditional"], tmp_path / "digitgan")
+    records = list(tf.data.TFRecordDataset(str(Path(result.path) / "assets.extra" / bundle.WARMUP_FILE)))
+    logs = [prediction_log_pb2.PredictionLog.FromString(record.numpy()) for record in records]
+    names = sorted({log.predict_log.request.model_spec.signature_name for log in logs})
+    assert names == ["conditional", "sample", "serving_default"] and len(logs) == 3 * len(bundle.WARMUP_BATCH_SIZES)
+    metadata = bundle.read_metadata(result.path)
+    assert metadata["step"] == 4 and metadata["version"] == 1 and metadata["tensorflow_version"] == tf.__version__
+    assert metadata["train_config"]["conditional"] is True
+
+
+def test_unconditional_model_exports_without_digit(tiny_runs, tmp_path):
+    result = _export(tiny_runs["unconditional"], tmp_path / "digitgan")
+    assert sorted(result.signatures) == ["sample", "serving_default"]
+    assert result.signatures["sample"]["inputs"] == {"seed": "int64 [-1]"}
+
+
+def test_bad_inputs_are_clear_errors_and_leave_nothing(tiny_runs, tmp_path):
+    with pytest.raises(bundle.ExportError, match="no checkpoint in run dir"):
+        _export(str(tmp_path / "empty-run"), tmp_path / "models")
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(tiny_runs["unconditional"], mismatched)
+    shutil.copy(Path(tiny_runs["conditional"]) / "config.json", mismatched / "config.json")
+    with pytest.raises(bundle.ExportError, match="does not hold a generator of this architecture"):
+        _export(str(mismatched), tmp_path / "models")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(bundle.ExportError, match="cannot write to"):
+        _export(tiny_runs["conditional"], blocker / "digitgan")
+    assert not (tmp_path / "models").exists() or _numeric_children(tmp_path / "models") == []
