@@ -87,7 +87,7 @@ def ours(config: TrainConfig, mnist, synthetic: bool):
     state = step_lib.build_state(config, strategy)
     train = step_lib.make_train_function(strategy, state, config, config.batch_size)
     if synthetic:
-        first = (tf.cast(mnist.train_images[:config.batch_size], tf.float32) / 127.5 - 1.0,
+        first = (tf.constant(mnist.train_images[:config.batch_size]),
                  tf.constant(mnist.train_labels[:config.batch_size], tf.int32))
         dataset_fn = lambda context: tf.data.Dataset.from_tensors(first).repeat()  # noqa: E731
     else:

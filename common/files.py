@@ -18,6 +18,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.chmod(temporary_name, 0o644)  # mkstemp makes it private; the target is an ordinary readable file
         with os.fdopen(handle, "wb") as temporary_file:
             temporary_file.write(data)
             temporary_file.flush()

@@ -82,6 +82,7 @@ def export_bundle(config: ExportConfig, metrics: dict | None = None) -> ExportRe
     try:
         base.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=base))
+        staging.chmod(0o755)  # mkdtemp makes it private; a server running as another user must read it
     except OSError as error:
         raise ExportError(f"cannot write to {base}: {error.strerror}") from None
     try:

@@ -238,7 +238,7 @@ def epoch_dataset_fn(images: np.ndarray, labels: np.ndarray, global_batch_size: 
                      skip_batches: int = 0):
     """A `dataset_fn(input_context)` for `strategy.distribute_datasets_from_function` covering one epoch.
 
-    Yields per-replica batches (images float32 [b, 28, 28, 1] in [-1, 1], digits int32 [b]) of the
+    Yields per-replica batches (images uint8 [b, 28, 28, 1], digits int32 [b]) of the
     epoch's permutation, starting after `skip_batches` global batches (resume mid-epoch), so each
     example is seen once per epoch. Under several workers each input pipeline takes its shard.
     """
@@ -252,13 +252,9 @@ def epoch_dataset_fn(images: np.ndarray, labels: np.ndarray, global_batch_size: 
         per_replica = input_context.get_per_replica_batch_size(global_batch_size)
         shard = order[input_context.input_pipeline_id::input_context.num_input_pipelines]
         dataset = tf.data.Dataset.from_tensor_slices((images[shard], labels[shard].astype(np.int32)))
-        dataset = dataset.batch(per_replica, drop_remainder=True).map(_scale_batch, num_parallel_calls=tf.data.AUTOTUNE)
-        return dataset.prefetch(tf.data.AUTOTUNE)
+        # Batches stay uint8 (4x less to copy); the step scales them inside its compiled graph,
+        # which measured faster than a tf.data map on 2 cores (bench/train_throughput.py).
+        return dataset.batch(per_replica, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
     return dataset_fn
 
-
-def _scale_batch(images, digits):
-    import tensorflow as tf
-
-    return tf.cast(images, tf.float32) / 127.5 - 1.0, digits

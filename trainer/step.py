@@ -68,8 +68,9 @@ def _adam(config: TrainConfig) -> keras.optimizers.Optimizer:
 def replica_step(state: GanState, images, digits, global_batch_size: int, latent_dim: int, conditional: bool):
     """One D and G update on this replica's batch. Returns (generator_loss, discriminator_loss).
 
-    images float32 [b, 28, 28, 1] in [-1, 1]; digits int32 [b]; b = this replica's share of the batch.
+    images uint8 [b, 28, 28, 1] (MNIST pixels); digits int32 [b]; b = this replica's share of the batch.
     """
+    images = scale_images(images)
     batch = tf.shape(images)[0]  # the per-replica batch, not the global one
     # Drawn from the in-scope Generator: every replica gets its own noise.
     noise = state.noise_generator.normal([batch, latent_dim])
@@ -84,6 +85,11 @@ def replica_step(state: GanState, images, digits, global_batch_size: int, latent
     return generator_loss, discriminator_loss
 
 
+def scale_images(images):
+    """uint8 pixels 0..255 → float32 in [-1, 1] (the generator's tanh range)."""
+    return tf.cast(images, tf.float32) / 127.5 - 1.0
+
+
 def compute_losses(state: GanState, images, digits, noise, fake_digits, global_batch_size: int, conditional: bool,
                    training: bool = True):
     """(generator_loss, discriminator_loss) of one forward pass, each divided by the GLOBAL batch size.
@@ -92,8 +98,12 @@ def compute_losses(state: GanState, images, digits, noise, fake_digits, global_b
     single-device mean over the whole global batch.
     """
     fakes = state.generator(models.generator_inputs(noise, fake_digits, conditional), training=training)
-    real_logits = state.discriminator(models.discriminator_inputs(images, digits, conditional), training=training)
-    fake_logits = state.discriminator(models.discriminator_inputs(fakes, fake_digits, conditional), training=training)
+    # One discriminator call on real and fake images together: D has no BatchNorm, so this equals two
+    # calls, and one 2b-image convolution is cheaper on a CPU than two b-image ones.
+    both = tf.concat([images, tf.cast(fakes, images.dtype)], axis=0)
+    both_digits = tf.concat([digits, fake_digits], axis=0)
+    logits = state.discriminator(models.discriminator_inputs(both, both_digits, conditional), training=training)
+    real_logits, fake_logits = tf.split(logits, 2, axis=0)
     return (losses.generator_loss(fake_logits, global_batch_size),
             losses.discriminator_loss(real_logits, fake_logits, global_batch_size))
 

@@ -90,6 +90,8 @@ def test_warmup_records_and_metadata(tiny_runs, tmp_path):
     logs = [prediction_log_pb2.PredictionLog.FromString(record.numpy()) for record in records]
     names = sorted({log.predict_log.request.model_spec.signature_name for log in logs})
     assert names == ["conditional", "sample", "serving_default"] and len(logs) == 3 * len(bundle.WARMUP_BATCH_SIZES)
+    assert Path(result.path).stat().st_mode & 0o005 == 0o005, "a server running as another user must read the version"
+    assert (Path(result.path) / "assets.extra" / bundle.METADATA_FILE).stat().st_mode & 0o004
     metadata = bundle.read_metadata(result.path)
     assert metadata["step"] == 4 and metadata["version"] == 1 and metadata["tensorflow_version"] == tf.__version__
     assert metadata["train_config"]["conditional"] is True
