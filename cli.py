@@ -60,11 +60,15 @@ def train(
     cpu_replicas: Optional[int] = typer.Option(None, help="Split the CPU into N logical devices and mirror over them."),
     steps_per_call: int = typer.Option(10, help="Training steps per compiled tf.function call."),
     checkpoint_every: int = typer.Option(200, help="Save a checkpoint at least every N steps (also each epoch and on Ctrl-C)."),
+    worker_hosts: Optional[str] = typer.Option(None, help="Multi-worker: every worker's host:port, comma-separated, "
+                                                          "the same list on each worker (builds TF_CONFIG; worker 0 is the chief)."),
+    task_index: Optional[int] = typer.Option(None, help="Multi-worker: this worker's index in --worker-hosts."),
 ) -> None:
-    """Train the GAN on MNIST (MirroredStrategy; MultiWorkerMirroredStrategy when TF_CONFIG is set)."""
-    from trainer import config as config_lib
+    """Train the GAN on MNIST (MirroredStrategy; MultiWorkerMirroredStrategy with TF_CONFIG or --worker-hosts)."""
+    from trainer import config as config_lib, strategy as strategy_lib
 
     with user_errors():
+        strategy_lib.set_worker_cluster(worker_hosts, task_index)
         config = config_lib.TrainConfig(
             run_dir=run_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, beta_1=beta_1,
             latent_dim=latent_dim, conditional=conditional, max_steps=max_steps, seed=seed, data_dir=data_dir,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -77,8 +76,9 @@ def train(config: TrainConfig, report: Callable[[str], None] = print, progress: 
     mnist = data.load_mnist(config.data_dir, report)
     state = step_lib.build_state(config, strategy)
     checkpoint = state.checkpoint()
-    manager = _checkpoint_manager(checkpoint, config, chief)
+    manager = _checkpoint_manager(checkpoint, config, strategy)
     start_step = _restore(manager, checkpoint, config, report)
+    _check_workers_agree(strategy, state.step)
     if chief:
         config.save()
     steps_per_epoch = data.steps_per_epoch(len(mnist.train_images), config.batch_size)
@@ -139,17 +139,29 @@ def train(config: TrainConfig, report: Callable[[str], None] = print, progress: 
                        manager.latest_checkpoint, stop.signal_number, seconds)
 
 
-def _checkpoint_manager(checkpoint: tf.train.Checkpoint, config: TrainConfig, chief: bool) -> tf.train.CheckpointManager:
-    # Under several workers every worker must take part in a save; the non-chief ones write to a
-    # throwaway directory so that only the chief's checkpoint is kept.
-    directory = str(config.checkpoint_dir) if chief else tempfile.mkdtemp(prefix="digitgan-worker-ckpt-")
-    return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=config.keep_checkpoints)
+def _checkpoint_manager(checkpoint: tf.train.Checkpoint, config: TrainConfig,
+                        strategy: tf.distribute.Strategy) -> tf.train.CheckpointManager:
+    # Under several workers every worker must take part in a save; the chief writes the run's
+    # checkpoints, every other worker its own copy (identical weights) in a hidden directory of
+    # its own, which it also resumes from when it cannot see the chief's (no shared file system).
+    if strategy_lib.is_chief(strategy):
+        return tf.train.CheckpointManager(checkpoint, str(config.checkpoint_dir), max_to_keep=config.keep_checkpoints)
+    return tf.train.CheckpointManager(checkpoint, str(worker_checkpoint_dir(config, strategy_lib.task_index(strategy))),
+                                      max_to_keep=1)
+
+
+def worker_checkpoint_dir(config: TrainConfig, task_index: int) -> Path:
+    """Where non-chief worker `task_index` writes its share of each checkpoint save."""
+    return Path(config.run_dir) / f".worker-{task_index}-checkpoints"
 
 
 def _restore(manager: tf.train.CheckpointManager, checkpoint: tf.train.Checkpoint, config: TrainConfig,
              report: Callable[[str], None]) -> int:
-    """Restores the newest checkpoint when resuming is allowed; returns the step to continue from."""
-    latest = tf.train.latest_checkpoint(str(config.checkpoint_dir))
+    """Restores the newest checkpoint when resuming is allowed; returns the step to continue from.
+
+    A non-chief worker restores the chief's checkpoint when it can see it (shared run dir), else its own.
+    """
+    latest = tf.train.latest_checkpoint(str(config.checkpoint_dir)) or manager.latest_checkpoint
     if latest is None:
         return 0
     if not config.resume:
@@ -164,6 +176,17 @@ def _restore(manager: tf.train.CheckpointManager, checkpoint: tf.train.Checkpoin
     step = int(checkpoint.step.numpy())
     report(f"Resumed from step {step} ({latest})")
     return step
+
+
+def _check_workers_agree(strategy: tf.distribute.Strategy, step: tf.Variable) -> None:
+    """Under several workers, fails on every worker unless all of them resumed from the same step."""
+    if not strategy_lib.is_multi_worker(strategy):
+        return
+    steps = strategy.gather(strategy.run(tf.function(lambda: tf.reshape(tf.identity(step), [1]))), axis=0).numpy()
+    if len(set(steps.tolist())) > 1:
+        raise ValueError(f"the workers resumed from different steps ({', '.join(map(str, steps))} per replica): "
+                         "each worker must see the chief's newest checkpoint (a shared --run-dir) or hold its own "
+                         "copy of it; remove the stale checkpoints or use a new --run-dir")
 
 
 def _fixed_sample_inputs(config: TrainConfig) -> tuple[tf.Tensor, tf.Tensor]:

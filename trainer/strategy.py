@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Sequence
 
 import tensorflow as tf
 
@@ -76,6 +77,53 @@ def _multi_worker(cpu_replicas: int | None) -> tf.distribute.Strategy:
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
+def tf_config_json(worker_hosts: str | Sequence[str], task_index: int) -> str:
+    """The TF_CONFIG (JSON) of worker `task_index` in a cluster of `worker_hosts` ("h1:p,h2:p" or a list).
+
+    Every worker gets the same host list, in the same order, and its own index; worker 0 is the chief.
+    """
+    hosts = [host.strip() for host in (worker_hosts.split(",") if isinstance(worker_hosts, str) else worker_hosts)]
+    if not hosts or not all(hosts):
+        raise StrategyError(f"--worker-hosts {','.join(hosts)!r} must list host:port pairs separated by commas, "
+                            "e.g. --worker-hosts node0:2222,node1:2222")
+    for host in hosts:
+        name, _, port = host.rpartition(":")
+        if not name or not port.isdigit() or not 0 < int(port) < 65536:
+            raise StrategyError(f"--worker-hosts entry {host!r} is not host:port (e.g. node0:2222)")
+    if len(set(hosts)) != len(hosts):
+        raise StrategyError(f"--worker-hosts lists a host:port twice: {','.join(hosts)}")
+    if not 0 <= task_index < len(hosts):
+        raise StrategyError(f"--task-index {task_index} must be between 0 and {len(hosts) - 1} "
+                            f"(one index per --worker-hosts entry)")
+    return json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": task_index}})
+
+
+def set_worker_cluster(worker_hosts: str | None, task_index: int | None, environ=os.environ) -> None:
+    """Sets TF_CONFIG from --worker-hosts/--task-index (before the strategy exists); no-op when both are None.
+
+    Refuses when TF_CONFIG is already set: two cluster specs for one process is a mistake either way.
+    """
+    if worker_hosts is None and task_index is None:
+        return
+    if worker_hosts is None or task_index is None:
+        raise StrategyError("--worker-hosts and --task-index go together: pass both (or set TF_CONFIG instead)")
+    if environ.get("TF_CONFIG"):
+        raise StrategyError("TF_CONFIG is already set in the environment and --worker-hosts/--task-index were "
+                            "given too; use one or the other (unset TF_CONFIG or drop the flags)")
+    environ["TF_CONFIG"] = tf_config_json(worker_hosts, task_index)
+
+
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    """True under MultiWorkerMirroredStrategy with a cluster spec (TF_CONFIG)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return resolver is not None and bool(resolver.cluster_spec().as_dict())
+
+
+def task_index(strategy: tf.distribute.Strategy) -> int:
+    """This worker's index (0 outside a cluster)."""
+    return int(strategy.cluster_resolver.task_id) if is_multi_worker(strategy) else 0
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """True on the worker that writes checkpoints, summaries and samples (worker 0 without a chief job)."""
     resolver = getattr(strategy, "cluster_resolver", None)
@@ -93,10 +141,14 @@ def describe(strategy: tf.distribute.Strategy) -> str:
     except (AttributeError, RuntimeError):  # the default strategy has no device list
         devices = [tf.config.list_logical_devices("GPU")[0].name if tf.config.list_physical_devices("GPU")
                    else tf.config.list_logical_devices("CPU")[0].name]
-    name = type(strategy).__name__.lstrip("_").replace("DefaultDistributionStrategy", "default strategy")
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        name = "MultiWorkerMirroredStrategy"  # its class is still called CollectiveAllReduceStrategy
+    else:
+        name = type(strategy).__name__.lstrip("_").replace("DefaultDistributionStrategy", "default strategy")
     line = f"{name} with {strategy.num_replicas_in_sync} replica(s) on {', '.join(devices)}"
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is not None and resolver.cluster_spec().as_dict():
-        workers = len(resolver.cluster_spec().as_dict().get("worker", []))
-        line += f"; {workers} worker(s), this is {resolver.task_type} {resolver.task_id}"
+    if is_multi_worker(strategy):
+        resolver = strategy.cluster_resolver
+        workers = sum(len(resolver.cluster_spec().as_dict().get(job, [])) for job in ("chief", "worker"))
+        role = " (chief)" if is_chief(strategy) else ""
+        line += f"; {workers} worker(s), this is {resolver.task_type} {resolver.task_id}{role}"
     return line
