@@ -76,7 +76,7 @@ def train(
             checkpoint_every_steps=checkpoint_every)
     from trainer import loop
 
-    with user_errors():
+    with user_errors(loop.NonFiniteLossError):
         result = loop.train(config, report=typer.echo)
     if result.interrupted_by is not None:
         raise typer.Exit(code=128 + result.interrupted_by)
