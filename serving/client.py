@@ -90,29 +90,44 @@ def generate(server: str, model_name: str = DEFAULT_MODEL, digits: list[int] | N
 
     if count < 1:
         raise ClientError(f"count must be at least 1, got {count}")
-    request = predict_pb2.PredictRequest()
     if digits:
         for digit in digits:
             if not 0 <= int(digit) <= 9:
                 raise ClientError(f"digit must be in 0..9, got {digit}")
-        total = len(digits) * count
-        _model_spec(request.model_spec, model_name, version, "sample")
-        digit_array = np.repeat(np.asarray(digits, np.int32), count)
-        seeds = np.arange(seed, seed + total, dtype=np.int64)
-        request.inputs["digit"].CopyFrom(tf.make_tensor_proto(digit_array))
-        request.inputs["seed"].CopyFrom(tf.make_tensor_proto(seeds))
-        request.output_filter.append("images")
-    else:
-        if latent_dim is None:
-            latent_dim = _latent_dim(server, model_name, version, timeout)
-        noise = np.random.default_rng(seed).standard_normal((count, latent_dim)).astype(np.float32)
-        _model_spec(request.model_spec, model_name, version, "serving_default")
-        request.inputs["noise"].CopyFrom(tf.make_tensor_proto(noise))
+        # One request per digit, so a server list shares the work (each call starts at the next server).
+        results = [_predict_images(server, model_name, _sample_request(model_name, version, digit, count,
+                                                                      seed + index * count), timeout)
+                   for index, digit in enumerate(digits)]
+        return np.concatenate([images for images, _ in results]), results[0][1]
+    if latent_dim is None:
+        latent_dim = _latent_dim(server, model_name, version, timeout)
+    noise = np.random.default_rng(seed).standard_normal((count, latent_dim)).astype(np.float32)
+    request = predict_pb2.PredictRequest()
+    _model_spec(request.model_spec, model_name, version, "serving_default")
+    request.inputs["noise"].CopyFrom(tf.make_tensor_proto(noise))
+    return _predict_images(server, model_name, request, timeout)
+
+
+def _sample_request(model_name: str, version: int | None, digit: int, count: int, first_seed: int):
+    """A `sample` Predict request for `count` images of `digit` with seeds first_seed, first_seed+1, ..."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    _model_spec(request.model_spec, model_name, version, "sample")
+    request.inputs["digit"].CopyFrom(tf.make_tensor_proto(np.full(count, digit, np.int32)))
+    request.inputs["seed"].CopyFrom(tf.make_tensor_proto(np.arange(first_seed, first_seed + count, dtype=np.int64)))
+    request.output_filter.append("images")
+    return request
+
+
+def _predict_images(server: str, model_name: str, request, timeout: float) -> tuple[np.ndarray, int]:
+    import tensorflow as tf
+
     response = _call(server, model_name, "Predict", request, timeout)
     if "images" not in response.outputs:
         raise ClientError(f"model {model_name!r} returned no 'images' output")
-    images = tf.make_ndarray(response.outputs["images"]).astype(np.float32)
-    return images, response.model_spec.version.value
+    return tf.make_ndarray(response.outputs["images"]).astype(np.float32), response.model_spec.version.value
 
 
 def _latent_dim(server: str, model_name: str, version: int | None, timeout: float) -> int:

@@ -92,5 +92,31 @@ def test_export_serve_generate_end_to_end(tiny_runs, tmp_path):
         assert '"serving_default"' in metadata.output and '"conditional"' in metadata.output
         missing = runner.invoke(cli.app, ["generate", "--server", address, "--model-name", "nope"])
         assert missing.exit_code == 2 and "not found" in missing.output
+        _requests_spread_over_a_server_list(server, base, tmp_path)
     finally:
         server.stop(grace=1)
+
+
+def _requests_spread_over_a_server_list(first, base, tmp_path):
+    """`--server a,b` shares one generate's requests between both servers and skips a dead one."""
+    from serving import config as serve_config, server as server_lib
+
+    second = server_lib.create_server(serve_config.ServeConfig(model_base_path=str(base), port=0, rest_port=-1))
+    second.start()
+    try:
+        assert second.wait_until_ready(timeout=60)
+        servers = f"127.0.0.1:1,127.0.0.1:{first.grpc_port},127.0.0.1:{second.grpc_port}"  # the first is down
+        before = [_ok_predicts(first), _ok_predicts(second)]
+        result = runner.invoke(cli.app, ["generate", "--digit", "0123456789", "--count", "1", "--server", servers,
+                                         "--out", str(tmp_path / "spread.png")])
+        assert result.exit_code == 0, result.output
+        served = [_ok_predicts(first) - before[0], _ok_predicts(second) - before[1]]
+        assert sum(served) == 10 and min(served) >= 3, served
+    finally:
+        second.stop(grace=1)
+
+
+def _ok_predicts(server) -> int:
+    text = server.metrics.render()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith(":tensorflow:serving:request_count{") and 'status="OK"' in line)

@@ -98,12 +98,8 @@ def compute_losses(state: GanState, images, digits, noise, fake_digits, global_b
     single-device mean over the whole global batch.
     """
     fakes = state.generator(models.generator_inputs(noise, fake_digits, conditional), training=training)
-    # One discriminator call on real and fake images together: D has no BatchNorm, so this equals two
-    # calls, and one 2b-image convolution is cheaper on a CPU than two b-image ones.
-    both = tf.concat([images, tf.cast(fakes, images.dtype)], axis=0)
-    both_digits = tf.concat([digits, fake_digits], axis=0)
-    logits = state.discriminator(models.discriminator_inputs(both, both_digits, conditional), training=training)
-    real_logits, fake_logits = tf.split(logits, 2, axis=0)
+    real_logits = state.discriminator(models.discriminator_inputs(images, digits, conditional), training=training)
+    fake_logits = state.discriminator(models.discriminator_inputs(fakes, fake_digits, conditional), training=training)
     return (losses.generator_loss(fake_logits, global_batch_size),
             losses.discriminator_loss(real_logits, fake_logits, global_batch_size))
 
