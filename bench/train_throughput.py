@@ -3,6 +3,8 @@
 Variants (same machine, same process, same global batch; images/s, higher is better):
 - tutorial_tf_function: the tutorial's generator/discriminator and its `@tf.function train_step`,
   one Python call per step, Keras BCE losses, Adam(1e-4) (tensorflow.org/tutorials/generative/dcgan);
+- tutorial_tf_function_tfdata: the same compiled step fed as the tutorial feeds it, by
+  `Dataset.from_tensor_slices(images).shuffle(60000).batch(256)` iterated in Python;
 - tutorial_eager: the same step without `tf.function` (the seed's eager loop);
 - ours_unconditional / ours_conditional: `trainer.step.make_train_function` (`steps_per_call` steps
   per call) fed by the real MNIST pipeline; ours_conditional is the default recipe;
@@ -81,6 +83,14 @@ def time_tutorial(step, images, steps: int) -> float:
     return time.perf_counter() - started
 
 
+def time_tutorial_tfdata(step, iterator, steps: int) -> float:
+    started = time.perf_counter()
+    for _ in range(steps):
+        losses = step(next(iterator))
+    float(losses[0])
+    return time.perf_counter() - started
+
+
 def ours(config: TrainConfig, mnist, synthetic: bool):
     """Our default-strategy state and compiled function plus an iterator over real or synthetic batches."""
     strategy = strategy_lib.create_strategy(config.gpus, config.cpu_replicas)
@@ -120,7 +130,11 @@ def main() -> None:
     tutorial_images = (mnist.train_images[: batch * 4].astype(np.float32) / 127.5 - 1.0).reshape(4, batch, 28, 28, 1)
 
     keras.mixed_precision.set_global_policy(arguments.precision)
-    variants = {"tutorial_tf_function": ("tutorial", tutorial_step(batch, compiled=True)[0])}
+    tutorial_compiled = tutorial_step(batch, compiled=True)[0]
+    variants = {"tutorial_tf_function": ("tutorial", tutorial_compiled)}
+    tutorial_dataset = tf.data.Dataset.from_tensor_slices(
+        (mnist.train_images.astype(np.float32) - 127.5) / 127.5).shuffle(60000).batch(batch).repeat()
+    variants["tutorial_tf_function_tfdata"] = ("tutorial_tfdata", (tutorial_compiled, iter(tutorial_dataset)))
     if not arguments.skip_eager:
         variants["tutorial_eager"] = ("tutorial", tutorial_step(batch, compiled=False)[0])
     for name, conditional, synthetic in (("ours_unconditional", False, False), ("ours_conditional", True, False),
@@ -132,14 +146,20 @@ def main() -> None:
     for kind, runner in variants.values():
         if kind == "tutorial":
             time_tutorial(runner, tutorial_images, 2)
+        elif kind == "tutorial_tfdata":
+            time_tutorial_tfdata(runner[0], runner[1], 2)
         else:
             time_ours(runner[0], runner[1], runner[2], runner[2])
     best = {name: float("inf") for name in variants}
     for _ in range(arguments.rounds):
         for name, (kind, runner) in variants.items():
             steps = max(2, arguments.steps // 3) if name == "tutorial_eager" else arguments.steps
-            seconds = (time_tutorial(runner, tutorial_images, steps) if kind == "tutorial"
-                       else time_ours(runner[0], runner[1], steps, runner[2]))
+            if kind == "tutorial":
+                seconds = time_tutorial(runner, tutorial_images, steps)
+            elif kind == "tutorial_tfdata":
+                seconds = time_tutorial_tfdata(runner[0], runner[1], steps)
+            else:
+                seconds = time_ours(runner[0], runner[1], steps, runner[2])
             best[name] = min(best[name], seconds / steps)
 
     baseline = best["tutorial_tf_function"]
