@@ -130,7 +130,7 @@ def restore_generator(checkpoint_path: str, train_config: TrainConfig):
     try:
         status = tf.train.Checkpoint(generator=generator, step=step).restore(checkpoint_path)
         status.expect_partial().assert_existing_objects_matched()
-        _require_all_restored(generator, checkpoint_path)
+        _require_generator_in_checkpoint(checkpoint_path)
     except (AssertionError, ValueError, tf.errors.OpError) as error:
         raise ExportError(f"checkpoint '{checkpoint_path}' does not hold a generator of this architecture "
                           f"(latent_dim={train_config.latent_dim}, conditional={train_config.conditional}): "
@@ -138,10 +138,10 @@ def restore_generator(checkpoint_path: str, train_config: TrainConfig):
     return generator, int(step.numpy())
 
 
-def _require_all_restored(generator, checkpoint_path: str) -> None:
-    reader = tf.train.load_checkpoint(checkpoint_path)
-    stored = {key.split("/.ATTRIBUTES")[0] for key in reader.get_variable_to_shape_map() if key.startswith("generator/")}
-    if not stored:
+def _require_generator_in_checkpoint(checkpoint_path: str) -> None:
+    """A checkpoint without any generator variables (e.g. a classifier's) restores nothing: refuse it."""
+    keys = tf.train.load_checkpoint(checkpoint_path).get_variable_to_shape_map()
+    if not any(key.startswith("generator/") for key in keys):
         raise ValueError("the checkpoint has no generator")
 
 

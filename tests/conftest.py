@@ -6,7 +6,6 @@ any test touches TensorFlow.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -50,7 +49,3 @@ def tiny_runs(tmp_path_factory, mnist_data_dir) -> dict:
         runs[name] = str(run_dir)
     return runs
 
-
-def copy_tree(source: str, target: Path) -> str:
-    shutil.copytree(source, target)
-    return str(target)
