@@ -39,9 +39,9 @@ def build_state(config: TrainConfig, strategy: tf.distribute.Strategy) -> GanSta
     keras.mixed_precision.set_global_policy(config.precision)
     keras.utils.set_random_seed(config.seed)  # the initial weights depend on the seed only
     with strategy.scope():
-        generator = models.build_generator(config.latent_dim, config.conditional,
-                                           synchronized_batch_norm=strategy.num_replicas_in_sync > 1)
-        discriminator = models.build_discriminator(config.conditional)
+        several_replicas = strategy.num_replicas_in_sync > 1
+        generator = models.build_generator(config.latent_dim, config.conditional, synchronized_batch_norm=several_replicas)
+        discriminator = models.build_discriminator(config.conditional, per_replica_dropout=several_replicas)
         generator_optimizer = _adam(config)
         discriminator_optimizer = _adam(config)
         # Optimizers must be built before the first distributed step, or the first
