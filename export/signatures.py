@@ -73,15 +73,27 @@ class GeneratorSignatures:
         raw = self.generator(models.generator_inputs(noise, digits, self.conditional), training=False)
         return tf.clip_by_value((tf.cast(raw, tf.float32) + 1.0) / 2.0, 0.0, 1.0)
 
+    # Each check returns its input behind a control dependency on the assertion: a tf.function only
+    # guarantees that an assertion runs, not that it runs before the op that would fail on the same
+    # bad input (e.g. a concat of mismatched batches), which would then report a less useful error.
     def _check_noise(self, noise):
-        tf.debugging.assert_equal(tf.shape(noise)[1], self.latent_dim,
-                                  message=f"noise must have shape [batch, {self.latent_dim}]")
-        return tf.identity(noise)
+        check = tf.debugging.assert_equal(tf.shape(noise)[1], self.latent_dim,
+                                          message=f"noise must have shape [batch, {self.latent_dim}]")
+        with tf.control_dependencies([check]):
+            return tf.identity(noise)
 
     def _check_digits(self, digits):
         in_range = tf.reduce_all((digits >= 0) & (digits < NUM_CLASSES))
-        tf.debugging.Assert(in_range, ["digit must be in 0..9, got", digits], summarize=16)
-        return tf.identity(digits)
+        check = tf.debugging.Assert(in_range, ["digit must be in 0..9, got", digits], summarize=16)
+        with tf.control_dependencies([check]):
+            return tf.identity(digits)
+
+    @staticmethod
+    def _check_same_batch(first, second, message):
+        """`first`, `second` unchanged, both only available once their batch sizes were found equal."""
+        check = tf.debugging.assert_equal(tf.shape(first)[0], tf.shape(second)[0], message=message)
+        with tf.control_dependencies([check]):
+            return tf.identity(first), tf.identity(second)
 
     def serving_default(self, noise):
         noise = self._check_noise(noise)
@@ -89,9 +101,8 @@ class GeneratorSignatures:
         return {"images": self._images(noise, digits)}
 
     def _conditional(self, noise, digit):
-        noise = self._check_noise(noise)
-        tf.debugging.assert_equal(tf.shape(noise)[0], tf.shape(digit)[0],
-                                  message="noise and digit must have the same batch size")
+        noise, digit = self._check_same_batch(self._check_noise(noise), digit,
+                                              "noise and digit must have the same batch size")
         return {"images": self._images(noise, self._check_digits(digit))}
 
     def _noise_from_seeds(self, seed):
@@ -104,8 +115,7 @@ class GeneratorSignatures:
         return {"images": images, "png": png}
 
     def _sample_conditional(self, digit, seed):
-        tf.debugging.assert_equal(tf.shape(digit)[0], tf.shape(seed)[0],
-                                  message="digit and seed must have the same batch size")
+        digit, seed = self._check_same_batch(digit, seed, "digit and seed must have the same batch size")
         digit = self._check_digits(digit)
         return self._with_png(self._images(self._noise_from_seeds(seed), digit))
 

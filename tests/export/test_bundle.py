@@ -72,8 +72,15 @@ def test_sample_is_deterministic_and_checks_digits(tiny_runs, tmp_path):
     assert images.min() >= 0.0 and images.max() <= 1.0
     with pytest.raises(tf.errors.InvalidArgumentError, match="digit must be in 0..9"):
         served["sample"](digit=tf.constant([-1], tf.int32), seed=tf.constant([0], tf.int64))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="same batch size"):
-        served["sample"](digit=tf.constant([1, 2], tf.int32), seed=tf.constant([0], tf.int64))
+    # The checks must win the race against the op that would fail on the same input (a concat of
+    # mismatched batches); one call is a coin toss, so ask repeatedly.
+    for _ in range(30):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="digit and seed must have the same batch size"):
+            served["sample"](digit=tf.constant([1, 2], tf.int32), seed=tf.constant([0], tf.int64))
+        with pytest.raises(tf.errors.InvalidArgumentError, match="noise and digit must have the same batch size"):
+            served["conditional"](noise=tf.zeros([1, 100]), digit=tf.constant([1, 2], tf.int32))
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"noise must have shape \[batch, 100\]"):
+            served["serving_default"](noise=tf.zeros([2, 7]))
 
 
 def test_serving_default_digit_is_uniform_from_noise():
