@@ -63,6 +63,9 @@ def train(
     worker_hosts: Optional[str] = typer.Option(None, help="Multi-worker: every worker's host:port, comma-separated, "
                                                           "the same list on each worker (builds TF_CONFIG; worker 0 is the chief)."),
     task_index: Optional[int] = typer.Option(None, help="Multi-worker: this worker's index in --worker-hosts."),
+    evaluate_every_epoch: bool = typer.Option(True, "--evaluate/--no-evaluate",
+                                              help="Judge a fixed sample with the MNIST judge after every epoch "
+                                                   "(TensorBoard quality/*); the judge is trained once per data dir."),
 ) -> None:
     """Train the GAN on MNIST (MirroredStrategy; MultiWorkerMirroredStrategy with TF_CONFIG or --worker-hosts)."""
     from trainer import config as config_lib, strategy as strategy_lib
@@ -73,7 +76,7 @@ def train(
             run_dir=run_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, beta_1=beta_1,
             latent_dim=latent_dim, conditional=conditional, max_steps=max_steps, seed=seed, data_dir=data_dir,
             resume=resume, precision=precision, gpus=gpus, cpu_replicas=cpu_replicas, steps_per_call=steps_per_call,
-            checkpoint_every_steps=checkpoint_every)
+            checkpoint_every_steps=checkpoint_every, evaluate_every_epoch=evaluate_every_epoch)
     from trainer import loop
 
     with user_errors(loop.NonFiniteLossError):
@@ -90,6 +93,12 @@ def export_command(
     model_name: str = typer.Option("digitgan", help="Model name used in the bundle's warmup requests."),
     version: Optional[int] = typer.Option(None, help="Version number to write [default: highest present + 1]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing version of the same number."),
+    min_conditional_accuracy: Optional[float] = typer.Option(
+        None, help="Blessing gate: publish only if the MNIST judge reads at least this share of `sample` images "
+                   "as the digit asked for (e.g. 0.99)."),
+    max_frechet_ratio: Optional[float] = typer.Option(
+        None, help="Blessing gate: publish only if the Fréchet distance is at most this multiple of real-vs-real (e.g. 3)."),
+    data_dir: Optional[str] = typer.Option(None, help="Blessing gate: TFDS data dir with MNIST and the cached judge."),
 ) -> None:
     """Export the generator as a versioned TensorFlow Serving bundle (<model-base-path>/<version>/)."""
     from export import bundle
@@ -97,7 +106,13 @@ def export_command(
     with user_errors():
         config = bundle.ExportConfig(run_dir=run_dir, checkpoint=checkpoint, model_base_path=model_base_path,
                                      model_name=model_name, version=version, overwrite=overwrite)
-        result = bundle.export_bundle(config)
+        gate = None
+        if min_conditional_accuracy is not None or max_frechet_ratio is not None:
+            from quality import sources
+
+            gate = sources.blessing_gate(sources.EvaluateConfig(data_dir=data_dir), min_conditional_accuracy,
+                                         max_frechet_ratio, report=typer.echo)
+        result = bundle.export_bundle(config, gate=gate)
     typer.echo(f"Exported step {result.step} as version {result.version}: {result.path}")
     for name, spec in result.signatures.items():
         inputs = ", ".join(f"{alias}: {kind}" for alias, kind in spec["inputs"].items())
@@ -120,6 +135,9 @@ def serve(
     max_enqueued_batches: int = typer.Option(64, help="Batching: queued batches before requests are turned away (UNAVAILABLE)."),
     num_batch_threads: int = typer.Option(1, help="Batching: batches run in parallel."),
     max_request_elements: int = typer.Option(1_000_000, help="Largest total tensor element count a request may declare."),
+    max_message_bytes: int = typer.Option(64 * 2**20, help="Largest gRPC message and REST body, in bytes."),
+    max_concurrent_rpcs: int = typer.Option(256, help="gRPC calls served at once; more get RESOURCE_EXHAUSTED."),
+    max_concurrent_rest_requests: int = typer.Option(256, help="REST inference POSTs served at once; more get HTTP 429."),
     engine: str = typer.Option("builtin", help="builtin (this project's server) or tfserving (exec tensorflow_model_server)."),
 ) -> None:
     """Serve exported bundles over TF Serving's gRPC (and REST) API until Ctrl-C/SIGTERM."""
@@ -131,11 +149,42 @@ def serve(
             port=port, rest_port=rest_port, poll_seconds=poll_seconds, enable_batching=enable_batching,
             max_batch_size=max_batch_size, batch_timeout_micros=batch_timeout_micros,
             max_enqueued_batches=max_enqueued_batches, num_batch_threads=num_batch_threads,
-            max_request_elements=max_request_elements, engine=engine)
+            max_request_elements=max_request_elements, max_message_bytes=max_message_bytes,
+            max_concurrent_rpcs=max_concurrent_rpcs, max_concurrent_rest_requests=max_concurrent_rest_requests,
+            engine=engine)
     from serving import server
 
     with user_errors(OSError):
         raise typer.Exit(code=server.run_server(config))
+
+
+@app.command()
+def evaluate(
+    run_dir: Optional[str] = typer.Option(None, help="Judge this run's newest checkpoint (through the export's signatures)."),
+    checkpoint: Optional[str] = typer.Option(None, help="Judge a specific checkpoint prefix instead of the newest."),
+    server: Optional[str] = typer.Option(None, help="Judge a served model over gRPC, host:port: what clients receive."),
+    model_name: str = typer.Option("digitgan", help="Model name on the server."),
+    version: Optional[int] = typer.Option(None, help="Model version on the server [default: the latest available]."),
+    per_digit: int = typer.Option(1000, help="`sample` images judged per digit (conditional models)."),
+    default_samples: int = typer.Option(10_000, help="`serving_default` images judged for coverage."),
+    seed: int = typer.Option(0, help="First sample seed (and the noise seed)."),
+    data_dir: Optional[str] = typer.Option(None, help="TFDS data dir with MNIST; the judge is cached there."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts (the calibration row first)."),
+) -> None:
+    """Measure quality with the project's MNIST judge: MNIST score, Fréchet distance, conditional accuracy, coverage."""
+    from quality import judge, sources
+    from serving import client
+
+    with user_errors(client.ClientError):
+        if (server is None) == (run_dir is None and checkpoint is None):
+            raise ValueError("give exactly one of --run-dir/--checkpoint (a training run) or --server (a served model)")
+        config = sources.EvaluateConfig(per_digit=per_digit, default_samples=default_samples, seed=seed, data_dir=data_dir)
+        report = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
+        if server is not None:
+            reports = sources.evaluate_server(server, model_name, version, config, report=report)
+        else:
+            reports = sources.evaluate_run(run_dir or "runs/default", checkpoint, config, report=report)
+    typer.echo(judge.reports_json(reports) if as_json else judge.format_reports(reports))
 
 
 def parse_digits(text: Optional[str]) -> Optional[list[int]]:
@@ -159,6 +208,11 @@ def generate(
     model_name: str = typer.Option("digitgan", help="Model name on the server."),
     version: Optional[int] = typer.Option(None, help="Model version [default: the latest available]."),
     timeout: float = typer.Option(30.0, help="Seconds to wait for the server."),
+    interpolate: bool = typer.Option(False, "--interpolate",
+                                     help="Walk from one noise vector to another: --count steps per row, one row per digit."),
+    compare_real: bool = typer.Option(False, "--compare-real",
+                                      help="PNG only: real MNIST test images (left) beside the generated ones (right), row by row."),
+    data_dir: Optional[str] = typer.Option(None, help="--compare-real: TFDS data dir with MNIST."),
 ) -> None:
     """Ask a served model for digits over gRPC and write them as a PNG grid (or .npy)."""
     from serving import client
@@ -168,11 +222,39 @@ def generate(
             raise ValueError(f"--format must be png or npy, got {output_format!r}")
         if count < 1:
             raise ValueError(f"--count must be at least 1, got {count}")
+        if compare_real and (output_format != "png" or interpolate):
+            raise ValueError("--compare-real makes a PNG of sampled digits; leave out --format npy and --interpolate")
         digits = parse_digits(digit)
-        images, served_version = client.generate(server, model_name, digits=digits, count=count, seed=seed,
-                                                 version=version, timeout=timeout)
-        _write_images(out, images, output_format, columns=count if digits else None)
+        if interpolate:
+            images, served_version = client.interpolate(server, model_name, digits=digits, steps=count, seed=seed,
+                                                        version=version, timeout=timeout)
+        else:
+            images, served_version = client.generate(server, model_name, digits=digits, count=count, seed=seed,
+                                                     version=version, timeout=timeout)
+        columns = count if digits or interpolate else None
+        if compare_real:
+            _write_real_beside(out, images, digits, count, data_dir)
+        else:
+            _write_images(out, images, output_format, columns=columns)
     typer.echo(f"Wrote {len(images)} image(s) from {model_name} version {served_version} to {out}")
+
+
+def _write_real_beside(out: Path, images, digits: Optional[list[int]], count: int, data_dir: Optional[str]) -> None:
+    """Real test images of the same digits (or the first ones, without --digit) left of the generated grid."""
+    import numpy as np
+
+    from common import files, images as image_grids
+    from trainer import data
+
+    mnist = data.load_mnist(data_dir, report=lambda line: typer.echo(line, err=True))
+    if digits:
+        real = np.concatenate([mnist.test_images[mnist.test_labels == digit][:count] for digit in digits])
+    else:
+        real = mnist.test_images[:len(images)]
+    columns = count if digits else None
+    left = image_grids.tile(real.astype(np.float32) / 255.0, columns)
+    right = image_grids.tile(images, columns)
+    files.write_bytes_atomic(out, image_grids.png_bytes(image_grids.side_by_side(left, right), scale=2))
 
 
 def _write_images(out: Path, images, output_format: str, columns: Optional[int]) -> None:

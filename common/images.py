@@ -55,3 +55,28 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, columns: int | None =
               value_range: tuple[float, float] = (0.0, 1.0), scale: int = 2) -> None:
     """Writes `images` as one PNG grid at `path`, atomically."""
     files.write_bytes_atomic(path, png_bytes(tile(images, columns, value_range=value_range), scale))
+
+
+def save_animation(path: str | os.PathLike, frame_paths: list[str | os.PathLike], frame_ms: int = 500) -> bool:
+    """Writes the PNG pictures `frame_paths` (in order) as a looping GIF at `path`, atomically.
+
+    The last frame is held three times as long, so a viewer sees where training ended. Returns
+    False (and writes nothing) when there are no frames.
+    """
+    if not frame_paths:
+        return False
+    frames = [Image.open(frame_path).convert("L") for frame_path in frame_paths]
+    durations = [frame_ms] * (len(frames) - 1) + [frame_ms * 3]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    files.write_bytes_atomic(path, buffer.getvalue())
+    return True
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 8) -> np.ndarray:
+    """Two uint8 pictures [H, W] next to each other with a mid-grey gap (for "real vs generated")."""
+    height = max(left.shape[0], right.shape[0])
+    canvas = np.full((height, left.shape[1] + gap + right.shape[1]), 128, np.uint8)
+    canvas[:left.shape[0], :left.shape[1]] = left
+    canvas[:right.shape[0], left.shape[1] + gap:] = right
+    return canvas

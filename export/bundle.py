@@ -15,6 +15,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -68,10 +69,27 @@ class ExportResult:
     step: int
 
 
-def export_bundle(config: ExportConfig, metrics: dict | None = None) -> ExportResult:
-    """Exports the generator of `config.run_dir` as `<model_base_path>/<version>`; see the module docstring."""
-    checkpoint_path = _find_checkpoint(config)
-    train_config = _train_config_for(checkpoint_path, config)
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """A blessing gate's judgement of a staged candidate (TFX's Evaluator → Pusher, in one step)."""
+
+    passed: bool
+    figures: dict  # written into the bundle's metadata under "evaluation", published or not
+    failures: tuple[str, ...] = ()  # one line per threshold missed
+
+
+Gate = Callable[[Path], Verdict]
+
+
+def export_bundle(config: ExportConfig, metrics: dict | None = None, gate: Gate | None = None) -> ExportResult:
+    """Exports the generator of `config.run_dir` as `<model_base_path>/<version>`; see the module docstring.
+
+    With a `gate`, the validated candidate is judged before the rename; a candidate that falls short
+    is kept, unpublished, at `<model_base_path>/.rejected-<version>` (TF Serving ignores the name) and
+    ExportError says which thresholds it missed.
+    """
+    checkpoint_path = find_checkpoint(config.run_dir, config.checkpoint)
+    train_config = train_config_for(checkpoint_path, config.run_dir, config.checkpoint)
     generator, step = restore_generator(checkpoint_path, train_config)
     base = Path(config.model_base_path)
     version = config.version or next_version(base)
@@ -92,11 +110,26 @@ def export_bundle(config: ExportConfig, metrics: dict | None = None) -> ExportRe
         metadata = _metadata(config, train_config, checkpoint_path, step, version, metrics)
         files.write_json_atomic(staging / "assets.extra" / METADATA_FILE, metadata)
         described = validate_bundle(staging, module)
+        if gate is not None:
+            verdict = gate(staging)
+            metadata = dict(metadata, evaluation=dict(verdict.figures, blessed=verdict.passed))
+            files.write_json_atomic(staging / "assets.extra" / METADATA_FILE, metadata)
+            if not verdict.passed:
+                raise ExportError(f"version {version} not published: " + "; ".join(verdict.failures)
+                                  + f" (the candidate is kept at {_keep_rejected(staging, base, version)})")
         _publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportResult(str(target), version, described, step)
+
+
+def _keep_rejected(staging: Path, base: Path, version: int) -> Path:
+    """Moves a rejected candidate to `.rejected-<version>` (replacing an older reject) for inspection."""
+    kept = base / f".rejected-{version}"
+    shutil.rmtree(kept, ignore_errors=True)
+    staging.rename(kept)
+    return kept
 
 
 def next_version(base: Path) -> int:
@@ -105,22 +138,22 @@ def next_version(base: Path) -> int:
     return max(numbers, default=0) + 1
 
 
-def _find_checkpoint(config: ExportConfig) -> str:
-    if config.checkpoint:
-        if not tf.io.gfile.exists(config.checkpoint + ".index"):
-            raise ExportError(f"no checkpoint at '{config.checkpoint}' (expected {config.checkpoint}.index)")
-        return config.checkpoint
-    latest = tf.train.latest_checkpoint(str(Path(config.run_dir) / "checkpoints"))
+def find_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
+    """`checkpoint` when given (it must exist), else the newest checkpoint of `run_dir`."""
+    if checkpoint:
+        if not tf.io.gfile.exists(checkpoint + ".index"):
+            raise ExportError(f"no checkpoint at '{checkpoint}' (expected {checkpoint}.index)")
+        return checkpoint
+    latest = tf.train.latest_checkpoint(str(Path(run_dir) / "checkpoints"))
     if latest is None:
-        raise ExportError(f"no checkpoint in run dir '{config.run_dir}'; train first (python cli.py train "
-                          f"--run-dir {config.run_dir}) or pass --checkpoint")
+        raise ExportError(f"no checkpoint in run dir '{run_dir}'; train first (python cli.py train "
+                          f"--run-dir {run_dir}) or pass --checkpoint")
     return latest
 
 
-def _train_config_for(checkpoint_path: str, config: ExportConfig) -> TrainConfig:
+def train_config_for(checkpoint_path: str, run_dir: str, checkpoint: str | None = None) -> TrainConfig:
     """The TrainConfig saved with the run that wrote `checkpoint_path` (its run dir is two levels up)."""
-    run_dir = str(Path(checkpoint_path).parent.parent) if config.checkpoint else config.run_dir
-    return TrainConfig.load(run_dir)
+    return TrainConfig.load(str(Path(checkpoint_path).parent.parent) if checkpoint else run_dir)
 
 
 def restore_generator(checkpoint_path: str, train_config: TrainConfig):

@@ -4,7 +4,9 @@ Requests for the same loaded version, signature and outputs whose inputs share d
 inner shapes wait in a queue for up to `batch_timeout_micros`; a batch is concatenated along
 dim 0, run once, and its outputs are split back. Knobs and errors follow TF's
 SharedBatchScheduler: a task larger than `max_batch_size` is INVALID_ARGUMENT, a full
-queue (more than `max_enqueued_batches` waiting batches) is UNAVAILABLE.
+queue (more than `max_enqueued_batches` waiting batches) is UNAVAILABLE. As in TF's
+BatchingSession, a task whose caller's deadline passed while it waited is not run; it fails
+with RESOURCE_EXHAUSTED "Run() timeout exceeded while waiting in batching queue".
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import numpy as np
 from serving.inference import run_signature
 from serving.tensors import ServingError, invalid_argument
 
+EXPIRED_IN_QUEUE = "Run() timeout exceeded while waiting in batching queue"  # TF's BatchingSession text
+
 
 class _Task:
-    def __init__(self, feeds: dict, size: int):
+    def __init__(self, feeds: dict, size: int, deadline: float | None = None):
         self.feeds = feeds
         self.size = size
+        self.deadline = deadline  # on the time.monotonic() clock; None: no deadline
         self.done = threading.Event()
         self.outputs = None
         self.error = None
@@ -57,14 +62,16 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    def run(self, loaded, signature, feeds: dict, output_aliases: list[str]) -> dict:
+    def run(self, loaded, signature, feeds: dict, output_aliases: list[str],
+            deadline: float | None = None) -> dict:
+        """Outputs of this request's slice of a batch; `deadline` is a time.monotonic() value."""
         size = _batch_size(feeds)
         if size > self.max_batch_size:
             raise invalid_argument(
                 f"Task size {size} is larger than maximum input batch size {self.max_batch_size}")
         key = (id(loaded), id(signature), tuple(output_aliases),
                tuple((alias, array.dtype.str, array.shape[1:]) for alias, array in sorted(feeds.items())))
-        task = _Task(feeds, size)
+        task = _Task(feeds, size, deadline)
         self._enqueue(key, task, loaded, signature, output_aliases)
         task.done.wait()
         if task.error is not None:
@@ -121,21 +128,12 @@ class Batcher:
 
     @staticmethod
     def _execute(batch: _Batch) -> None:
+        tasks = _drop_expired(batch.tasks)
         try:
-            aliases = list(batch.tasks[0].feeds)
-            merged = {alias: np.concatenate([task.feeds[alias] for task in batch.tasks])
-                      for alias in aliases}
-            outputs = run_signature(batch.loaded, batch.signature, merged, batch.output_aliases)
-            offset = 0
-            for task in batch.tasks:
-                task.outputs = {alias: _slice_output(array, offset, task.size, batch.size)
-                                for alias, array in outputs.items()}
-                offset += task.size
-        except ServingError as error:
-            for task in batch.tasks:
-                task.error = error
+            if tasks:
+                _run_tasks(batch, tasks)
         except Exception as error:  # surfaced to each caller as its own failure
-            for task in batch.tasks:
+            for task in tasks:
                 task.error = error
         for task in batch.tasks:
             task.done.set()
@@ -146,6 +144,29 @@ class Batcher:
             self._condition.notify_all()
         for thread in self._threads:
             thread.join(timeout=10)
+
+
+def _drop_expired(tasks: list[_Task]) -> list[_Task]:
+    """The tasks still worth running; the others get an error (their callers gave up)."""
+    now = time.monotonic()
+    live = []
+    for task in tasks:
+        if task.deadline is not None and task.deadline <= now:
+            task.error = ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, EXPIRED_IN_QUEUE)
+        else:
+            live.append(task)
+    return live
+
+
+def _run_tasks(batch: _Batch, tasks: list[_Task]) -> None:
+    """Run the tasks as one concatenated batch and give each its slice of the outputs."""
+    merged = {alias: np.concatenate([task.feeds[alias] for task in tasks]) for alias in tasks[0].feeds}
+    outputs = run_signature(batch.loaded, batch.signature, merged, batch.output_aliases)
+    total = sum(task.size for task in tasks)
+    offset = 0
+    for task in tasks:
+        task.outputs = {alias: _slice_output(array, offset, task.size, total) for alias, array in outputs.items()}
+        offset += task.size
 
 
 def _batch_size(feeds: dict) -> int:

@@ -85,9 +85,6 @@ def generate(server: str, model_name: str = DEFAULT_MODEL, digits: list[int] | N
     With `digits`, N = len(digits) * count via the `sample` signature (seeds seed, seed+1, ...);
     otherwise `count` images from `serving_default` with numpy normal noise from `seed`.
     """
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2
-
     if count < 1:
         raise ClientError(f"count must be at least 1, got {count}")
     if digits:
@@ -95,39 +92,64 @@ def generate(server: str, model_name: str = DEFAULT_MODEL, digits: list[int] | N
             if not 0 <= int(digit) <= 9:
                 raise ClientError(f"digit must be in 0..9, got {digit}")
         # One request per digit, so a server list shares the work (each call starts at the next server).
-        results = [_predict_images(server, model_name, _sample_request(model_name, version, digit, count,
-                                                                      seed + index * count), timeout)
+        results = [predict(server, "sample", {"digit": np.full(count, digit, np.int32),
+                                              "seed": np.arange(seed + index * count, seed + (index + 1) * count,
+                                                                dtype=np.int64)},
+                           model_name=model_name, version=version, timeout=timeout)
                    for index, digit in enumerate(digits)]
         return np.concatenate([images for images, _ in results]), results[0][1]
     if latent_dim is None:
         latent_dim = _latent_dim(server, model_name, version, timeout)
     noise = np.random.default_rng(seed).standard_normal((count, latent_dim)).astype(np.float32)
-    request = predict_pb2.PredictRequest()
-    _model_spec(request.model_spec, model_name, version, "serving_default")
-    request.inputs["noise"].CopyFrom(tf.make_tensor_proto(noise))
-    return _predict_images(server, model_name, request, timeout)
+    return predict(server, "serving_default", {"noise": noise}, model_name=model_name, version=version,
+                   timeout=timeout)
 
 
-def _sample_request(model_name: str, version: int | None, digit: int, count: int, first_seed: int):
-    """A `sample` Predict request for `count` images of `digit` with seeds first_seed, first_seed+1, ..."""
+def interpolate(server: str, model_name: str = DEFAULT_MODEL, digits: list[int] | None = None, steps: int = 10,
+                seed: int = 0, version: int | None = None, timeout: float = 30.0) -> tuple[np.ndarray, int]:
+    """A walk from one noise vector to another (seeded by `seed`), `steps` images per row.
+
+    With `digits` (conditional models), one row per digit through the `conditional` signature, the
+    same walk in every row; otherwise one row through `serving_default`. The walk is spherical
+    (slerp), which keeps every point at the norm a standard normal draw would have.
+    """
+    if steps < 2:
+        raise ClientError(f"an interpolation needs at least 2 steps, got {steps}")
+    latent_dim = _latent_dim(server, model_name, version, timeout)
+    start, end = np.random.default_rng(seed).standard_normal((2, latent_dim))
+    walk = np.stack([_slerp(start, end, fraction) for fraction in np.linspace(0.0, 1.0, steps)]).astype(np.float32)
+    if not digits:
+        return predict(server, "serving_default", {"noise": walk}, model_name=model_name, version=version,
+                       timeout=timeout)
+    noise = np.tile(walk, (len(digits), 1))
+    digit_column = np.repeat(np.asarray(digits, np.int32), steps)
+    return predict(server, "conditional", {"noise": noise, "digit": digit_column}, model_name=model_name,
+                   version=version, timeout=timeout)
+
+
+def _slerp(start: np.ndarray, end: np.ndarray, fraction: float) -> np.ndarray:
+    cosine = np.dot(start, end) / (np.linalg.norm(start) * np.linalg.norm(end))
+    angle = np.arccos(np.clip(cosine, -1.0, 1.0))
+    if angle < 1e-6:
+        return (1.0 - fraction) * start + fraction * end
+    return (np.sin((1.0 - fraction) * angle) * start + np.sin(fraction * angle) * end) / np.sin(angle)
+
+
+def predict(server: str, signature_name: str, inputs: dict[str, np.ndarray], model_name: str = DEFAULT_MODEL,
+            version: int | None = None, output: str = "images", timeout: float = 30.0) -> tuple[np.ndarray, int]:
+    """One Predict call asking only for `output`; returns (that output as numpy, version used)."""
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
 
     request = predict_pb2.PredictRequest()
-    _model_spec(request.model_spec, model_name, version, "sample")
-    request.inputs["digit"].CopyFrom(tf.make_tensor_proto(np.full(count, digit, np.int32)))
-    request.inputs["seed"].CopyFrom(tf.make_tensor_proto(np.arange(first_seed, first_seed + count, dtype=np.int64)))
-    request.output_filter.append("images")
-    return request
-
-
-def _predict_images(server: str, model_name: str, request, timeout: float) -> tuple[np.ndarray, int]:
-    import tensorflow as tf
-
+    _model_spec(request.model_spec, model_name, version, signature_name)
+    for alias, value in inputs.items():
+        request.inputs[alias].CopyFrom(tf.make_tensor_proto(value))
+    request.output_filter.append(output)
     response = _call(server, model_name, "Predict", request, timeout)
-    if "images" not in response.outputs:
-        raise ClientError(f"model {model_name!r} returned no 'images' output")
-    return tf.make_ndarray(response.outputs["images"]).astype(np.float32), response.model_spec.version.value
+    if output not in response.outputs:
+        raise ClientError(f"model {model_name!r} returned no {output!r} output")
+    return tf.make_ndarray(response.outputs[output]), response.model_spec.version.value
 
 
 def _latent_dim(server: str, model_name: str, version: int | None, timeout: float) -> int:

@@ -36,6 +36,9 @@ class ServeConfig:
             any array is allocated.
         max_message_bytes: gRPC send/receive message limit and REST body limit, in bytes.
         max_concurrent_rpcs: concurrent gRPC calls served before RESOURCE_EXHAUSTED.
+        max_concurrent_rest_requests: concurrent REST inference POSTs (`:predict`, `:classify`,
+            `:regress`) served before HTTP 429 `{"error": ...}`; extra ones are refused, not
+            queued. Status, metadata and metrics GETs are not counted, so probes keep working.
         grace_seconds: how long `stop()` lets in-flight requests finish.
         engine: "builtin" (this Python server) or "tfserving" (exec `tensorflow_model_server`).
     """
@@ -55,6 +58,7 @@ class ServeConfig:
     max_request_elements: int = 1_000_000
     max_message_bytes: int = 64 * MEBIBYTE
     max_concurrent_rpcs: int = 256
+    max_concurrent_rest_requests: int = 256
     grace_seconds: float = 10.0
     engine: str = "builtin"
 
@@ -75,7 +79,8 @@ class ServeConfig:
         if not self.poll_seconds >= 0:
             raise ValueError(f"poll_seconds must be >= 0, got {self.poll_seconds!r}")
         for name in ("max_batch_size", "max_enqueued_batches", "num_batch_threads",
-                     "max_request_elements", "max_message_bytes", "max_concurrent_rpcs"):
+                     "max_request_elements", "max_message_bytes", "max_concurrent_rpcs",
+                     "max_concurrent_rest_requests"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

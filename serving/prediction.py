@@ -7,6 +7,7 @@ they become INTERNAL "internal error" plus a server-side log line.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -76,7 +77,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.tensor_content = tensor_content
 
     def Predict(self, request, context):
-        batch_runner = self.batcher.run if self.batcher is not None else None
+        batch_runner = None
+        if self.batcher is not None:
+            # The batcher drops this request if its deadline passes while it waits in the queue.
+            batch_runner = functools.partial(self.batcher.run, deadline=monotonic_deadline(context))
 
         def action(loaded):
             return inference.predict(loaded, request, self.max_request_elements, batch_runner,
@@ -109,6 +113,12 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         def work():
             return self.runner.with_version(request.model_spec, request.HasField("model_spec"), action)
         return self.runner.serve(context, api, request.model_spec.name, work)
+
+
+def monotonic_deadline(context) -> float | None:
+    """The client's deadline on the time.monotonic() clock, or None when it set none."""
+    remaining = context.time_remaining() if context is not None else None
+    return None if remaining is None else time.monotonic() + remaining
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):

@@ -125,7 +125,7 @@ class RestApi:
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.name = name
         if version is not None:
-            request.model_spec.version.value = int(version)
+            request.model_spec.version.value = parse_version(version)
         response = prediction.model_status(self.manager, request)
         return json_format.MessageToJson(response, preserving_proto_field_name=True,
                                          always_print_fields_with_no_presence=True)
@@ -160,20 +160,32 @@ def model_spec(name: str, version: str | None, label: str | None, signature_name
         raise invalid_argument("'signature_name' must be a string")
     spec = model_pb2.ModelSpec(name=name, signature_name=signature_name)
     if version is not None:
-        number = int(version)
-        if number >= 2**63:
-            raise invalid_argument(f"Failed to convert version: {version} to numeric.")
-        spec.version.value = number
+        spec.version.value = parse_version(version)
     elif label is not None:
         spec.version_label = urllib.parse.unquote(label)
     return spec
 
 
+def parse_version(text: str) -> int:
+    """The int64 version in a URL, or INVALID_ARGUMENT as TF Serving's SimpleAtoi check.
+
+    The length check comes first: Python refuses int() of strings over 4300 digits.
+    """
+    if len(text.lstrip("0")) > 19 or int(text) >= 2**63:
+        raise invalid_argument(f"Failed to convert version: {text} to numeric.")
+    return int(text)
+
+
 def parse_json_body(body: bytes | None) -> dict:
+    # The messages name the problem and its offset, not Python's codec or recursion internals.
     try:
         document = json.loads(body or b"")
-    except (ValueError, RecursionError) as error:
-        raise invalid_argument(f"JSON Parse error: {error}") from None
+    except UnicodeDecodeError as error:
+        raise invalid_argument(f"JSON Parse error: invalid UTF-8 at offset: {error.start}") from None
+    except json.JSONDecodeError as error:
+        raise invalid_argument(f"JSON Parse error: {error.msg} at offset: {error.pos}") from None
+    except (ValueError, RecursionError):
+        raise invalid_argument("JSON Parse error: malformed, nested too deeply or a number too long") from None
     if not isinstance(document, dict):
         raise invalid_argument("JSON Value: request body is not an object")
     return document
@@ -194,9 +206,10 @@ def json_feeds(document: dict, signature) -> tuple[bool, dict]:
         if len(aliases) == 1 and not _is_named_object(instances[0]):
             return True, {aliases[0]: json_to_array(instances, signature.inputs[aliases[0]].dtype, aliases[0])}
         columns: dict[str, list] = {}
-        for instance in instances:
+        for index, instance in enumerate(instances):
             if not _is_named_object(instance):
-                raise invalid_argument("Expecting object but got list at item 0 of input list")
+                raise invalid_argument(f"Expecting object but got {_json_type(instance)} at item {index} "
+                                       "of input list")
             for key, value in instance.items():
                 columns.setdefault(key, []).append(value)
         lengths = {len(values) for values in columns.values()}
@@ -209,6 +222,29 @@ def json_feeds(document: dict, signature) -> tuple[bool, dict]:
     if len(aliases) != 1:
         raise invalid_argument("'inputs' must be an object of named tensors for a signature with several inputs")
     return False, {aliases[0]: json_to_array(inputs, signature.inputs[aliases[0]].dtype, aliases[0])}
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
+    names = ((bool, "boolean"), (dict, "object"), (list, "list"), (str, "string"), (int, "number"),
+             (float, "number"))
+    return next((name for kind, name in names if isinstance(value, kind)), "null")
+
+
+def _json_preview(value) -> str:
+    """The start of a value's JSON text for an error message.
+
+    Cheap for huge values, and safe for deeply nested ones, whose json.dumps would raise
+    RecursionError and turn a client mistake into a 500.
+    """
+    if isinstance(value, str):
+        value = value[:100]
+    elif isinstance(value, (dict, list)) and len(value) > 10:
+        return f"(a {_json_type(value)} of {len(value)} items)"
+    try:
+        return json.dumps(value)[:100]
+    except (RecursionError, ValueError):
+        return f"(a deeply nested {_json_type(value)})"
 
 
 def _is_named_object(value) -> bool:
@@ -235,7 +271,10 @@ def json_to_array(value, dtype_enum: int, alias: str) -> np.ndarray:
             return array
         _check_numeric_leaves(value, dtype_enum, alias)
         return np.array(value, dtype=np_dtype)
-    except (ValueError, OverflowError, TypeError):
+    except OverflowError:
+        raise invalid_argument(f"Failed to process element: {alias}: a value is out of range for "
+                               f"{tensors.dtype_name(dtype_enum)}") from None
+    except (ValueError, TypeError):
         raise invalid_argument(
             f"Failed to process element: {alias}: expected a rectangular list of "
             f"{tensors.dtype_name(dtype_enum)} values") from None
@@ -257,7 +296,7 @@ def _string_leaf(leaf, alias: str) -> bytes:
             return base64.b64decode(leaf["b64"], validate=True)
         except ValueError:
             raise invalid_argument(f"Unable to base64 decode value for {alias}") from None
-    raise invalid_argument(f"JSON Value: {json.dumps(leaf)[:100]} Type: not a string, is not of expected type: string")
+    raise invalid_argument(f"JSON Value: {_json_preview(leaf)} Type: not a string, is not of expected type: string")
 
 
 def _check_numeric_leaves(value, dtype_enum: int, alias: str) -> None:
@@ -274,7 +313,7 @@ def _check_numeric_leaves(value, dtype_enum: int, alias: str) -> None:
         ok = isinstance(value, int) and not is_bool
     if not ok:
         expected = tensors.dtype_name(dtype_enum)[3:].lower()
-        raise invalid_argument(f"JSON Value: {json.dumps(value)[:100]} is not of expected type: {expected}")
+        raise invalid_argument(f"JSON Value: {_json_preview(value)} is not of expected type: {expected}")
 
 
 def examples_input(document: dict) -> input_pb2.Input:
@@ -381,6 +420,8 @@ def _bytes_text(value: bytes, force_base64: bool) -> str:
 class _Handler(http.server.BaseHTTPRequestHandler):
     api: RestApi
     max_body_bytes: int
+    post_slots: threading.BoundedSemaphore  # one per inference POST allowed to run at once
+    max_concurrent_posts: int
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
@@ -398,7 +439,47 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True  # the unread body must not be parsed as a request
             return self._send(413, _json_bytes({"error": f"Request body of {length} bytes exceeds the limit "
                                                          f"of {self.max_body_bytes} bytes"}), "application/json")
-        self._dispatch("POST", self.rfile.read(length))
+        # Take a slot before reading the body, so refused requests never buffer theirs.
+        if not self.post_slots.acquire(blocking=False):
+            return self._refuse_busy(length)
+        try:
+            self._dispatch("POST", self.rfile.read(length))
+        finally:
+            self.post_slots.release()
+
+    def _refuse_busy(self, length: int) -> None:
+        """429 without queueing; the body is read and dropped so the connection stays usable."""
+        self._drain(length)
+        message = f"Concurrent REST request limit of {self.max_concurrent_posts} exceeded, retry later"
+        self._send(429, _json_bytes({"error": message}), "application/json")
+
+    def _drain(self, length: int) -> None:
+        """Read and drop a body we will not use: closing a socket with unread data resets the
+        connection, and the client may then lose our reply."""
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 16))
+            if not chunk:
+                break
+            length -= len(chunk)
+
+    def send_error(self, code, message=None, explain=None):
+        """Errors raised by http.server itself (bad request line, unsupported method, ...)
+        as JSON, like every other reply, instead of its HTML page.
+
+        An unsupported method (PUT, DELETE, ...) gets TF Serving's 400 "Malformed request".
+        """
+        if code == 501 and self.command:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = 0
+            if 0 < length <= self.max_body_bytes:
+                self._drain(length)
+            code = 400
+            message = f"Malformed request: {self.command} {urllib.parse.urlsplit(self.path).path}"
+        self.close_connection = True
+        text = message or self.responses.get(code, ("Error",))[0]
+        self._send(code, _json_bytes({"error": text}), "application/json")
 
     def _dispatch(self, method: str, body):
         try:
@@ -420,10 +501,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class RestServer:
-    """A ThreadingHTTPServer serving RestApi on host:port (port 0 picks a free one)."""
+    """A ThreadingHTTPServer serving RestApi on host:port (port 0 picks a free one).
 
-    def __init__(self, api: RestApi, host: str, port: int, max_body_bytes: int):
-        handler = type("RestHandler", (_Handler,), {"api": api, "max_body_bytes": max_body_bytes})
+    At most `max_concurrent_posts` POSTs run at once; more get HTTP 429 at once (the REST
+    twin of gRPC's maximum_concurrent_rpcs) rather than all competing for the CPU.
+    """
+
+    def __init__(self, api: RestApi, host: str, port: int, max_body_bytes: int,
+                 max_concurrent_posts: int = 256):
+        handler = type("RestHandler", (_Handler,), {
+            "api": api, "max_body_bytes": max_body_bytes, "max_concurrent_posts": max_concurrent_posts,
+            "post_slots": threading.BoundedSemaphore(max_concurrent_posts)})
         self.httpd = http.server.ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]

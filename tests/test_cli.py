@@ -30,7 +30,7 @@ def test_train_help_documents_every_option():
 
 
 def test_every_command_has_help():
-    for command in ("export", "serve", "generate", "status", "metadata"):
+    for command in ("export", "serve", "generate", "status", "metadata", "evaluate"):
         result = runner.invoke(cli.app, [command, "--help"])
         assert result.exit_code == 0 and "--help" in result.output
 
@@ -57,7 +57,7 @@ def test_bad_input_is_one_line_and_exit_code_2(arguments, message):
     assert "Traceback" not in result.output
 
 
-def test_export_serve_generate_end_to_end(tiny_runs, tmp_path):
+def test_export_serve_generate_end_to_end(tiny_runs, mnist_data_dir, tmp_path):
     from serving import config as serve_config, server as server_lib
 
     base = tmp_path / "models" / "digitgan"
@@ -93,8 +93,45 @@ def test_export_serve_generate_end_to_end(tiny_runs, tmp_path):
         missing = runner.invoke(cli.app, ["generate", "--server", address, "--model-name", "nope"])
         assert missing.exit_code == 2 and "not found" in missing.output
         _requests_spread_over_a_server_list(server, base, tmp_path)
+        _pictures(address, mnist_data_dir, tmp_path)
+        _evaluate_served_model(address, mnist_data_dir)
     finally:
         server.stop(grace=1)
+
+
+def _pictures(address, mnist_data_dir, tmp_path):
+    """An interpolation grid (one row per digit) and real-vs-generated, as PNGs; bad combinations exit 2."""
+    walk = tmp_path / "walk.npy"
+    result = runner.invoke(cli.app, ["generate", "--digit", "38", "--count", "5", "--interpolate", "--format", "npy",
+                                     "--server", address, "--out", str(walk)])
+    assert result.exit_code == 0, result.output
+    images = np.load(walk)
+    assert images.shape == (10, 28, 28, 1)
+    assert not np.array_equal(images[0], images[4])  # the walk moves
+    compare = tmp_path / "compare.png"
+    result = runner.invoke(cli.app, ["generate", "--digit", "0123456789", "--count", "4", "--compare-real",
+                                     "--data-dir", mnist_data_dir, "--server", address, "--out", str(compare)])
+    assert result.exit_code == 0, result.output
+    picture = Image.open(compare)
+    assert picture.size[0] > 2 * picture.size[1] * 4 / 10  # two 4-wide grids of 10 rows, side by side
+    refused = runner.invoke(cli.app, ["generate", "--compare-real", "--format", "npy", "--server", address])
+    assert refused.exit_code == 2 and "--compare-real" in refused.output
+
+
+def _evaluate_served_model(address, mnist_data_dir):
+    """`evaluate --server` judges what a gRPC client receives; the calibration row comes first."""
+    import json
+
+    result = runner.invoke(cli.app, ["evaluate", "--server", address, "--per-digit", "20", "--default-samples", "200",
+                                     "--data-dir", mnist_data_dir, "--json"])
+    assert result.exit_code == 0, result.output
+    calibration, row = json.loads(result.stdout[result.stdout.index("["):])
+    assert calibration["source"].startswith("real test split") and calibration["conditional_accuracy"] >= 0.99
+    assert row["source"] == f"digitgan v1 on {address}" and row["samples"] == 200
+    assert 0.0 <= row["conditional_accuracy"] <= 1.0 and len(row["per_digit_accuracy"]) == 10
+    assert sum(row["coverage"]) == pytest.approx(1.0) and row["frechet_ratio"] > 1.0  # 4 training steps: far from real
+    both = runner.invoke(cli.app, ["evaluate", "--server", address, "--run-dir", "runs/x"])
+    assert both.exit_code == 2 and "exactly one of" in both.output
 
 
 def _requests_spread_over_a_server_list(first, base, tmp_path):

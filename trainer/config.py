@@ -49,6 +49,9 @@ class TrainConfig:
     """Save a checkpoint at least this often (and at every epoch end, on SIGINT/SIGTERM and at the end)."""
     keep_checkpoints: int = 3
     """How many recent checkpoints to keep."""
+    evaluate_every_epoch: bool = True
+    """At each epoch end, judge a fixed sample (100 per digit) with the MNIST judge and log the figures to
+    TensorBoard (`quality/...`); the judge is trained once per data dir (a few minutes) and cached."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "epochs", self.epochs, "at least 1")

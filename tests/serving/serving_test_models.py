@@ -99,3 +99,45 @@ def build_half_plus_two(path: str) -> str:
         })
         builder.save()
     return path
+
+
+def build_gate(path: str) -> str:
+    """TF1 model whose requests block inside the graph until the test lets them through.
+
+    It makes "slow requests in flight" deterministic without sleeps. Only standard queue
+    ops, so TF Serving could load it too. Signatures:
+      serving_default: x -> y = x + token; records its arrival in the `arrived` queue, then
+          takes one token from the `tokens` queue, blocking while that queue is empty.
+      add_one: x -> y = x + 1, never blocks.
+      release: count (int32 scalar) -> released; puts `count` tokens into `tokens`.
+      arrivals: () -> arrivals (int32); how many graph runs reached the gate so far.
+    """
+    v1 = tf.compat.v1
+    with tf.Graph().as_default() as graph, v1.Session(graph=graph) as session:
+        arrived = tf.queue.FIFOQueue(1_000_000, [tf.float32], shapes=[[]], name="arrived")
+        tokens = tf.queue.FIFOQueue(1_000_000, [tf.float32], shapes=[[]], name="tokens")
+        x = v1.placeholder(tf.float32, [None], name="x")
+        with tf.control_dependencies([arrived.enqueue(0.0)]):  # count before blocking
+            token = tokens.dequeue()
+        count = v1.placeholder(tf.int32, [], name="count")
+        with tf.control_dependencies([tokens.enqueue_many(tf.zeros([count]))]):
+            released = tf.identity(count, name="released")
+        builder = v1.saved_model.Builder(path)
+        builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map={
+            "serving_default": _predict_signature({"x": x}, {"y": tf.add(x, token, name="y")}),
+            "add_one": _predict_signature({"x": x}, {"y": tf.add(x, 1.0, name="y_plus_one")}),
+            "release": _predict_signature({"count": count}, {"released": released}),
+            "arrivals": _predict_signature({}, {"arrivals": arrived.size(name="arrivals")}),
+        })
+        builder.save()
+    return path
+
+
+def _predict_signature(inputs: dict, outputs: dict):
+    """A predict SignatureDef; unlike predict_signature_def it allows no inputs."""
+    v1 = tf.compat.v1
+    info = v1.saved_model.utils.build_tensor_info
+    return v1.saved_model.signature_def_utils.build_signature_def(
+        {alias: info(tensor) for alias, tensor in inputs.items()},
+        {alias: info(tensor) for alias, tensor in outputs.items()},
+        v1.saved_model.signature_constants.PREDICT_METHOD_NAME)

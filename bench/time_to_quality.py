@@ -1,0 +1,90 @@
+"""Quality against training wall time, side by side: our default recipe vs the TensorFlow DCGAN tutorial's.
+
+Both recipes train on this machine under the same wall-clock budget, in legs of `--leg-seconds`
+(each leg resumes the run exactly where the last one stopped). After each leg the newest checkpoint
+is judged through the exported signatures (`quality.sources.evaluate_run`): MNIST score, Fréchet
+ratio (1.0 = as close as real train is to real test), conditional accuracy and coverage. Only the
+loop's training seconds count towards the budget (data preparation, start-up and judging excluded).
+
+- default: `TrainConfig()` as `python cli.py train` runs it (class-conditional);
+- tutorial: the tutorial's recipe on the same architecture: unconditional, batch 256, Adam(1e-4)
+  with Keras's default beta_1 0.9 (tensorflow.org/tutorials/generative/dcgan).
+
+Usage:
+    python bench/time_to_quality.py                       # 600 s each, judged every 150 s (about 35 min)
+    python bench/time_to_quality.py --budget 60 --leg-seconds 30 --per-digit 50 --default-samples 500  # smoke
+Rounds run one recipe after the other; keep the machine otherwise idle, or the times mean little.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from quality import judge as judge_lib, sources  # noqa: E402
+from trainer import data, loop  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+
+RECIPES = {
+    "default": dict(),
+    "tutorial": dict(conditional=False, batch_size=256, learning_rate=1e-4, beta_1=0.9),
+}
+
+
+def images_per_second_guess(config: TrainConfig) -> float:
+    """A first guess of the step rate, refined after every leg from what the loop measured."""
+    return 190.0 * (1.0 if config.conditional else 1.1)
+
+
+def run_recipe(name: str, overrides: dict, arguments, run_root: Path) -> list[tuple[float, judge_lib.QualityReport]]:
+    """Trains `name` in legs until the budget is spent; returns (training seconds, figures) after each leg."""
+    config = TrainConfig(run_dir=str(run_root / name), data_dir=arguments.data_dir, epochs=1000,
+                         evaluate_every_epoch=False, **overrides)
+    evaluate_config = sources.EvaluateConfig(per_digit=arguments.per_digit, default_samples=arguments.default_samples,
+                                             data_dir=arguments.data_dir)
+    rate, spent, steps, rows = images_per_second_guess(config), 0.0, 0, []
+    while spent < arguments.budget - 1:
+        leg = min(arguments.leg_seconds, arguments.budget - spent)
+        previous_steps, steps = steps, steps + max(1, int(leg * rate / config.batch_size))
+        result = loop.train(dataclasses.replace(config, max_steps=steps), report=lambda line: None, progress=False)
+        spent += result.seconds
+        if result.seconds > 0:  # refine the step rate from what this leg measured
+            rate = (result.step - previous_steps) * config.batch_size / result.seconds
+        calibration, row = sources.evaluate_run(config.run_dir, None, evaluate_config, report=lambda line: None,
+                                                progress=False)
+        rows.append((spent, dataclasses.replace(row, source=f"{name} after {spent:.0f} s (step {result.step})")))
+        print(judge_lib.format_reports([rows[-1][1]]).splitlines()[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=float, default=600.0, help="training seconds per recipe")
+    parser.add_argument("--leg-seconds", type=float, default=150.0, help="training seconds between judgements")
+    parser.add_argument("--per-digit", type=int, default=1000)
+    parser.add_argument("--default-samples", type=int, default=10_000)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--recipes", default="default,tutorial")
+    arguments = parser.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s); "
+          f"budget {arguments.budget:.0f} s per recipe, judged every {arguments.leg_seconds:.0f} s")
+    mnist = data.load_mnist(arguments.data_dir, report=print)
+    calibration = judge_lib.reference(judge_lib.load_or_train_classifier(
+        arguments.data_dir or data.default_data_dir(), mnist, report=print), mnist).calibration
+    print(judge_lib.format_reports([calibration]))
+    with tempfile.TemporaryDirectory(prefix="digitgan-time-to-quality-") as folder:
+        results = {name: run_recipe(name, RECIPES[name], arguments, Path(folder))
+                   for name in arguments.recipes.split(",")}
+    print("\nside by side (last judgement of each recipe):")
+    print(judge_lib.format_reports([calibration] + [rows[-1][1] for rows in results.values()]))
+
+
+if __name__ == "__main__":
+    main()
