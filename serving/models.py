@@ -269,7 +269,8 @@ class ModelManager:
     def _load_version(self, entry: ModelEntry, version: int, path: str) -> None:
         name = entry.config.name
         fingerprint = directory_fingerprint(path)
-        entry.status[version] = VersionStatus(STATE.LOADING)
+        with self._lock:  # GetModelStatus iterates entry.status under the lock; a new key must not race it
+            entry.status[version] = VersionStatus(STATE.LOADING)
         LOG.info("loading %s version %d from %s", name, version, path)
         loaded = None
         try:
@@ -281,7 +282,8 @@ class ModelManager:
             code, message = _error_code_and_message(error)
             LOG.error("failed to load %s version %d: %s", name, version, message)
             entry.failed_fingerprints[version] = fingerprint
-            entry.status[version] = VersionStatus(STATE.END, code, message)
+            with self._lock:
+                entry.status[version] = VersionStatus(STATE.END, code, message)
             self._notify()
             return
         with self._lock:

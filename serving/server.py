@@ -35,6 +35,15 @@ PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["Predict
 MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 # "" is the whole server; the short names are the ones TF Serving itself marks.
 HEALTH_SERVICE_NAMES = ("", PREDICTION_SERVICE, MODEL_SERVICE, "PredictionService", "ModelService")
+# Refused while stopping; health (then NOT_SERVING) and reflection keep answering.
+REFUSED_WHILE_STOPPING = (f"/{PREDICTION_SERVICE}/", f"/{MODEL_SERVICE}/")
+# stop() keeps serving this long after health turns NOT_SERVING (at most half the grace period):
+# calls already queued in the gRPC core when the signal came are served rather than refused,
+# and health-checking balancers get time to stop sending.
+KEEP_SERVING_SECONDS = 0.5
+# stop() closes the gRPC core only once no call has arrived for this long: the core cancels a
+# call that races its shutdown (CANCELLED, grpc/grpc#41785) where we want a clean UNAVAILABLE.
+QUIET_SECONDS = 0.2
 
 
 def load_server_config(config: ServeConfig) -> model_server_config_pb2.ModelServerConfig:
@@ -51,6 +60,80 @@ def load_server_config(config: ServeConfig) -> model_server_config_pb2.ModelServ
     except text_format.ParseError as error:
         raise ValueError(f"Error parsing text-format tensorflow.serving.ModelServerConfig in "
                          f"{config.model_config_file!r}: {error}") from None
+
+
+class TrackingThreadPool(futures.ThreadPoolExecutor):
+    """The gRPC worker pool, counting accepted calls that have not finished yet.
+
+    gRPC submits every accepted call here, including calls still queued for a worker, so
+    "nothing unfinished" means nothing is in flight.
+    """
+
+    def __init__(self, max_workers: int, thread_name_prefix: str = ""):
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        self._activity = threading.Condition()
+        self._unfinished = 0
+        self._last_submitted = time.monotonic()
+
+    def submit(self, fn, /, *args, **kwargs):
+        with self._activity:
+            self._unfinished += 1
+            self._last_submitted = time.monotonic()
+        try:
+            return super().submit(self._run_counted, fn, *args, **kwargs)
+        except BaseException:
+            self._finished()
+            raise
+
+    def _run_counted(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._finished()
+
+    def _finished(self) -> None:
+        with self._activity:
+            self._unfinished -= 1
+            self._activity.notify_all()
+
+    def wait_quiet(self, quiet_seconds: float, deadline: float) -> bool:
+        """Wait until every call has finished and none arrived for quiet_seconds (False: deadline)."""
+        with self._activity:
+            while True:
+                now = time.monotonic()
+                quiet_at = self._last_submitted + quiet_seconds
+                if self._unfinished == 0 and now >= quiet_at:
+                    return True
+                if now >= deadline:
+                    return False
+                # A finishing call notifies; a new call only moves quiet_at, seen on the next pass.
+                self._activity.wait((deadline if self._unfinished else min(quiet_at, deadline)) - now)
+
+
+class RefuseWhenStopping(grpc.ServerInterceptor):
+    """After refuse_new_calls(), answers new model calls UNAVAILABLE instead of running them.
+
+    gRPC runs interceptors when it accepts a call, before the call waits for a worker, so a
+    call accepted earlier is in flight and still runs to completion.
+    """
+
+    def __init__(self):
+        self._refusing = threading.Event()
+
+    def refuse_new_calls(self) -> None:
+        self._refusing.set()
+
+    def intercept_service(self, continuation, handler_call_details):
+        if self._refusing.is_set() and handler_call_details.method.startswith(REFUSED_WHILE_STOPPING):
+            return _REFUSAL
+        return continuation(handler_call_details)
+
+
+def _refuse(_request: bytes, context: grpc.ServicerContext) -> None:
+    context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+
+
+_REFUSAL = grpc.unary_unary_rpc_method_handler(_refuse)  # no deserializer: the body is never parsed
 
 
 class ModelServer:
@@ -79,15 +162,18 @@ class ModelServer:
         self._rest_server = None
         if config.rest_port >= 0:
             api = rest.RestApi(self.manager, self.metrics, config.max_request_elements, self.batcher)
-            self._rest_server = rest.RestServer(api, config.host, config.rest_port, config.max_message_bytes)
+            self._rest_server = rest.RestServer(api, config.host, config.rest_port, config.max_message_bytes,
+                                                config.max_concurrent_rest_requests)
 
     def _build_grpc_server(self) -> grpc.Server:
         options = [("grpc.max_send_message_length", self.config.max_message_bytes),
                    ("grpc.max_receive_message_length", self.config.max_message_bytes)]
         # Enough workers that batched requests can wait together; the limit sheds the rest.
         workers = min(self.config.max_concurrent_rpcs, max(32, 4 * (os.cpu_count() or 1)))
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-                             options=options, maximum_concurrent_rpcs=self.config.max_concurrent_rpcs)
+        self._thread_pool = TrackingThreadPool(max_workers=workers, thread_name_prefix="grpc")
+        self._stopping = RefuseWhenStopping()
+        server = grpc.server(self._thread_pool, interceptors=[self._stopping], options=options,
+                             maximum_concurrent_rpcs=self.config.max_concurrent_rpcs)
         runner = prediction.RequestRunner(self.manager, self.metrics)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             prediction.PredictionService(runner, self.config.max_request_elements, self.batcher), server)
@@ -131,15 +217,26 @@ class ModelServer:
             self.health.set(name, status)
 
     def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new calls, let in-flight calls finish, then unload."""
+        """Health NOT_SERVING, refuse new calls, let in-flight calls finish, then unload.
+
+        After KEEP_SERVING_SECONDS, new model calls get UNAVAILABLE from us while accepted ones
+        finish; the gRPC core is closed once calls stop arriving (or the grace period ends), so
+        that clients see a refusal rather than the core's CANCELLED for calls that race its
+        shutdown. Everything is bounded by the grace period.
+        """
         if self._stopped:
             return
         self._stopped = True
         grace = self.config.grace_seconds if grace is None else grace
+        started = time.monotonic()
+        deadline = started + grace
         self.health.enter_graceful_shutdown()
         if self._rest_server is not None:
             self._rest_server.stop()
-        self._grpc_server.stop(grace).wait()
+        time.sleep(max(0.0, started + min(KEEP_SERVING_SECONDS, grace / 2) - time.monotonic()))
+        self._stopping.refuse_new_calls()
+        self._thread_pool.wait_quiet(QUIET_SECONDS, deadline)
+        self._grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
         if self.batcher is not None:
             self.batcher.stop()
         self.manager.stop()
