@@ -53,6 +53,8 @@ def train(
     conditional: bool = typer.Option(True, "--conditional/--unconditional",
                                      help="Class-conditional GAN (ask for a digit) or the tutorial's unconditional one."),
     data_dir: Optional[str] = typer.Option(None, help="TFDS data dir for MNIST [default: ~/tensorflow_datasets]."),
+    architecture: str = typer.Option("tutorial", help="Layer widths of G and D: tutorial (TensorFlow's DCGAN tutorial) or compact (about 4x cheaper)."),
+    generator_average: float = typer.Option(0.999, help="Decay of the moving average of G's weights that samples and exports use (0 = off)."),
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="Continue from the run dir's newest checkpoint; --no-resume refuses to touch a run dir that has one."),
     precision: str = typer.Option("float32", help="float32, mixed_bfloat16 (CPUs with AVX512-BF16/AMX) or mixed_float16 (GPUs)."),
@@ -75,6 +77,7 @@ def train(
         config = config_lib.TrainConfig(
             run_dir=run_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, beta_1=beta_1,
             latent_dim=latent_dim, conditional=conditional, max_steps=max_steps, seed=seed, data_dir=data_dir,
+            architecture=architecture, generator_average_decay=generator_average,
             resume=resume, precision=precision, gpus=gpus, cpu_replicas=cpu_replicas, steps_per_call=steps_per_call,
             checkpoint_every_steps=checkpoint_every, evaluate_every_epoch=evaluate_every_epoch)
     from trainer import loop

@@ -34,7 +34,8 @@ from trainer.config import TrainConfig  # noqa: E402
 
 RECIPES = {
     "default": dict(),
-    "tutorial": dict(conditional=False, batch_size=256, learning_rate=1e-4, beta_1=0.9),
+    "tutorial": dict(conditional=False, batch_size=256, learning_rate=1e-4, beta_1=0.9, architecture="tutorial",
+                     generator_average_decay=0.0),
 }
 
 

@@ -9,7 +9,10 @@ Variants (same machine, same process, same global batch; images/s, higher is bet
 - ours_unconditional / ours_conditional: `trainer.step.make_train_function` (`steps_per_call` steps
   per call) fed by the real MNIST pipeline; ours_conditional is the default recipe;
 - ours_conditional_synthetic: the same step fed by one in-memory batch repeated, to show whether
-  the input pipeline starves the step.
+  the input pipeline starves the step;
+- ours_default_recipe: the default `TrainConfig` as `python cli.py train` runs it (its own
+  architecture and the generator's moving average), at the benchmark's batch size.
+All "ours" variants include the update of the generator's moving average (part of our step).
 
 Usage: python bench/train_throughput.py [--batch-size 256] [--steps 10] [--rounds 2] [--precision float32]
 Rounds alternate the variants so machine noise hits them alike; the best round of each is reported.
@@ -137,9 +140,14 @@ def main() -> None:
     variants["tutorial_tf_function_tfdata"] = ("tutorial_tfdata", (tutorial_compiled, iter(tutorial_dataset)))
     if not arguments.skip_eager:
         variants["tutorial_eager"] = ("tutorial", tutorial_step(batch, compiled=False)[0])
-    for name, conditional, synthetic in (("ours_unconditional", False, False), ("ours_conditional", True, False),
-                                         ("ours_conditional_synthetic", True, True)):
-        config = TrainConfig(batch_size=batch, conditional=conditional, precision=arguments.precision)
+    # Same architecture as the tutorial's for the side-by-side step comparison; "ours_default_recipe"
+    # is the default TrainConfig as `cli.py train` runs it (its architecture may differ).
+    for name, conditional, synthetic, architecture in (
+            ("ours_unconditional", False, False, "tutorial"), ("ours_conditional", True, False, "tutorial"),
+            ("ours_conditional_synthetic", True, True, "tutorial"),
+            ("ours_default_recipe", True, False, TrainConfig().architecture)):
+        config = TrainConfig(batch_size=batch, conditional=conditional, precision=arguments.precision,
+                             architecture=architecture)
         variants[name] = ("ours", ours(config, mnist, synthetic) + (config.steps_per_call,))
 
     # Warm-up: trace and run each variant a few steps.

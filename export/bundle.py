@@ -157,13 +157,18 @@ def train_config_for(checkpoint_path: str, run_dir: str, checkpoint: str | None 
 
 
 def restore_generator(checkpoint_path: str, train_config: TrainConfig):
-    """Builds the run's generator and restores its weights (only the generator) from the checkpoint."""
-    generator = models.build_generator(train_config.latent_dim, train_config.conditional)
+    """Builds the run's generator and restores its weights (only the generator) from the checkpoint.
+
+    When the run kept a moving average of the generator (`generator_average`), that average is
+    what is restored: it draws cleaner digits than the last training step's weights.
+    """
+    generator = models.build_generator(train_config.latent_dim, train_config.conditional,
+                                       architecture=train_config.architecture)
     step = tf.Variable(0, dtype=tf.int64)
     try:
-        status = tf.train.Checkpoint(generator=generator, step=step).restore(checkpoint_path)
+        key = _generator_key(checkpoint_path)
+        status = tf.train.Checkpoint(**{key: generator}, step=step).restore(checkpoint_path)
         status.expect_partial().assert_existing_objects_matched()
-        _require_generator_in_checkpoint(checkpoint_path)
     except (AssertionError, ValueError, tf.errors.OpError) as error:
         raise ExportError(f"checkpoint '{checkpoint_path}' does not hold a generator of this architecture "
                           f"(latent_dim={train_config.latent_dim}, conditional={train_config.conditional}): "
@@ -171,11 +176,14 @@ def restore_generator(checkpoint_path: str, train_config: TrainConfig):
     return generator, int(step.numpy())
 
 
-def _require_generator_in_checkpoint(checkpoint_path: str) -> None:
-    """A checkpoint without any generator variables (e.g. a classifier's) restores nothing: refuse it."""
+def _generator_key(checkpoint_path: str) -> str:
+    """`generator_average` when the checkpoint holds one, else `generator`; refuses checkpoints with neither
+    (e.g. a classifier's), which would otherwise restore nothing."""
     keys = tf.train.load_checkpoint(checkpoint_path).get_variable_to_shape_map()
-    if not any(key.startswith("generator/") for key in keys):
-        raise ValueError("the checkpoint has no generator")
+    for name in ("generator_average", "generator"):
+        if any(key.startswith(f"{name}/") for key in keys):
+            return name
+    raise ValueError("the checkpoint has no generator")
 
 
 def write_warmup(bundle: Path, model_name: str, module: signatures_lib.GeneratorSignatures) -> Path:

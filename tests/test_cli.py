@@ -15,7 +15,7 @@ runner = CliRunner()
 
 TRAIN_OPTIONS = ["--epochs", "--batch-size", "--learning-rate", "--latent-dim", "--run-dir", "--max-steps", "--seed",
                  "--conditional", "--unconditional", "--data-dir", "--resume", "--no-resume", "--precision", "--gpus",
-                 "--cpu-replicas", "--steps-per-call", "--checkpoint-every"]
+                 "--cpu-replicas", "--steps-per-call", "--checkpoint-every", "--architecture", "--generator-average", "--evaluate"]
 
 
 def _plain(text: str) -> str:

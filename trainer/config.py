@@ -29,6 +29,8 @@ class TrainConfig:
     """Length of the generator's noise vector."""
     conditional: bool = True
     """Class-conditional GAN (clients can ask for a digit) or the tutorial's unconditional one."""
+    architecture: str = "tutorial"
+    """Layer widths of G and D: "tutorial" (the TensorFlow DCGAN tutorial's) or "compact" (see trainer/models.py)."""
     max_steps: int | None = None
     """Stop after this many steps in total (smoke runs); None trains all epochs."""
     seed: int = 0
@@ -49,6 +51,9 @@ class TrainConfig:
     """Save a checkpoint at least this often (and at every epoch end, on SIGINT/SIGTERM and at the end)."""
     keep_checkpoints: int = 3
     """How many recent checkpoints to keep."""
+    generator_average_decay: float = 0.999
+    """Keep an exponential moving average of the generator's weights with this decay (0 = none); the
+    average draws the sample grids and is what `export` writes, as it gives cleaner digits than G."""
     evaluate_every_epoch: bool = True
     """At each epoch end, judge a fixed sample (100 per digit) with the MNIST judge and log the figures to
     TensorBoard (`quality/...`); the judge is trained once per data dir (a few minutes) and cached."""
@@ -60,6 +65,7 @@ class TrainConfig:
         _require(0 <= self.beta_1 < 1, "beta_1", self.beta_1, "in [0, 1)")
         _require(self.latent_dim >= 2, "latent_dim", self.latent_dim, "at least 2")
         _require(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "at least 1")
+        _require(self.architecture in ("tutorial", "compact"), "architecture", self.architecture, "tutorial or compact")
         _require(self.precision in PRECISIONS, "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         _require(self.gpus is None or self.gpus >= 0, "gpus", self.gpus, "0 or more")
         _require(self.cpu_replicas is None or self.cpu_replicas >= 1, "cpu_replicas", self.cpu_replicas, "at least 1")
@@ -67,6 +73,8 @@ class TrainConfig:
                  "used only without GPUs (pass --gpus 0 or leave --gpus out)")
         _require(self.steps_per_call >= 1, "steps_per_call", self.steps_per_call, "at least 1")
         _require(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", self.checkpoint_every_steps, "at least 1")
+        _require(0 <= self.generator_average_decay < 1, "generator_average_decay", self.generator_average_decay,
+                 "in [0, 1)")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "at least 1")
         _require(bool(self.run_dir), "run_dir", self.run_dir, "a directory path")
 

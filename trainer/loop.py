@@ -1,13 +1,21 @@
 """The training driver: data, strategy, state, checkpoints, progress, summaries and sample grids.
 
 `train(config)` is the one long function (the driver); the pieces it calls are short and tested on
-their own. Resuming is exact: the checkpoint holds the step, and the step alone fixes the epoch,
-the position inside it (the epoch order is a function of seed and epoch) and the RNG state.
+their own. Resuming is exact: the checkpoint holds the step and every random state (noise and
+dropout seeds), and the step alone fixes the epoch and the position inside it (the epoch order is a
+function of seed and epoch), so an interrupted and resumed run ends with the weights of an
+uninterrupted one (tests/trainer/test_faults.py).
+
+Faults: a checkpoint that cannot be read (truncated, garbled, missing files) or holds NaN/inf is
+reported and skipped for the previous one; when none can be restored the run stops rather than
+start over. A non-finite loss stops the run, and weights that turned non-finite are never saved.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -61,7 +69,7 @@ class StopRequested:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The GAN diverged (a NaN or infinite loss); the last good checkpoint is left untouched."""
+    """The GAN diverged (a NaN or infinite loss or weights); the last good checkpoint is left untouched."""
 
 
 def train(config: TrainConfig, report: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
@@ -73,12 +81,14 @@ def train(config: TrainConfig, report: Callable[[str], None] = print, progress: 
                          f"use a multiple of {replicas}")
     chief = strategy_lib.is_chief(strategy)
     report(f"Strategy: {strategy_lib.describe(strategy)}")
-    mnist = data.load_mnist(config.data_dir, report)
     state = step_lib.build_state(config, strategy)
     checkpoint = state.checkpoint()
     manager = _checkpoint_manager(checkpoint, config, strategy)
-    start_step = _restore(manager, checkpoint, config, report)
+    # Checkpoints before data: a run dir that cannot be resumed fails in seconds, not after the data load.
+    start_step = _restore(manager, checkpoint, state, config, report)
     _check_workers_agree(strategy, state.step)
+    _remove_partial_saves(Path(manager.directory), report)
+    mnist = data.load_mnist(config.data_dir, report)
     if chief:
         config.save()
     steps_per_epoch = data.steps_per_epoch(len(mnist.train_images), config.batch_size)
@@ -92,7 +102,9 @@ def train(config: TrainConfig, report: Callable[[str], None] = print, progress: 
     bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", disable=not (progress and chief),
                     dynamic_ncols=True, desc="training")
     last_saved = start_step
-    with StopRequested() as stop, writer.as_default():
+    quality = None  # built at the first epoch end, so short runs never pay for the judge
+    # The bar is closed on the way out of an error too, so the error prints on a line of its own.
+    with StopRequested() as stop, writer.as_default(), bar:
         while current < total_steps and stop.signal_number is None:
             epoch, offset = divmod(current, steps_per_epoch)
             dataset_fn = data.epoch_dataset_fn(mnist.train_images, mnist.train_labels, config.batch_size,
@@ -108,8 +120,7 @@ def train(config: TrainConfig, report: Callable[[str], None] = print, progress: 
                 if not (math.isfinite(generator_loss) and math.isfinite(discriminator_loss)):
                     raise NonFiniteLossError(
                         f"loss became non-finite at step {current} (G {generator_loss}, D {discriminator_loss}); "
-                        f"the last good checkpoint ({manager.latest_checkpoint}) is intact: lower --learning-rate "
-                        "or use --precision float32, then rerun to resume from it")
+                        f"{_divergence_advice(manager)}")
                 elapsed = max(time.perf_counter() - call_started, 1e-9)
                 bar.update(steps)
                 bar.set_postfix(images_per_s=f"{steps * config.batch_size / elapsed:,.0f}",
@@ -117,19 +128,24 @@ def train(config: TrainConfig, report: Callable[[str], None] = print, progress: 
                 tf.summary.scalar("loss/generator", generator_loss, step=current)
                 tf.summary.scalar("loss/discriminator", discriminator_loss, step=current)
                 if current - last_saved >= config.checkpoint_every_steps:
-                    manager.save(checkpoint_number=current)
+                    _save(manager, state, current)
                     last_saved = current
             if current == epoch_end and current % steps_per_epoch == 0:
                 bar.write(f"epoch {epoch + 1}/{config.epochs}: step {current}, "
                           f"G loss {generator_loss:.4f}, D loss {discriminator_loss:.4f}")
                 if chief:
-                    _write_samples(state.generator, config, fixed_noise, fixed_digits, epoch + 1, current)
+                    _write_samples(state.sampling_generator, config, fixed_noise, fixed_digits, epoch + 1, current)
+                if chief and config.evaluate_every_epoch:
+                    quality = quality or EpochQuality(config, mnist, bar.write)
+                    bar.write(quality.log(state.sampling_generator, config.conditional, current))
         if current != last_saved or manager.latest_checkpoint is None:
-            manager.save(checkpoint_number=current)
+            _save(manager, state, current)
         if chief and current % steps_per_epoch:  # stopped mid-epoch: still show where the digits are
-            _write_samples(state.generator, config, fixed_noise, fixed_digits, None, current)
-    bar.close()
+            _write_samples(state.sampling_generator, config, fixed_noise, fixed_digits, None, current)
     writer.flush()
+    if chief:  # the training-progress animation, as the TensorFlow DCGAN tutorial makes
+        samples = Path(config.run_dir) / "samples"
+        image_grids.save_animation(samples / "progress.gif", sorted(samples.glob("epoch_*.png")))
     seconds = time.perf_counter() - started
     if stop.signal_number is not None:
         report(f"Stopped by signal {stop.signal_number} at step {current}; checkpoint saved, rerun to resume.")
@@ -155,27 +171,117 @@ def worker_checkpoint_dir(config: TrainConfig, task_index: int) -> Path:
     return Path(config.run_dir) / f".worker-{task_index}-checkpoints"
 
 
-def _restore(manager: tf.train.CheckpointManager, checkpoint: tf.train.Checkpoint, config: TrainConfig,
-             report: Callable[[str], None]) -> int:
-    """Restores the newest checkpoint when resuming is allowed; returns the step to continue from.
+def _restore(manager: tf.train.CheckpointManager, checkpoint: tf.train.Checkpoint, state: step_lib.GanState,
+             config: TrainConfig, report: Callable[[str], None]) -> int:
+    """Restores the newest usable checkpoint when resuming is allowed; returns the step to continue from.
 
-    A non-chief worker restores the chief's checkpoint when it can see it (shared run dir), else its own.
+    An unreadable checkpoint (truncated, garbled, files missing) or one holding NaN/inf is reported
+    and the previous one tried: a restarted job loses at most a few checkpoint intervals rather than
+    crash-loop. A model mismatch, or no usable checkpoint at all, stops the run: starting over
+    would silently discard the run. A non-chief worker restores the chief's checkpoints when it can
+    see them (shared run dir), else its own.
     """
-    latest = tf.train.latest_checkpoint(str(config.checkpoint_dir)) or manager.latest_checkpoint
-    if latest is None:
+    candidates = _checkpoint_candidates(config.checkpoint_dir) or _checkpoint_candidates(Path(manager.directory))
+    if not candidates:
         return 0
     if not config.resume:
-        raise ValueError(f"run dir '{config.run_dir}' already holds checkpoints ({latest}); "
+        raise ValueError(f"run dir '{config.run_dir}' already holds checkpoints ({candidates[0]}); "
                          "pass --resume to continue it, or choose a new --run-dir")
+    problems = []
+    for path in candidates:
+        problem = _restore_one(checkpoint, state, path)
+        if problem is None:
+            step = int(state.step.numpy())
+            report(f"Resumed from step {step} ({path})")
+            return step
+        report(f"Skipping checkpoint {path}: {problem}")
+        problems.append(f"{Path(path).name}: {problem}")
+    raise ValueError(f"none of the {len(candidates)} checkpoint(s) in '{Path(candidates[0]).parent}' can be restored "
+                     f"({'; '.join(problems)}); move that folder away to train from scratch, or use a new --run-dir")
+
+
+def _restore_one(checkpoint: tf.train.Checkpoint, state: step_lib.GanState, path: str) -> str | None:
+    """Restores `path`; returns why it is unusable, or None when the state now holds it."""
     try:
-        checkpoint.restore(latest).assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as error:
-        raise ValueError(f"checkpoint {latest} does not match this model ({type(error).__name__}); "
-                         "was it trained with other --latent-dim / --conditional options? "
-                         f"Use those, or a new --run-dir") from None
-    step = int(checkpoint.step.numpy())
-    report(f"Resumed from step {step} ({latest})")
-    return step
+        checkpoint.restore(path).assert_existing_objects_matched()
+    except (AssertionError, ValueError) as error:
+        raise ValueError(f"checkpoint {path} does not match this model ({type(error).__name__}); "
+                         "was it trained with other --latent-dim / --conditional options, or by an older "
+                         "digitgan? Use those, or a new --run-dir") from None
+    except (tf.errors.OpError, IndexError, OSError) as error:  # TF reports a short read as IndexError
+        return f"unreadable ({type(error).__name__}: {_first_line(error)})"
+    non_finite = state.non_finite_variables()
+    if non_finite:
+        return f"holds NaN/inf in {len(non_finite)} variable(s), e.g. {non_finite[0]}"
+    return None
+
+
+def _checkpoint_candidates(directory: Path) -> list[str]:
+    """Checkpoint prefixes in `directory`, newest first.
+
+    The `checkpoint` state file decides, as for TensorFlow: it is updated (atomically) only after a
+    checkpoint is completely written, so a save cut short is never listed. When that file is
+    missing or unreadable but checkpoints exist, every `<prefix>.index` found is listed instead,
+    highest step first, so they are not silently ignored.
+    """
+    state = tf.train.get_checkpoint_state(str(directory)) if directory.is_dir() else None
+    if state is not None and state.all_model_checkpoint_paths:
+        listed = [state.model_checkpoint_path, *reversed(state.all_model_checkpoint_paths)]
+        return list(dict.fromkeys(listed))
+    prefixes = [index.with_suffix("") for index in directory.glob("*.index")] if directory.is_dir() else []
+    return [str(prefix) for prefix in sorted(prefixes, key=_checkpoint_number, reverse=True)]
+
+
+def _checkpoint_number(prefix: Path) -> int:
+    number = prefix.name.rpartition("-")[2]
+    return int(number) if number.isdigit() else -1
+
+
+def _first_line(error: BaseException) -> str:
+    """The error's first line, without TensorFlow's `{{function_node ...}}` and `[Op:...]` decorations."""
+    lines = str(error).strip().splitlines()
+    line = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", lines[0]) if lines else ""
+    return line[:300]
+
+
+def _remove_partial_saves(directory: Path, report: Callable[[str], None]) -> None:
+    """Deletes what saves cut short (kill -9, power loss) left in `directory`, this process's own checkpoint folder.
+
+    TensorFlow writes a save as `<prefix>_temp/` shards and `*.tempstate*` / `checkpoint.tmp*`
+    files, renamed into place when complete; a killed save leaves them behind, and later saves do
+    not remove them (a leftover file keeps the `_temp` folder from being deleted). Each can be as
+    large as a checkpoint, and no checkpoint refers to them.
+    """
+    if not directory.is_dir():
+        return
+    for path in sorted(directory.iterdir()):
+        if path.is_dir() and path.name.endswith("_temp"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file() and (".tempstate" in path.name or path.name.startswith("checkpoint.tmp")):
+            path.unlink(missing_ok=True)
+        else:
+            continue
+        report(f"Removed {path.name}: left by a checkpoint save that was cut short")
+
+
+def _save(manager: tf.train.CheckpointManager, state: step_lib.GanState, step: int) -> None:
+    """Saves a checkpoint at `step`, unless a variable turned NaN/inf (then the last good one stays the newest).
+
+    The loss check alone misses this: a call's losses are computed before its last update, which
+    can be the one that broke the weights.
+    """
+    non_finite = state.non_finite_variables()
+    if non_finite:
+        raise NonFiniteLossError(f"{len(non_finite)} variable(s) became NaN/inf by step {step} "
+                                 f"(e.g. {non_finite[0]}) and were not saved; {_divergence_advice(manager)}")
+    manager.save(checkpoint_number=step)
+
+
+def _divergence_advice(manager: tf.train.CheckpointManager) -> str:
+    if manager.latest_checkpoint is None:
+        return "no checkpoint was saved yet: lower --learning-rate or use --precision float32"
+    return (f"the last good checkpoint ({manager.latest_checkpoint}) is intact: lower --learning-rate "
+            "or use --precision float32, then rerun to resume from it")
 
 
 def _check_workers_agree(strategy: tf.distribute.Strategy, step: tf.Variable) -> None:
@@ -195,6 +301,42 @@ def _fixed_sample_inputs(config: TrainConfig) -> tuple[tf.Tensor, tf.Tensor]:
     noise = tf.constant(np.random.default_rng(config.seed).standard_normal((count, config.latent_dim)), tf.float32)
     digits = tf.constant(np.repeat(np.arange(models.NUM_CLASSES), SAMPLES_PER_DIGIT), tf.int32)
     return noise, digits
+
+
+class EpochQuality:
+    """Cheap per-epoch figures for TensorBoard: the MNIST judge on a fixed sample of 100 images per digit.
+
+    Figures from 1,000 samples: the Fréchet ratio is biased upwards against `cli.py evaluate`'s
+    10,000-sample figure, but comparable from epoch to epoch, which is what a curve needs.
+    """
+
+    PER_DIGIT = 100
+
+    def __init__(self, config: TrainConfig, mnist: data.Mnist, report: Callable[[str], None]):
+        from quality import judge as judge_lib
+
+        self._judge_lib = judge_lib
+        self.judge = judge_lib.load_or_train_classifier(config.data_dir or data.default_data_dir(), mnist, report)
+        self.reference = judge_lib.reference(self.judge, mnist)
+        count = models.NUM_CLASSES * self.PER_DIGIT
+        # Its own noise stream ([seed, 1]), so the judged sample never overlaps the sample grid's noise.
+        noise = np.random.default_rng([config.seed, 1]).standard_normal((count, config.latent_dim))
+        self.noise = tf.constant(noise, tf.float32)
+        self.digits = np.repeat(np.arange(models.NUM_CLASSES, dtype=np.int32), self.PER_DIGIT)
+
+    def log(self, generator, conditional: bool, step: int) -> str:
+        """Judges the fixed sample, writes `quality/*` scalars at `step`, returns a one-line summary."""
+        images = np.clip((sample_images(generator, self.noise, tf.constant(self.digits), conditional) + 1.0) / 2.0, 0.0, 1.0)
+        requested = self.digits if conditional else None
+        row = self._judge_lib.judge_images(self.judge, self.reference, f"step {step}",
+                                           images if conditional else None, requested, images)
+        tf.summary.scalar("quality/mnist_score", row.mnist_score, step=step)
+        tf.summary.scalar("quality/frechet_ratio", row.frechet_ratio, step=step)
+        line = f"  quality on {len(images)} samples: MNIST score {row.mnist_score:.2f}, Fréchet ratio {row.frechet_ratio:.2f}"
+        if row.conditional_accuracy is not None:
+            tf.summary.scalar("quality/conditional_accuracy", row.conditional_accuracy, step=step)
+            line += f", conditional accuracy {row.conditional_accuracy:.2%}"
+        return line
 
 
 def sample_images(generator, noise, digits, conditional: bool) -> np.ndarray:

@@ -18,7 +18,7 @@ from trainer.config import TrainConfig
 
 @dataclasses.dataclass
 class GanState:
-    """Everything a checkpoint holds: both models, both optimizers, the step and the noise RNG."""
+    """Everything a checkpoint holds: both models, both optimizers, the step and all random state."""
 
     generator: keras.Model
     discriminator: keras.Model
@@ -26,12 +26,40 @@ class GanState:
     discriminator_optimizer: keras.optimizers.Optimizer
     step: tf.Variable
     noise_generator: tf.random.Generator
+    generator_average: keras.Model | None = None  # the exponential moving average of G (what is exported)
+
+    @property
+    def sampling_generator(self) -> keras.Model:
+        """The generator to draw samples from: the moving average when the run keeps one."""
+        return self.generator_average if self.generator_average is not None else self.generator
 
     def checkpoint(self) -> tf.train.Checkpoint:
+        # The dropout layers' seed states are not among the models' weights, so tf.train.Checkpoint
+        # would skip them; without them a resumed run draws other dropout masks than an
+        # uninterrupted one and resuming is no longer exact.
         return tf.train.Checkpoint(generator=self.generator, discriminator=self.discriminator,
                                    generator_optimizer=self.generator_optimizer,
                                    discriminator_optimizer=self.discriminator_optimizer,
-                                   step=self.step, noise_generator=self.noise_generator)
+                                   step=self.step, noise_generator=self.noise_generator,
+                                   seed_states=seed_states(self.generator) + seed_states(self.discriminator),
+                                   **({"generator_average": self.generator_average} if self.generator_average is not None else {}))
+
+    def non_finite_variables(self) -> list[str]:
+        """Paths of the trained variables (weights, BatchNorm statistics, optimizer slots) holding NaN or inf."""
+        variables = [*self.generator.weights, *self.discriminator.weights,
+                     *self.generator_optimizer.variables, *self.discriminator_optimizer.variables,
+                     *(self.generator_average.weights if self.generator_average is not None else [])]
+        return [variable.path for variable in variables if not _all_finite(variable)]
+
+
+def _all_finite(variable) -> bool:
+    return not keras.backend.is_float_dtype(variable.dtype) or bool(tf.reduce_all(tf.math.is_finite(variable.value)))
+
+
+def seed_states(model: keras.Model) -> list:
+    """The model's random-seed state variables (Keras counts them in `variables`, not in `weights`)."""
+    weight_ids = {id(weight) for weight in model.weights}
+    return [variable for variable in model.variables if id(variable) not in weight_ids]
 
 
 def build_state(config: TrainConfig, strategy: tf.distribute.Strategy) -> GanState:
@@ -40,8 +68,10 @@ def build_state(config: TrainConfig, strategy: tf.distribute.Strategy) -> GanSta
     keras.utils.set_random_seed(config.seed)  # the initial weights depend on the seed only
     with strategy.scope():
         several_replicas = strategy.num_replicas_in_sync > 1
-        generator = models.build_generator(config.latent_dim, config.conditional, synchronized_batch_norm=several_replicas)
-        discriminator = models.build_discriminator(config.conditional, per_replica_dropout=several_replicas)
+        generator = models.build_generator(config.latent_dim, config.conditional, synchronized_batch_norm=several_replicas,
+                                           architecture=config.architecture)
+        discriminator = models.build_discriminator(config.conditional, per_replica_dropout=several_replicas,
+                                                   architecture=config.architecture)
         generator_optimizer = _adam(config)
         discriminator_optimizer = _adam(config)
         # Optimizers must be built before the first distributed step, or the first
@@ -53,7 +83,27 @@ def build_state(config: TrainConfig, strategy: tf.distribute.Strategy) -> GanSta
         noise_generator = tf.random.Generator.from_seed(config.seed)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-    return GanState(generator, discriminator, generator_optimizer, discriminator_optimizer, step, noise_generator)
+        generator_average = None
+        if config.generator_average_decay > 0:
+            generator_average = models.build_generator(config.latent_dim, config.conditional,
+                                                       architecture=config.architecture)
+            generator_average.set_weights(generator.get_weights())
+    return GanState(generator, discriminator, generator_optimizer, discriminator_optimizer, step, noise_generator,
+                    generator_average)
+
+
+def update_generator_average(state: GanState, decay: float) -> None:
+    """average <- d * average + (1 - d) * G over all of G's weights (BatchNorm statistics included).
+
+    Runs in cross-replica context after each step: G's copies are identical on every replica, so
+    one update written to every copy keeps the average mirrored. The decay ramps up as
+    (1 + step) / (10 + step) towards `decay`, so the early average does not cling to the random
+    initial weights.
+    """
+    step = tf.cast(state.step, tf.float32)
+    effective = tf.minimum(decay, (1.0 + step) / (10.0 + step))
+    for average, current in zip(state.generator_average.weights, state.generator.weights):
+        average.assign(effective * average + (1.0 - effective) * tf.cast(current, average.dtype))
 
 
 def _adam(config: TrainConfig) -> keras.optimizers.Optimizer:
@@ -125,6 +175,8 @@ def make_train_function(strategy: tf.distribute.Strategy, state: GanState, confi
         per_replica = strategy.run(replica_step, args=(state, images, digits, global_batch_size,
                                                        config.latent_dim, config.conditional))
         state.step.assign_add(1)
+        if state.generator_average is not None:
+            update_generator_average(state, config.generator_average_decay)
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in per_replica]
 
     @tf.function

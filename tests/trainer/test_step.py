@@ -76,3 +76,14 @@ def test_losses_divide_by_global_batch():
     mean = float(tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(tf.ones_like(logits), logits)))
     halves = [float(losses.generator_loss(part, global_batch_size=4)) for part in (logits[:2], logits[2:])]
     np.testing.assert_allclose(sum(halves), mean, rtol=1e-6)
+
+
+def test_dropout_masks_differ_per_replica_and_their_seeds_are_checkpointed(tmp_path):
+    strategy = _two_replicas()
+    state = step_lib.build_state(TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2), strategy)
+    dropout = state.discriminator.get_layer("down1_dropout")
+    per_replica = strategy.run(tf.function(lambda: dropout(tf.ones([4, 8]), training=True)))
+    first, second = (value.numpy() for value in strategy.experimental_local_results(per_replica))
+    assert not np.array_equal(first == 0, second == 0)
+    saved = {name for name, _ in tf.train.list_variables(state.checkpoint().write(str(tmp_path / "ckpt")))}
+    assert sum(name.startswith("seed_states/") for name in saved) == 2  # D's two dropout layers
