@@ -3,8 +3,10 @@
 Both recipes train on this machine under the same wall-clock budget, in legs of `--leg-seconds`
 (each leg resumes the run exactly where the last one stopped). After each leg the newest checkpoint
 is judged through the exported signatures (`quality.sources.evaluate_run`): MNIST score, Fréchet
-ratio (1.0 = as close as real train is to real test), conditional accuracy and coverage. Only the
-loop's training seconds count towards the budget (data preparation, start-up and judging excluded).
+ratio (1.0 = as close as real train is to real test), conditional accuracy and coverage. The budget
+counts the training loop's seconds as `TrainResult.seconds` reports them: step calls plus what the
+loop does between them (checkpoints, sample grids, and the tf.function tracing each leg repeats);
+data preparation, model building and judging are excluded.
 
 - default: `TrainConfig()` as `python cli.py train` runs it (class-conditional);
 - tutorial: the tutorial's recipe on the same architecture: unconditional, batch 256, Adam(1e-4)
@@ -58,7 +60,7 @@ def run_recipe(name: str, overrides: dict, arguments, run_root: Path) -> list[tu
         spent += result.seconds
         if result.seconds > 0:  # refine the step rate from what this leg measured
             rate = (result.step - previous_steps) * config.batch_size / result.seconds
-        calibration, row = sources.evaluate_run(config.run_dir, None, evaluate_config, report=lambda line: None,
+        _, row = sources.evaluate_run(config.run_dir, None, evaluate_config, report=lambda line: None,
                                                 progress=False)
         rows.append((spent, dataclasses.replace(row, source=f"{name} after {spent:.0f} s (step {result.step})")))
         print(judge_lib.format_reports([rows[-1][1]]).splitlines()[-1], flush=True)

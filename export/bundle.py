@@ -115,8 +115,9 @@ def export_bundle(config: ExportConfig, metrics: dict | None = None, gate: Gate 
             metadata = dict(metadata, evaluation=dict(verdict.figures, blessed=verdict.passed))
             files.write_json_atomic(staging / "assets.extra" / METADATA_FILE, metadata)
             if not verdict.passed:
+                kept = _keep_rejected(staging, base, version)
                 raise ExportError(f"version {version} not published: " + "; ".join(verdict.failures)
-                                  + f" (the candidate is kept at {_keep_rejected(staging, base, version)})")
+                                  + f" (the candidate is kept at {kept})")
         _publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -128,7 +129,11 @@ def _keep_rejected(staging: Path, base: Path, version: int) -> Path:
     """Moves a rejected candidate to `.rejected-<version>` (replacing an older reject) for inspection."""
     kept = base / f".rejected-{version}"
     shutil.rmtree(kept, ignore_errors=True)
-    staging.rename(kept)
+    try:
+        staging.rename(kept)
+    except OSError as error:
+        raise ExportError(f"version {version} not published, and the rejected candidate could not be kept "
+                          f"at {kept}: {error.strerror}") from None
     return kept
 
 
@@ -171,7 +176,8 @@ def restore_generator(checkpoint_path: str, train_config: TrainConfig):
         status.expect_partial().assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as error:
         raise ExportError(f"checkpoint '{checkpoint_path}' does not hold a generator of this architecture "
-                          f"(latent_dim={train_config.latent_dim}, conditional={train_config.conditional}): "
+                          f"(latent_dim={train_config.latent_dim}, conditional={train_config.conditional}, "
+                          f"architecture={train_config.architecture}): "
                           f"{str(error).splitlines()[0][:300]}") from None
     return generator, int(step.numpy())
 

@@ -37,19 +37,34 @@ class EvaluationError(ValueError):
     """The evaluation cannot be done as asked; the message says why and what to do."""
 
 
-def build_classifier():
-    """The judge CNN: float32 [B, 28, 28, 1] in [0, 1] → logits [B, 10]; penultimate layer `features` [B, 128]."""
+def build_classifier(seed: int = 0):
+    """The judge CNN: float32 [B, 28, 28, 1] in [0, 1] → logits [B, 10]; penultimate layer `features` [B, 128].
+
+    Always float32, whatever mixed-precision policy a training run has set globally, so its figures
+    are the same from every caller; `seed` seeds its initial weights and dropout.
+    """
     import keras
 
+    previous_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        return _classifier_layers(keras, seed)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _classifier_layers(keras, seed: int):
     layers = keras.layers
     inputs = keras.Input((28, 28, 1), name="images")
     hidden = inputs
-    for filters in (32, 64):
-        hidden = layers.Conv2D(filters, 3, use_bias=False)(hidden)
+    initializer = lambda offset: keras.initializers.GlorotUniform(seed=seed + offset)  # noqa: E731
+    for index, filters in enumerate((32, 64)):
+        hidden = layers.Conv2D(filters, 3, use_bias=False, kernel_initializer=initializer(index))(hidden)
         hidden = layers.MaxPooling2D()(layers.ReLU()(layers.BatchNormalization()(hidden)))
-    hidden = layers.Dropout(0.3)(layers.Flatten()(hidden))
-    features = layers.Dense(128, activation="relu", name="features")(hidden)
-    logits = layers.Dense(NUM_CLASSES, name="logits")(layers.Dropout(0.3)(features))
+    hidden = layers.Dropout(0.3, seed=seed + 10)(layers.Flatten()(hidden))
+    features = layers.Dense(128, activation="relu", name="features", kernel_initializer=initializer(2))(hidden)
+    logits = layers.Dense(NUM_CLASSES, name="logits", kernel_initializer=initializer(3))(
+        layers.Dropout(0.3, seed=seed + 11)(features))
     return keras.Model(inputs, logits, name="mnist_judge")
 
 
@@ -67,8 +82,7 @@ def train_classifier(mnist, epochs: int = 5, seed: int = 0, report: Callable[[st
     """Trains the judge on the real train split; returns (model, accuracy on the real test split)."""
     import keras
 
-    keras.utils.set_random_seed(seed)
-    model = build_classifier()
+    model = build_classifier(seed)
     steps = epochs * (len(mnist.train_images) // 128 + 1)
     learning_rate = keras.optimizers.schedules.CosineDecay(2e-3, decay_steps=steps)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),

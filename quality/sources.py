@@ -96,7 +96,7 @@ class ServerSampler:
         if "sample" not in signatures or "serving_default" not in signatures:
             raise judge_lib.EvaluationError(f"model {model_name!r} on {server} lacks the 'sample' and 'serving_default' signatures")
         self.conditional = "digit" in signatures["sample"]["inputs"]
-        self.latent_dim = signatures["serving_default"]["inputs"]["noise"]["shape"][1]
+        self.latent_dim = client.read_latent_dim(server, model_name, version, timeout)
         self.version = None
 
     def sample(self, digits: np.ndarray, seeds: np.ndarray) -> np.ndarray:
@@ -181,9 +181,10 @@ def evaluate_run(run_dir: str, checkpoint: str | None, config: EvaluateConfig, r
     checkpoint_path = bundle.find_checkpoint(run_dir, checkpoint)
     train_config = bundle.train_config_for(checkpoint_path, run_dir, checkpoint)
     generator, step = bundle.restore_generator(checkpoint_path, train_config)
+    source = f"{checkpoint} (step {step})" if checkpoint else f"{run_dir} step {step}"
     with tempfile.TemporaryDirectory(prefix="digitgan-evaluate-") as folder:
         signatures.GeneratorSignatures(generator, train_config.latent_dim, train_config.conditional).write(folder)
-        return evaluate(SignatureSampler(folder), f"{run_dir} step {step}", config, report, progress)
+        return evaluate(SignatureSampler(folder), source, config, report, progress)
 
 
 def evaluate_server(server: str, model_name: str, version: int | None, config: EvaluateConfig,

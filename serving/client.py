@@ -99,7 +99,7 @@ def generate(server: str, model_name: str = DEFAULT_MODEL, digits: list[int] | N
                    for index, digit in enumerate(digits)]
         return np.concatenate([images for images, _ in results]), results[0][1]
     if latent_dim is None:
-        latent_dim = _latent_dim(server, model_name, version, timeout)
+        latent_dim = read_latent_dim(server, model_name, version, timeout)
     noise = np.random.default_rng(seed).standard_normal((count, latent_dim)).astype(np.float32)
     return predict(server, "serving_default", {"noise": noise}, model_name=model_name, version=version,
                    timeout=timeout)
@@ -115,7 +115,7 @@ def interpolate(server: str, model_name: str = DEFAULT_MODEL, digits: list[int] 
     """
     if steps < 2:
         raise ClientError(f"an interpolation needs at least 2 steps, got {steps}")
-    latent_dim = _latent_dim(server, model_name, version, timeout)
+    latent_dim = read_latent_dim(server, model_name, version, timeout)
     start, end = np.random.default_rng(seed).standard_normal((2, latent_dim))
     walk = np.stack([_slerp(start, end, fraction) for fraction in np.linspace(0.0, 1.0, steps)]).astype(np.float32)
     if not digits:
@@ -152,7 +152,8 @@ def predict(server: str, signature_name: str, inputs: dict[str, np.ndarray], mod
     return tf.make_ndarray(response.outputs[output]), response.model_spec.version.value
 
 
-def _latent_dim(server: str, model_name: str, version: int | None, timeout: float) -> int:
+def read_latent_dim(server: str, model_name: str, version: int | None, timeout: float) -> int:
+    """The length of the noise `serving_default` takes, from the model's metadata."""
     metadata = get_metadata(server, model_name, version, timeout)
     signature = metadata["signatures"].get("serving_default")
     if signature is None or "noise" not in signature["inputs"]:

@@ -215,9 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unavailable-backoff", type=float, default=1.0,
                         help="seconds a client waits after UNAVAILABLE before its next request")
     args = parser.parse_args(argv)
+    if args.rows < 1 or args.latent_dim < 1:
+        parser.error(f"--rows and --latent-dim must be at least 1, got {args.rows} and {args.latent_dim}")
     request = predict_request(args.model, args.rows, args.latent_dim, args.signature)
-    result = LoadGenerator(args.server, args.model, args.clients, args.seconds, args.timeout, request,
-                           args.unavailable_backoff).run()
+    try:
+        generator = LoadGenerator(args.server, args.model, args.clients, args.seconds, args.timeout, request,
+                                  args.unavailable_backoff)
+    except ValueError as error:
+        parser.error(str(error))  # one line and exit code 2, not a traceback
+    result = generator.run()
     print(f"target {args.server}, model {args.model!r}, {args.rows} image(s) per request")
     print(result.report())
     return 1 if result.failed else 0

@@ -102,7 +102,7 @@ def train(config: TrainConfig, report: Callable[[str], None] = print, progress: 
     bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", disable=not (progress and chief),
                     dynamic_ncols=True, desc="training")
     last_saved = start_step
-    quality = None  # built at the first epoch end, so short runs never pay for the judge
+    quality = None  # built at the first epoch end, so short runs never pay for the judge; False once it failed
     # The bar is closed on the way out of an error too, so the error prints on a line of its own.
     with StopRequested() as stop, writer.as_default(), bar:
         while current < total_steps and stop.signal_number is None:
@@ -135,9 +135,8 @@ def train(config: TrainConfig, report: Callable[[str], None] = print, progress: 
                           f"G loss {generator_loss:.4f}, D loss {discriminator_loss:.4f}")
                 if chief:
                     _write_samples(state.sampling_generator, config, fixed_noise, fixed_digits, epoch + 1, current)
-                if chief and config.evaluate_every_epoch:
-                    quality = quality or EpochQuality(config, mnist, bar.write)
-                    bar.write(quality.log(state.sampling_generator, config.conditional, current))
+                if chief and config.evaluate_every_epoch and quality is not False:
+                    quality = _log_quality(quality, config, mnist, state.sampling_generator, current, bar.write)
         if current != last_saved or manager.latest_checkpoint is None:
             _save(manager, state, current)
         if chief and current % steps_per_epoch:  # stopped mid-epoch: still show where the digits are
@@ -206,8 +205,9 @@ def _restore_one(checkpoint: tf.train.Checkpoint, state: step_lib.GanState, path
         checkpoint.restore(path).assert_existing_objects_matched()
     except (AssertionError, ValueError) as error:
         raise ValueError(f"checkpoint {path} does not match this model ({type(error).__name__}); "
-                         "was it trained with other --latent-dim / --conditional options, or by an older "
-                         "digitgan? Use those, or a new --run-dir") from None
+                         "was it trained with other --latent-dim / --conditional / --architecture / "
+                         "--generator-average options (see its config.json), or by an older digitgan? "
+                         "Use those, or a new --run-dir") from None
     except (tf.errors.OpError, IndexError, OSError) as error:  # TF reports a short read as IndexError
         return f"unreadable ({type(error).__name__}: {_first_line(error)})"
     non_finite = state.non_finite_variables()
@@ -337,6 +337,22 @@ class EpochQuality:
             tf.summary.scalar("quality/conditional_accuracy", row.conditional_accuracy, step=step)
             line += f", conditional accuracy {row.conditional_accuracy:.2%}"
         return line
+
+
+def _log_quality(quality: "EpochQuality | None", config: TrainConfig, mnist: data.Mnist, generator, step: int,
+                 report: Callable[[str], None]) -> "EpochQuality | bool":
+    """Logs the epoch's quality figures; returns the EpochQuality to reuse, or False when it failed.
+
+    The figures are a nicety: a judge that cannot be trained or cached (a read-only data dir, an
+    unlucky judge under 99%) turns them off for the run with one line, never stops the training.
+    """
+    try:
+        quality = quality or EpochQuality(config, mnist, report)
+        report(quality.log(generator, config.conditional, step))
+        return quality
+    except (ValueError, OSError) as error:
+        report(f"  quality figures turned off for this run: {error}")
+        return False
 
 
 def sample_images(generator, noise, digits, conditional: bool) -> np.ndarray:

@@ -146,3 +146,21 @@ def test_blessing_gate_refuses_a_weak_candidate_and_records_figures(tiny_runs, m
     assert evaluation["frechet_ratio"] == pytest.approx(rejected["frechet_ratio"])  # same seeds, same candidate
     with pytest.raises(ValueError, match="min_conditional_accuracy must be in"):
         sources.blessing_gate(small, min_conditional_accuracy=99)
+
+
+def test_export_writes_the_generator_average(tiny_runs):
+    """A run that kept a moving average of G exports that average, not the last step's G."""
+    from trainer import models
+    from trainer.config import TrainConfig
+
+    checkpoint = bundle.find_checkpoint(tiny_runs["conditional"])
+    train_config = TrainConfig.load(tiny_runs["conditional"])
+    exported, _ = bundle.restore_generator(checkpoint, train_config)
+    by_name = {}
+    for name in ("generator_average", "generator"):
+        by_name[name] = models.build_generator(train_config.latent_dim, train_config.conditional)
+        tf.train.Checkpoint(**{name: by_name[name]}).restore(checkpoint).expect_partial()
+    for mine, average, last in zip(exported.weights, by_name["generator_average"].weights, by_name["generator"].weights):
+        np.testing.assert_array_equal(mine.numpy(), average.numpy())
+    assert any(not np.array_equal(average.numpy(), last.numpy())
+               for average, last in zip(by_name["generator_average"].weights, by_name["generator"].weights))

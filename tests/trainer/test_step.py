@@ -87,3 +87,29 @@ def test_dropout_masks_differ_per_replica_and_their_seeds_are_checkpointed(tmp_p
     assert not np.array_equal(first == 0, second == 0)
     saved = {name for name, _ in tf.train.list_variables(state.checkpoint().write(str(tmp_path / "ckpt")))}
     assert sum(name.startswith("seed_states/") for name in saved) == 2  # D's two dropout layers
+
+
+def test_generator_average_follows_its_formula_on_every_replica(mnist_data_dir, tmp_path):
+    """average <- d * average + (1 - d) * G after each step, d = min(decay, (1 + step) / (10 + step)),
+    written identically to both replicas' copies; the checkpoint holds it and export restores it."""
+    strategy = _two_replicas()
+    config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2, generator_average_decay=0.999)
+    state = step_lib.build_state(config, strategy)
+    initial = [variable.numpy().copy() for variable in state.generator.weights]
+    for average, weight in zip(state.generator_average.weights, initial):
+        np.testing.assert_array_equal(average.numpy(), weight)  # starts as G
+    images, labels = _real_batches(mnist_data_dir, count=1)
+    iterator = iter(strategy.distribute_datasets_from_function(
+        data.epoch_dataset_fn(images, labels, GLOBAL_BATCH, seed=0, epoch=0)))
+    step_lib.make_train_function(strategy, state, config, GLOBAL_BATCH)(iterator, tf.constant(1))
+    decay = min(0.999, 2.0 / 11.0)  # the update runs after the step counter reached 1
+    moved = 0
+    for average, before, after in zip(state.generator_average.weights, initial, state.generator.weights):
+        expected = decay * before + (1.0 - decay) * after.numpy()
+        copies = [value.numpy() for value in average.value.values]
+        np.testing.assert_allclose(copies[0], expected, rtol=1e-5, atol=1e-6, err_msg=average.path)
+        np.testing.assert_array_equal(copies[0], copies[1], err_msg=average.path)
+        moved += not np.allclose(copies[0], after.numpy())
+    assert moved > 0, "the average should lag behind G"
+    saved = state.checkpoint().write(str(tmp_path / "ckpt"))
+    assert any(name.startswith("generator_average/") for name, _ in tf.train.list_variables(saved))
