@@ -139,7 +139,7 @@ class Judge:
         _check_images(images)
         features, logits = [], []
         for start in range(0, len(images), batch_size):
-            batch_features, batch_logits = self._features_and_logits(images[start:start + batch_size], training=False)
+            batch_features, batch_logits = self._features_and_logits([images[start:start + batch_size]], training=False)
             features.append(np.asarray(batch_features, np.float64))
             logits.append(np.asarray(batch_logits, np.float64))
         return np.concatenate(features), _softmax(np.concatenate(logits))

@@ -62,6 +62,14 @@ class Sampler(Protocol):
     def default(self, noise: np.ndarray) -> np.ndarray: ...
 
 
+def sample_inputs(conditional: bool, digits: np.ndarray, seeds: np.ndarray) -> dict[str, np.ndarray]:
+    """The `sample` signature's inputs: seed int64 [N], and digit int32 [N] for conditional models."""
+    inputs = {"seed": seeds.astype(np.int64)}
+    if conditional:
+        inputs["digit"] = digits.astype(np.int32)
+    return inputs
+
+
 class SignatureSampler:
     """A loaded SavedModel's `sample` and `serving_default` signatures."""
 
@@ -75,10 +83,7 @@ class SignatureSampler:
         self.latent_dim = int(self._signatures["serving_default"].structured_input_signature[1]["noise"].shape[1])
 
     def sample(self, digits: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        inputs = {"seed": seeds.astype(np.int64)}
-        if self.conditional:
-            inputs["digit"] = digits.astype(np.int32)
-        return self._signatures["sample"](**inputs)["images"].numpy()
+        return self._signatures["sample"](**sample_inputs(self.conditional, digits, seeds))["images"].numpy()
 
     def default(self, noise: np.ndarray) -> np.ndarray:
         return self._signatures["serving_default"](noise=noise)["images"].numpy()
@@ -100,10 +105,7 @@ class ServerSampler:
         self.version = None
 
     def sample(self, digits: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        inputs = {"seed": seeds.astype(np.int64)}
-        if self.conditional:
-            inputs["digit"] = digits.astype(np.int32)
-        return self._predict("sample", inputs)
+        return self._predict("sample", sample_inputs(self.conditional, digits, seeds))
 
     def default(self, noise: np.ndarray) -> np.ndarray:
         return self._predict("serving_default", {"noise": noise})
