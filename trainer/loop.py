@@ -97,12 +97,15 @@ def train(config: TrainConfig, report: Callable[[str], None] = print, progress: 
     writer = tf.summary.create_file_writer(str(Path(config.run_dir) / "logs")) if chief else tf.summary.create_noop_writer()
     fixed_noise, fixed_digits = _fixed_sample_inputs(config)
     generator_loss = discriminator_loss = float("nan")
+    # The judge is prepared (trained once per data dir) before the clock starts, like the data, and
+    # only by runs that will reach an epoch end; False means no per-epoch figures.
+    reaches_epoch_end = total_steps >= (start_step // steps_per_epoch + 1) * steps_per_epoch
+    quality = _epoch_quality(config, mnist, report) if chief and config.evaluate_every_epoch and reaches_epoch_end else False
     started = time.perf_counter()
     current = start_step
     bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", disable=not (progress and chief),
                     dynamic_ncols=True, desc="training")
     last_saved = start_step
-    quality = None  # built at the first epoch end, so short runs never pay for the judge; False once it failed
     # The bar is closed on the way out of an error too, so the error prints on a line of its own.
     with StopRequested() as stop, writer.as_default(), bar:
         while current < total_steps and stop.signal_number is None:
@@ -135,8 +138,8 @@ def train(config: TrainConfig, report: Callable[[str], None] = print, progress: 
                           f"G loss {generator_loss:.4f}, D loss {discriminator_loss:.4f}")
                 if chief:
                     _write_samples(state.sampling_generator, config, fixed_noise, fixed_digits, epoch + 1, current)
-                if chief and config.evaluate_every_epoch and quality is not False:
-                    quality = _log_quality(quality, config, mnist, state.sampling_generator, current, bar.write)
+                if quality:
+                    quality = _log_quality(quality, state.sampling_generator, config.conditional, current, bar.write)
         if current != last_saved or manager.latest_checkpoint is None:
             _save(manager, state, current)
         if chief and current % steps_per_epoch:  # stopped mid-epoch: still show where the digits are
@@ -339,16 +342,21 @@ class EpochQuality:
         return line
 
 
-def _log_quality(quality: "EpochQuality | None", config: TrainConfig, mnist: data.Mnist, generator, step: int,
-                 report: Callable[[str], None]) -> "EpochQuality | bool":
-    """Logs the epoch's quality figures; returns the EpochQuality to reuse, or False when it failed.
-
-    The figures are a nicety: a judge that cannot be trained or cached (a read-only data dir, an
-    unlucky judge under 99%) turns them off for the run with one line, never stops the training.
-    """
+def _epoch_quality(config: TrainConfig, mnist: data.Mnist, report: Callable[[str], None]) -> "EpochQuality | bool":
+    """The per-epoch judge, or False when it cannot be had (a read-only data dir, an unlucky judge
+    under 99%): the figures are a nicety, so that turns them off with one line, never stops training."""
     try:
-        quality = quality or EpochQuality(config, mnist, report)
-        report(quality.log(generator, config.conditional, step))
+        return EpochQuality(config, mnist, report)
+    except (ValueError, OSError) as error:
+        report(f"Per-epoch quality figures are off for this run: {error}")
+        return False
+
+
+def _log_quality(quality: EpochQuality, generator, conditional: bool, step: int,
+                 report: Callable[[str], None]) -> "EpochQuality | bool":
+    """Logs the epoch's figures; returns `quality` to reuse, or False when judging failed."""
+    try:
+        report(quality.log(generator, conditional, step))
         return quality
     except (ValueError, OSError) as error:
         report(f"  quality figures turned off for this run: {error}")
