@@ -211,14 +211,15 @@ def blessing_gate(config: EvaluateConfig, min_conditional_accuracy: float | None
         raise ValueError(f"max_frechet_ratio must be positive, got {max_frechet_ratio!r}")
 
     def gate(staging) -> bundle.Verdict:
-        calibration, row = evaluate_bundle(str(staging), config, report, progress, source="export candidate")
+        sampler = SignatureSampler(str(staging))
+        if min_conditional_accuracy is not None and not sampler.conditional:  # say so before minutes of judging
+            return bundle.Verdict(passed=False, figures={}, failures=(
+                "--min-conditional-accuracy needs a conditional model; this one is unconditional",))
+        calibration, row = evaluate(sampler, "export candidate", config, report, progress)
         report(judge_lib.format_reports([calibration, row]))
         failures = []
-        if min_conditional_accuracy is not None:
-            if row.conditional_accuracy is None:
-                failures.append("--min-conditional-accuracy needs a conditional model; this one is unconditional")
-            elif row.conditional_accuracy < min_conditional_accuracy:
-                failures.append(f"conditional accuracy {row.conditional_accuracy:.2%} < {min_conditional_accuracy:.2%}")
+        if min_conditional_accuracy is not None and row.conditional_accuracy < min_conditional_accuracy:
+            failures.append(f"conditional accuracy {row.conditional_accuracy:.2%} < {min_conditional_accuracy:.2%}")
         if max_frechet_ratio is not None and row.frechet_ratio > max_frechet_ratio:
             failures.append(f"Fréchet ratio {row.frechet_ratio:.2f} > {max_frechet_ratio:.2f}")
         figures = dict(row.to_dict(), calibration=calibration.to_dict(),

@@ -146,6 +146,9 @@ def test_blessing_gate_refuses_a_weak_candidate_and_records_figures(tiny_runs, m
     assert evaluation["frechet_ratio"] == pytest.approx(rejected["frechet_ratio"])  # same seeds, same candidate
     with pytest.raises(ValueError, match="min_conditional_accuracy must be in"):
         sources.blessing_gate(small, min_conditional_accuracy=99)
+    needs_digits = sources.blessing_gate(small, min_conditional_accuracy=0.5, report=lambda line: None, progress=False)
+    with pytest.raises(bundle.ExportError, match="needs a conditional model; this one is unconditional"):
+        _export(tiny_runs["unconditional"], tmp_path / "unconditional", gate=needs_digits)
 
 
 def test_export_writes_the_generator_average(tiny_runs):
