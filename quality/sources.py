@@ -20,7 +20,7 @@ import numpy as np
 
 from quality import judge as judge_lib
 
-NUM_CLASSES = 10
+NUM_CLASSES = judge_lib.NUM_CLASSES
 
 
 @dataclasses.dataclass(frozen=True)
