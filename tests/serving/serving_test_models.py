@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -141,3 +142,14 @@ def _predict_signature(inputs: dict, outputs: dict):
         {alias: info(tensor) for alias, tensor in inputs.items()},
         {alias: info(tensor) for alias, tensor in outputs.items()},
         v1.saved_model.signature_constants.PREDICT_METHOD_NAME)
+
+
+def wait_for(condition, timeout: float = 120.0, interval: float = 0.05) -> bool:
+    """Polls until condition() holds. Only a safety net against hangs, never a timing check: every
+    caller asserts it becomes true, so the generous timeout costs nothing when things work."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False

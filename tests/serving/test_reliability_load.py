@@ -33,6 +33,7 @@ from tensorflow_serving.apis import (get_model_status_pb2, model_management_pb2,
 from tensorflow_serving.config import model_server_config_pb2
 
 import serving_test_models as models
+from serving_test_models import wait_for
 from serving import loadtest
 from serving.config import ServeConfig
 from serving.server import create_server
@@ -81,15 +82,6 @@ def load_server(tmp_path):
 
 
 # ---------------- helpers ----------------
-def wait_for(condition, timeout: float = WAIT_SECONDS, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return False
-
-
 def report(result: loadtest.LoadResult, title: str, record_property) -> None:
     """Print the figures (no assertion on them) and keep them in the JUnit properties."""
     print(f"\n[{title}] {result.report()}")

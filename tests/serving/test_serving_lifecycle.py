@@ -15,6 +15,7 @@ from tensorflow_serving.apis import (get_model_status_pb2, model_management_pb2,
 from tensorflow_serving.config import model_server_config_pb2
 
 import serving_test_models as models
+from serving_test_models import wait_for
 from serving import client
 from serving.config import ServeConfig
 from serving.server import create_server
@@ -65,15 +66,6 @@ def statuses(channel):
     request.model_spec.name = "digitgan"
     stub = model_service_pb2_grpc.ModelServiceStub(channel)
     return [(s.version, s.state, s.status.error_code) for s in stub.GetModelStatus(request, 10).model_version_status]
-
-
-def wait_for(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def copy_atomically(source, base, version):
