@@ -44,7 +44,15 @@ def user_errors(*error_types: type[BaseException]):
 def train(
     epochs: int = typer.Option(3, help="Passes over the 60,000 MNIST training images."),
     batch_size: int = typer.Option(128, help="Global batch size, split evenly over the replicas."),
-    learning_rate: float = typer.Option(2e-4, help="Adam learning rate of G and D."),
+    learning_rate: float = typer.Option(2e-4, help="Adam learning rate of G (and of D unless --discriminator-learning-rate)."),
+    discriminator_learning_rate: Optional[float] = typer.Option(
+        None, help="Adam learning rate of D, if it should differ from G's (TTUR) [default: --learning-rate]."),
+    learning_rate_schedule: str = typer.Option(
+        "constant", help="constant, or linear_decay: hold the learning rates for half the epochs, then lower them "
+                         "linearly to zero at the end."),
+    classifier_weight: float = typer.Option(
+        0.0, help="Weight of the auxiliary classifier loss (AC-GAN: D also names the digit, G must make it "
+                  "readable); 0 = off. Conditional only."),
     beta_1: float = typer.Option(0.5, help="Adam beta_1 of G and D."),
     latent_dim: int = typer.Option(100, help="Length of the generator's noise vector."),
     run_dir: str = typer.Option("runs/default", help="Checkpoints, TensorBoard logs, samples/ and config.json go here."),
@@ -76,6 +84,8 @@ def train(
         strategy_lib.set_worker_cluster(worker_hosts, task_index)
         config = config_lib.TrainConfig(
             run_dir=run_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, beta_1=beta_1,
+            discriminator_learning_rate=discriminator_learning_rate, learning_rate_schedule=learning_rate_schedule,
+            classifier_weight=classifier_weight,
             latent_dim=latent_dim, conditional=conditional, max_steps=max_steps, seed=seed, data_dir=data_dir,
             architecture=architecture, generator_average_decay=generator_average,
             resume=resume, precision=precision, gpus=gpus, cpu_replicas=cpu_replicas, steps_per_call=steps_per_call,

@@ -8,6 +8,7 @@ from pathlib import Path
 from common import files
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+LEARNING_RATE_SCHEDULES = ("constant", "linear_decay")
 CONFIG_FILE = "config.json"
 
 
@@ -22,13 +23,22 @@ class TrainConfig:
     batch_size: int = 128
     """Global batch size, split evenly over the replicas (must be divisible by the replica count)."""
     learning_rate: float = 2e-4
-    """Adam learning rate of both the generator and the discriminator."""
+    """Adam learning rate of the generator (and of the discriminator unless `discriminator_learning_rate` is set)."""
+    discriminator_learning_rate: float | None = None
+    """Adam learning rate of the discriminator; None = `learning_rate` (a larger one is TTUR, Heusel et al. 2017)."""
+    learning_rate_schedule: str = "constant"
+    """"constant", or "linear_decay": hold both learning rates for the first half of `epochs`, then lower
+    them linearly to zero at the last step of the last epoch (pix2pix's schedule)."""
     beta_1: float = 0.5
     """Adam's first-moment decay; 0.5 is the DCGAN paper's value (the tutorial's 0.9 trains slower)."""
     latent_dim: int = 100
     """Length of the generator's noise vector."""
     conditional: bool = True
     """Class-conditional GAN (clients can ask for a digit) or the tutorial's unconditional one."""
+    classifier_weight: float = 0.0
+    """Weight of an auxiliary classifier loss (AC-GAN, Odena et al. 2017), conditional runs only: D also
+    learns to name the digit of real images, and G is pushed to make fakes D reads as the digit asked
+    for; 0 = none."""
     architecture: str = "tutorial"
     """Layer widths of G and D: "tutorial" (the TensorFlow DCGAN tutorial's) or "compact" (see trainer/models.py)."""
     max_steps: int | None = None
@@ -62,6 +72,13 @@ class TrainConfig:
         _require(self.epochs >= 1, "epochs", self.epochs, "at least 1")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
         _require(0 < self.learning_rate < 1, "learning_rate", self.learning_rate, "between 0 and 1")
+        _require(self.discriminator_learning_rate is None or 0 < self.discriminator_learning_rate < 1,
+                 "discriminator_learning_rate", self.discriminator_learning_rate, "between 0 and 1, or None")
+        _require(self.learning_rate_schedule in LEARNING_RATE_SCHEDULES, "learning_rate_schedule",
+                 self.learning_rate_schedule, f"one of {', '.join(LEARNING_RATE_SCHEDULES)}")
+        _require(self.classifier_weight >= 0, "classifier_weight", self.classifier_weight, "0 or more")
+        _require(self.conditional or not self.classifier_weight, "classifier_weight", self.classifier_weight,
+                 "0 for an unconditional model (there is no digit to classify)")
         _require(0 <= self.beta_1 < 1, "beta_1", self.beta_1, "in [0, 1)")
         _require(self.latent_dim >= 2, "latent_dim", self.latent_dim, "at least 2")
         _require(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "at least 1")

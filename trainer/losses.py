@@ -22,3 +22,9 @@ def generator_loss(fake_logits, global_batch_size: int):
     """G's non-saturating loss: the discriminator should call the fakes real (label 1)."""
     fake = tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.ones_like(fake_logits), logits=fake_logits)
     return tf.nn.compute_average_loss(tf.squeeze(fake, -1), global_batch_size=global_batch_size)
+
+
+def classifier_loss(class_logits, digits, global_batch_size: int):
+    """AC-GAN's auxiliary loss: cross-entropy of D's digit logits [B, 10] float32 against digits int32 [B]."""
+    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=digits, logits=class_logits)
+    return tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)

@@ -7,7 +7,8 @@ Shapes and ranges:
 - generator: `noise` float32 [B, latent_dim] (standard normal) and, when conditional, `digit`
   int32 [B] in 0..9 → images float32 [B, 28, 28, 1] in [-1, 1] (tanh).
 - discriminator: `image` float32 [B, 28, 28, 1] in [-1, 1] and, when conditional, `digit` int32 [B]
-  → one logit float32 [B, 1] (real > 0 > fake).
+  → one logit float32 [B, 1] (real > 0 > fake); with the auxiliary classifier head also the
+  digit's logits float32 [B, 10] (a list [logit, class_logits]).
 """
 from __future__ import annotations
 
@@ -118,11 +119,12 @@ def build_generator(latent_dim: int = 100, conditional: bool = True, synchronize
 
 
 def build_discriminator(conditional: bool = True, per_replica_dropout: bool = False,
-                        architecture: str = "tutorial") -> keras.Model:
+                        architecture: str = "tutorial", classifier_head: bool = False) -> keras.Model:
     """DCGAN discriminator: Conv2D 64 / 128 (stride 2), LeakyReLU, Dropout 0.3, Dense → 1 logit (projection when conditional).
 
     Inputs image float32 [B, 28, 28, 1] in [-1, 1] (and digit int32 [B] when conditional); output
-    one logit float32 [B, 1].
+    one logit float32 [B, 1]. `classifier_head=True` (conditional only) adds AC-GAN's auxiliary
+    classifier: the outputs become [logit, class_logits float32 [B, 10]], both from the same features.
 
     Pass `per_replica_dropout=True` when training over several replicas: Keras's Dropout would give
     every replica the same mask. On one device Keras's Dropout is kept: its stateless kernel made the
@@ -146,6 +148,11 @@ def build_discriminator(conditional: bool = True, per_replica_dropout: bool = Fa
         logit = ProjectionLogit(dtype="float32", name="logit")([features, digit])
     else:
         logit = keras.layers.Dense(1, dtype="float32", name="logit")(features)
+    if classifier_head:
+        if not conditional:
+            raise ValueError("classifier_head needs a conditional discriminator (there is no digit to classify)")
+        class_logits = keras.layers.Dense(NUM_CLASSES, dtype="float32", name="class_logits")(features)
+        return keras.Model(inputs, [logit, class_logits], name="discriminator")
     return keras.Model(inputs, logit, name="discriminator")
 
 

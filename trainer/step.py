@@ -12,7 +12,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from trainer import losses, models
+from trainer import data, losses, models
 from trainer.config import TrainConfig
 
 
@@ -71,9 +71,10 @@ def build_state(config: TrainConfig, strategy: tf.distribute.Strategy) -> GanSta
         generator = models.build_generator(config.latent_dim, config.conditional, synchronized_batch_norm=several_replicas,
                                            architecture=config.architecture)
         discriminator = models.build_discriminator(config.conditional, per_replica_dropout=several_replicas,
-                                                   architecture=config.architecture)
-        generator_optimizer = _adam(config)
-        discriminator_optimizer = _adam(config)
+                                                   architecture=config.architecture,
+                                                   classifier_head=config.classifier_weight > 0)
+        generator_optimizer = _adam(config, config.learning_rate)
+        discriminator_optimizer = _adam(config, config.discriminator_learning_rate or config.learning_rate)
         # Optimizers must be built before the first distributed step, or the first
         # apply_gradients inside strategy.run fails (Keras 3 creates slots lazily).
         generator_optimizer.build(generator.trainable_variables)
@@ -106,8 +107,8 @@ def update_generator_average(state: GanState, decay: float) -> None:
         average.assign(effective * average + (1.0 - effective) * tf.cast(current, average.dtype))
 
 
-def _adam(config: TrainConfig) -> keras.optimizers.Optimizer:
-    optimizer = keras.optimizers.Adam(config.learning_rate, beta_1=config.beta_1)
+def _adam(config: TrainConfig, learning_rate: float) -> keras.optimizers.Optimizer:
+    optimizer = keras.optimizers.Adam(learning_rate_schedule(config, learning_rate), beta_1=config.beta_1)
     if config.precision == "mixed_float16":
         # float16 gradients underflow without loss scaling; the wrapper scales the loss and
         # unscales (and skips non-finite) gradients inside apply_gradients.
@@ -115,7 +116,36 @@ def _adam(config: TrainConfig) -> keras.optimizers.Optimizer:
     return optimizer
 
 
-def replica_step(state: GanState, images, digits, global_batch_size: int, latent_dim: int, conditional: bool):
+def learning_rate_schedule(config: TrainConfig, learning_rate: float):
+    """`learning_rate` as a constant, or as `config.learning_rate_schedule` over the run's planned steps.
+
+    The schedule reads the optimizer's own step count, which the checkpoint holds, so a resumed run
+    continues on the same curve. It spans `epochs` (not `max_steps`, which only cuts a run short).
+    """
+    if config.learning_rate_schedule == "constant":
+        return learning_rate
+    total_steps = config.epochs * data.steps_per_epoch(data.TRAIN_SIZE, config.batch_size)
+    return HoldThenLinearDecay(learning_rate, hold_steps=total_steps // 2, total_steps=total_steps)
+
+
+@keras.saving.register_keras_serializable(package="digitgan")
+class HoldThenLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """`initial` for the first `hold_steps` steps, then linearly down to 0 at `total_steps`."""
+
+    def __init__(self, initial: float, hold_steps: int, total_steps: int):
+        self.initial, self.hold_steps, self.total_steps = initial, hold_steps, total_steps
+
+    def __call__(self, step):
+        decay_steps = max(self.total_steps - self.hold_steps, 1)
+        past_hold = tf.maximum(tf.cast(step, tf.float32) - self.hold_steps, 0.0)
+        return self.initial * tf.maximum(1.0 - past_hold / decay_steps, 0.0)
+
+    def get_config(self):
+        return {"initial": self.initial, "hold_steps": self.hold_steps, "total_steps": self.total_steps}
+
+
+def replica_step(state: GanState, images, digits, global_batch_size: int, latent_dim: int, conditional: bool,
+                 classifier_weight: float = 0.0):
     """One D and G update on this replica's batch. Returns (generator_loss, discriminator_loss).
 
     images uint8 [b, 28, 28, 1] (MNIST pixels); digits int32 [b]; b = this replica's share of the batch.
@@ -127,7 +157,8 @@ def replica_step(state: GanState, images, digits, global_batch_size: int, latent
     fake_digits = state.noise_generator.uniform([batch], 0, models.NUM_CLASSES, dtype=tf.int32)
     with tf.GradientTape() as generator_tape, tf.GradientTape() as discriminator_tape:
         generator_loss, discriminator_loss = compute_losses(state, images, digits, noise, fake_digits,
-                                                            global_batch_size, conditional, training=True)
+                                                            global_batch_size, conditional, training=True,
+                                                            classifier_weight=classifier_weight)
         scaled_generator_loss = _scale(state.generator_optimizer, generator_loss)
         scaled_discriminator_loss = _scale(state.discriminator_optimizer, discriminator_loss)
     _apply(state.generator_optimizer, generator_tape, scaled_generator_loss, state.generator)
@@ -141,17 +172,26 @@ def scale_images(images):
 
 
 def compute_losses(state: GanState, images, digits, noise, fake_digits, global_batch_size: int, conditional: bool,
-                   training: bool = True):
+                   training: bool = True, classifier_weight: float = 0.0):
     """(generator_loss, discriminator_loss) of one forward pass, each divided by the GLOBAL batch size.
 
     Summing the replicas' values (and the optimizer summing their gradients) gives the
-    single-device mean over the whole global batch.
+    single-device mean over the whole global batch. With `classifier_weight` > 0 (a discriminator
+    built with the classifier head), D's loss adds the cross-entropy of its digit guess on the real
+    images and G's loss the same on the fakes against the digits asked for (AC-GAN; D learns to
+    classify from real images only, so it never learns the fakes' mistakes as a class).
     """
     fakes = state.generator(models.generator_inputs(noise, fake_digits, conditional), training=training)
-    real_logits = state.discriminator(models.discriminator_inputs(images, digits, conditional), training=training)
-    fake_logits = state.discriminator(models.discriminator_inputs(fakes, fake_digits, conditional), training=training)
-    return (losses.generator_loss(fake_logits, global_batch_size),
-            losses.discriminator_loss(real_logits, fake_logits, global_batch_size))
+    real_outputs = state.discriminator(models.discriminator_inputs(images, digits, conditional), training=training)
+    fake_outputs = state.discriminator(models.discriminator_inputs(fakes, fake_digits, conditional), training=training)
+    if not classifier_weight:
+        return (losses.generator_loss(fake_outputs, global_batch_size),
+                losses.discriminator_loss(real_outputs, fake_outputs, global_batch_size))
+    (real_logits, real_class_logits), (fake_logits, fake_class_logits) = real_outputs, fake_outputs
+    return (losses.generator_loss(fake_logits, global_batch_size)
+            + classifier_weight * losses.classifier_loss(fake_class_logits, fake_digits, global_batch_size),
+            losses.discriminator_loss(real_logits, fake_logits, global_batch_size)
+            + classifier_weight * losses.classifier_loss(real_class_logits, digits, global_batch_size))
 
 
 def _scale(optimizer, loss):
@@ -172,8 +212,8 @@ def make_train_function(strategy: tf.distribute.Strategy, state: GanState, confi
 
     def distributed_step(batch):
         images, digits = batch
-        per_replica = strategy.run(replica_step, args=(state, images, digits, global_batch_size,
-                                                       config.latent_dim, config.conditional))
+        per_replica = strategy.run(replica_step, args=(state, images, digits, global_batch_size, config.latent_dim,
+                                                       config.conditional, config.classifier_weight))
         state.step.assign_add(1)
         if state.generator_average is not None:
             update_generator_average(state, config.generator_average_decay)

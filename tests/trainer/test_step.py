@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from trainer import data, losses, step as step_lib, strategy as strategy_lib
@@ -48,9 +49,10 @@ def test_noise_differs_per_replica():
     assert not np.allclose(first, second)
 
 
-def test_reported_loss_equals_single_device_loss(mnist_data_dir):
+@pytest.mark.parametrize("classifier_weight", [0.0, 0.5])
+def test_reported_loss_equals_single_device_loss(mnist_data_dir, classifier_weight):
     strategy = _two_replicas()
-    config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2)
+    config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2, classifier_weight=classifier_weight)
     state = step_lib.build_state(config, strategy)
     images, labels = _real_batches(mnist_data_dir, count=1)
     images = images.astype(np.float32) / 127.5 - 1.0
@@ -61,7 +63,8 @@ def test_reported_loss_equals_single_device_loss(mnist_data_dir):
 
     def replica_losses(images, digits, noise, fake_digits):
         # Inference mode (no dropout) so both computations see exactly the same network.
-        return step_lib.compute_losses(state, images, digits, noise, fake_digits, GLOBAL_BATCH, True, training=False)
+        return step_lib.compute_losses(state, images, digits, noise, fake_digits, GLOBAL_BATCH, True, training=False,
+                                       classifier_weight=classifier_weight)
 
     distributed = next(iter(strategy.experimental_distribute_dataset(
         tf.data.Dataset.from_tensor_slices(batch).batch(GLOBAL_BATCH))))
@@ -76,6 +79,45 @@ def test_losses_divide_by_global_batch():
     mean = float(tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(tf.ones_like(logits), logits)))
     halves = [float(losses.generator_loss(part, global_batch_size=4)) for part in (logits[:2], logits[2:])]
     np.testing.assert_allclose(sum(halves), mean, rtol=1e-6)
+
+
+def test_classifier_loss_divides_by_global_batch_and_adds_to_both_losses(mnist_data_dir):
+    class_logits = tf.constant([[2.0, 0.1, -1.0], [0.3, 0.2, 0.1], [-2.0, 1.5, 0.0], [0.0, 0.0, 3.0]])
+    digits = tf.constant([0, 2, 1, 1])
+    mean = float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=digits, logits=class_logits)))
+    halves = [float(losses.classifier_loss(class_logits[i:i + 2], digits[i:i + 2], 4)) for i in (0, 2)]
+    np.testing.assert_allclose(sum(halves), mean, rtol=1e-6)
+    # With the head, each loss is the adversarial one plus weight x the classifier's cross-entropy.
+    config = TrainConfig(batch_size=4, classifier_weight=2.0)
+    state = step_lib.build_state(config, tf.distribute.get_strategy())
+    images, labels = _real_batches(mnist_data_dir, count=1)
+    images, labels = tf.constant(images[:4].astype(np.float32) / 127.5 - 1.0), tf.constant(labels[:4].astype(np.int32))
+    noise, fake_digits = tf.random.normal([4, config.latent_dim], seed=1), tf.constant([3, 1, 4, 1])
+    with_head = step_lib.compute_losses(state, images, labels, noise, fake_digits, 4, True, False, 2.0)
+    fakes = state.generator([noise, fake_digits], training=False)
+    real_logit, real_classes = state.discriminator([images, labels], training=False)
+    fake_logit, fake_classes = state.discriminator([fakes, fake_digits], training=False)
+    expected_generator = losses.generator_loss(fake_logit, 4) + 2.0 * losses.classifier_loss(fake_classes, fake_digits, 4)
+    expected_discriminator = (losses.discriminator_loss(real_logit, fake_logit, 4)
+                              + 2.0 * losses.classifier_loss(real_classes, labels, 4))
+    np.testing.assert_allclose([float(value) for value in with_head],
+                               [float(expected_generator), float(expected_discriminator)], rtol=1e-5)
+
+
+def test_learning_rates_follow_ttur_and_the_linear_decay_schedule(mnist_data_dir):
+    config = TrainConfig(batch_size=GLOBAL_BATCH, epochs=2, learning_rate=1e-4, discriminator_learning_rate=4e-4,
+                         learning_rate_schedule="linear_decay")
+    total = 2 * data.steps_per_epoch(data.TRAIN_SIZE, GLOBAL_BATCH)
+    schedule = step_lib.learning_rate_schedule(config, 1e-4)
+    values = [float(schedule(step)) for step in (0, total // 2, total * 3 // 4, total, total + 10)]
+    np.testing.assert_allclose(values, [1e-4, 1e-4, 0.5e-4, 0.0, 0.0], atol=1e-9)
+    state = step_lib.build_state(config, tf.distribute.get_strategy())
+    state.generator_optimizer.iterations.assign(total * 3 // 4)  # as a checkpoint restore would
+    state.discriminator_optimizer.iterations.assign(total * 3 // 4)
+    np.testing.assert_allclose(float(state.generator_optimizer.learning_rate), 0.5e-4, rtol=1e-5)
+    np.testing.assert_allclose(float(state.discriminator_optimizer.learning_rate), 2e-4, rtol=1e-5)
+    constant = step_lib.build_state(TrainConfig(batch_size=GLOBAL_BATCH), tf.distribute.get_strategy())
+    assert float(constant.discriminator_optimizer.learning_rate) == np.float32(2e-4)
 
 
 def test_dropout_masks_differ_per_replica_and_their_seeds_are_checkpointed(tmp_path):
