@@ -15,6 +15,8 @@ from typing import Optional
 
 import typer
 
+from trainer import config as train_config_lib  # plain dataclasses: no TensorFlow at import time
+
 # Keep TensorFlow's C++ start-up chatter out of the user's terminal (errors still show).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -23,6 +25,7 @@ app = typer.Typer(help="A class-conditional DCGAN on real MNIST: train it, expor
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 DEFAULT_SERVER = "localhost:8500"
+DEFAULTS = train_config_lib.TrainConfig()  # `train`'s option defaults are the config's: one place to change the recipe
 
 
 def fail(message: str) -> typer.Exit:
@@ -42,47 +45,48 @@ def user_errors(*error_types: type[BaseException]):
 
 @app.command()
 def train(
-    epochs: int = typer.Option(3, help="Passes over the 60,000 MNIST training images."),
-    batch_size: int = typer.Option(128, help="Global batch size, split evenly over the replicas."),
-    learning_rate: float = typer.Option(2e-4, help="Adam learning rate of G (and of D unless --discriminator-learning-rate)."),
+    epochs: int = typer.Option(DEFAULTS.epochs, help="Passes over the 60,000 MNIST training images."),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, help="Global batch size, split evenly over the replicas."),
+    learning_rate: float = typer.Option(DEFAULTS.learning_rate, help="Adam learning rate of G (and of D unless --discriminator-learning-rate)."),
     discriminator_learning_rate: Optional[float] = typer.Option(
-        None, help="Adam learning rate of D, if it should differ from G's (TTUR) [default: --learning-rate]."),
+        DEFAULTS.discriminator_learning_rate, help="Adam learning rate of D, if it should differ from G's (TTUR) (default: the --learning-rate)."),
     learning_rate_schedule: str = typer.Option(
-        "constant", help="constant, or linear_decay: hold the learning rates for half the epochs, then lower them "
+        DEFAULTS.learning_rate_schedule, help="constant, or linear_decay: hold the learning rates for half the epochs, then lower them "
                          "linearly to zero at the end."),
     classifier_weight: float = typer.Option(
-        0.0, help="Weight of the auxiliary classifier loss (AC-GAN: D also names the digit, G must make it "
-                  "readable); 0 = off. Conditional only."),
-    beta_1: float = typer.Option(0.5, help="Adam beta_1 of G and D."),
-    latent_dim: int = typer.Option(100, help="Length of the generator's noise vector."),
-    run_dir: str = typer.Option("runs/default", help="Checkpoints, TensorBoard logs, samples/ and config.json go here."),
+        DEFAULTS.classifier_weight, help="Weight of the auxiliary classifier loss (AC-GAN: D also names the digit, G must make it "
+                  "readable); 0 = off. Ignored (0) with --unconditional."),
+    beta_1: float = typer.Option(DEFAULTS.beta_1, help="Adam beta_1 of G and D."),
+    latent_dim: int = typer.Option(DEFAULTS.latent_dim, help="Length of the generator's noise vector."),
+    run_dir: str = typer.Option(DEFAULTS.run_dir, help="Checkpoints, TensorBoard logs, samples/ and config.json go here."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps in total (smoke runs)."),
-    seed: int = typer.Option(0, help="Seeds weights, noise and data order; the same seed gives the same run."),
-    conditional: bool = typer.Option(True, "--conditional/--unconditional",
+    seed: int = typer.Option(DEFAULTS.seed, help="Seeds weights, noise and data order; the same seed gives the same run."),
+    conditional: bool = typer.Option(DEFAULTS.conditional, "--conditional/--unconditional",
                                      help="Class-conditional GAN (ask for a digit) or the tutorial's unconditional one."),
-    data_dir: Optional[str] = typer.Option(None, help="TFDS data dir for MNIST [default: ~/tensorflow_datasets]."),
-    architecture: str = typer.Option("tutorial", help="Layer widths of G and D: tutorial (TensorFlow's DCGAN tutorial) or compact (about 1.8x the images/s on 2 CPU cores)."),
-    generator_average: float = typer.Option(0.999, help="Decay of the moving average of G's weights that samples and exports use (0 = off)."),
+    data_dir: Optional[str] = typer.Option(None, help="TFDS data dir for MNIST (default: ~/tensorflow_datasets)."),
+    architecture: str = typer.Option(DEFAULTS.architecture, help="Layer widths of G and D: tutorial (TensorFlow's DCGAN tutorial) or compact (about 1.8x the images/s on 2 CPU cores)."),
+    generator_average: float = typer.Option(DEFAULTS.generator_average_decay, help="Decay of the moving average of G's weights that samples and exports use (0 = off)."),
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="Continue from the run dir's newest checkpoint; --no-resume refuses to touch a run dir that has one."),
-    precision: str = typer.Option("float32", help="float32, mixed_bfloat16 (CPUs with AVX512-BF16/AMX) or mixed_float16 (GPUs)."),
-    gpus: Optional[int] = typer.Option(None, help="GPUs to mirror over (0 = CPU) [default: every visible GPU]."),
+    precision: str = typer.Option(DEFAULTS.precision, help="auto (mixed_bfloat16 on a CPU with AVX512-BF16/AMX, else float32), float32, "
+                                                "mixed_bfloat16 or mixed_float16 (GPUs)."),
+    gpus: Optional[int] = typer.Option(None, help="GPUs to mirror over, 0 = the CPU (default: every visible GPU)."),
     cpu_replicas: Optional[int] = typer.Option(None, help="Split the CPU into N logical devices and mirror over them."),
-    steps_per_call: int = typer.Option(10, help="Training steps per compiled tf.function call."),
-    checkpoint_every: int = typer.Option(200, help="Save a checkpoint at least every N steps (also each epoch and on Ctrl-C)."),
+    steps_per_call: int = typer.Option(DEFAULTS.steps_per_call, help="Training steps per compiled tf.function call."),
+    checkpoint_every: int = typer.Option(DEFAULTS.checkpoint_every_steps, help="Save a checkpoint at least every N steps (also each epoch and on Ctrl-C)."),
     worker_hosts: Optional[str] = typer.Option(None, help="Multi-worker: every worker's host:port, comma-separated, "
                                                           "the same list on each worker (builds TF_CONFIG; worker 0 is the chief)."),
     task_index: Optional[int] = typer.Option(None, help="Multi-worker: this worker's index in --worker-hosts."),
-    evaluate_every_epoch: bool = typer.Option(True, "--evaluate/--no-evaluate",
+    evaluate_every_epoch: bool = typer.Option(DEFAULTS.evaluate_every_epoch, "--evaluate/--no-evaluate",
                                               help="Judge a fixed sample with the MNIST judge after every epoch "
                                                    "(TensorBoard quality/*); the judge is trained once per data dir."),
 ) -> None:
     """Train the GAN on MNIST (MirroredStrategy; MultiWorkerMirroredStrategy with TF_CONFIG or --worker-hosts)."""
-    from trainer import config as config_lib, strategy as strategy_lib
+    from trainer import strategy as strategy_lib
 
     with user_errors():
         strategy_lib.set_worker_cluster(worker_hosts, task_index)
-        config = config_lib.TrainConfig(
+        config = train_config_lib.TrainConfig(
             run_dir=run_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, beta_1=beta_1,
             discriminator_learning_rate=discriminator_learning_rate, learning_rate_schedule=learning_rate_schedule,
             classifier_weight=classifier_weight,
@@ -104,7 +108,7 @@ def export_command(
     checkpoint: Optional[str] = typer.Option(None, help="A specific checkpoint prefix, e.g. runs/default/checkpoints/ckpt-400."),
     model_base_path: str = typer.Option("models/digitgan", help="Folder holding the numeric version folders (as in `serve`)."),
     model_name: str = typer.Option("digitgan", help="Model name used in the bundle's warmup requests."),
-    version: Optional[int] = typer.Option(None, help="Version number to write [default: highest present + 1]."),
+    version: Optional[int] = typer.Option(None, help="Version number to write (default: highest present + 1)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing version of the same number."),
     min_conditional_accuracy: Optional[float] = typer.Option(
         None, help="Blessing gate: publish only if the MNIST judge reads at least this share of `sample` images "
@@ -177,7 +181,7 @@ def evaluate(
     checkpoint: Optional[str] = typer.Option(None, help="Judge a specific checkpoint prefix instead of the newest."),
     server: Optional[str] = typer.Option(None, help="Judge a served model over gRPC, host:port: what clients receive."),
     model_name: str = typer.Option("digitgan", help="Model name on the server."),
-    version: Optional[int] = typer.Option(None, help="Model version on the server [default: the latest available]."),
+    version: Optional[int] = typer.Option(None, help="Model version on the server (default: the latest available)."),
     per_digit: int = typer.Option(1000, help="`sample` images judged per digit (conditional models)."),
     default_samples: int = typer.Option(10_000, help="`serving_default` images judged for coverage."),
     seed: int = typer.Option(0, help="First sample seed (and the noise seed)."),
@@ -212,14 +216,14 @@ def parse_digits(text: Optional[str]) -> Optional[list[int]]:
 
 @app.command()
 def generate(
-    digit: Optional[str] = typer.Option(None, help="Digit(s) to draw, e.g. 7 or 0123456789 [default: any, from noise]."),
+    digit: Optional[str] = typer.Option(None, help="Digit(s) to draw, e.g. 7 or 0123456789 (default: any, from noise)."),
     count: int = typer.Option(16, help="Images per digit (or in all, without --digit)."),
     seed: int = typer.Option(0, help="Seed of the first image; the same seed gives the same image."),
     out: Path = typer.Option(Path("digits.png"), help="Output file."),
     output_format: str = typer.Option("png", "--format", help="png (a grid, one row per digit) or npy (float32 [N,28,28,1] in [0,1])."),
     server: str = typer.Option(DEFAULT_SERVER, help="host:port of the gRPC server; a comma-separated list spreads requests."),
     model_name: str = typer.Option("digitgan", help="Model name on the server."),
-    version: Optional[int] = typer.Option(None, help="Model version [default: the latest available]."),
+    version: Optional[int] = typer.Option(None, help="Model version (default: the latest available)."),
     timeout: float = typer.Option(30.0, help="Seconds to wait for the server."),
     interpolate: bool = typer.Option(False, "--interpolate",
                                      help="Walk from one noise vector to another: --count steps per row, one row per digit."),
@@ -292,7 +296,7 @@ def _write_images(out: Path, images, output_format: str, columns: Optional[int])
 def status(
     server: str = typer.Option(DEFAULT_SERVER, help="host:port of the gRPC server."),
     model_name: str = typer.Option("digitgan", help="Model name on the server."),
-    version: Optional[int] = typer.Option(None, help="One version [default: all known versions]."),
+    version: Optional[int] = typer.Option(None, help="One version (default: all known versions)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Show the model's versions and their states (GetModelStatus)."""
@@ -312,7 +316,7 @@ def status(
 def metadata(
     server: str = typer.Option(DEFAULT_SERVER, help="host:port of the gRPC server."),
     model_name: str = typer.Option("digitgan", help="Model name on the server."),
-    version: Optional[int] = typer.Option(None, help="Model version [default: the latest available]."),
+    version: Optional[int] = typer.Option(None, help="Model version (default: the latest available)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Show the model's signatures (GetModelMetadata)."""

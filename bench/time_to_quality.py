@@ -5,7 +5,8 @@ Both recipes train on this machine under the same wall-clock budget, in legs of 
 is judged through the exported signatures (`quality.sources.evaluate_run`): MNIST score, Fréchet
 ratio (1.0 = as close as real train is to real test), conditional accuracy and coverage. The budget
 counts the training loop's seconds as `TrainResult.seconds` reports them: step calls plus what the
-loop does between them (checkpoints, sample grids, and the tf.function tracing each leg repeats);
+loop does between them (checkpoints, sample grids, the default's per-epoch judging, and the
+tf.function tracing each leg repeats);
 data preparation, model building and judging are excluded.
 
 - default: `TrainConfig()` as `python cli.py train` runs it (class-conditional);
@@ -37,9 +38,12 @@ from trainer import data, loop  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 
 RECIPES = {
+    # Exactly `python cli.py train`: its epochs, its per-epoch judging (inside the budget), precision auto.
     "default": dict(),
+    # As the tutorial trains: float32, no schedule, no moving average, no judging; as many epochs as the budget allows.
     "tutorial": dict(conditional=False, batch_size=256, learning_rate=1e-4, beta_1=0.9, architecture="tutorial",
-                     generator_average_decay=0.0),
+                     generator_average_decay=0.0, precision="float32", learning_rate_schedule="constant",
+                     classifier_weight=0.0, epochs=1000, evaluate_every_epoch=False),
 }
 
 
@@ -64,20 +68,20 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def run_recipe(name: str, overrides: dict, arguments, run_root: Path) -> list[tuple[float, judge_lib.QualityReport]]:
     """Trains `name` in legs until the budget is spent; returns (training seconds, figures) after each leg."""
-    config = TrainConfig(run_dir=str(run_root / name), data_dir=arguments.data_dir,
-                         **{"epochs": 1000, "evaluate_every_epoch": False, **overrides})
+    config = TrainConfig(run_dir=str(run_root / name), data_dir=arguments.data_dir, **overrides)
     evaluate_config = sources.EvaluateConfig(per_digit=arguments.per_digit, default_samples=arguments.default_samples,
                                              data_dir=arguments.data_dir)
-    rate, spent, steps, rows = images_per_second_guess(config), 0.0, 0, []
+    rate, spent, step, rows = images_per_second_guess(config), 0.0, 0, []
     while spent < arguments.budget - 1:
         leg = min(arguments.leg_seconds, arguments.budget - spent)
-        previous_steps, steps = steps, steps + max(1, int(leg * rate / config.batch_size))
-        result = loop.train(dataclasses.replace(config, max_steps=steps), report=lambda line: None, progress=False)
-        if result.step == previous_steps:  # the run's epochs are done before the budget
+        target = step + max(1, int(leg * rate / config.batch_size))
+        result = loop.train(dataclasses.replace(config, max_steps=target), report=lambda line: None, progress=False)
+        if result.step == step:  # the run's epochs ended before the budget did
             break
         spent += result.seconds
         if result.seconds > 0:  # refine the step rate from what this leg measured
-            rate = (result.step - previous_steps) * config.batch_size / result.seconds
+            rate = (result.step - step) * config.batch_size / result.seconds
+        step = result.step
         _, row = sources.evaluate_run(config.run_dir, None, evaluate_config, report=lambda line: None,
                                                 progress=False)
         rows.append((spent, dataclasses.replace(row, source=f"{name} after {spent:.0f} s (step {result.step})")))
@@ -93,6 +97,8 @@ def main() -> None:
     parser.add_argument("--default-samples", type=int, default=10_000)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--recipes", default="default,tutorial")
+    parser.add_argument("--run-root", default=None,
+                        help="keep the runs in this folder (one subfolder per recipe) [default: a temporary folder]")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a TrainConfig field of the default recipe (repeatable), e.g. epochs=8")
     arguments = parser.parse_args()
@@ -105,7 +111,8 @@ def main() -> None:
         arguments.data_dir or data.default_data_dir(), mnist, report=print), mnist).calibration
     print(judge_lib.format_reports([calibration]))
     with tempfile.TemporaryDirectory(prefix="digitgan-time-to-quality-") as folder:
-        results = {name: run_recipe(name, RECIPES[name], arguments, Path(folder))
+        run_root = Path(arguments.run_root or folder)
+        results = {name: run_recipe(name, RECIPES[name], arguments, run_root)
                    for name in arguments.recipes.split(",")}
     print("\nside by side (last judgement of each recipe):")
     print(judge_lib.format_reports([calibration] + [rows[-1][1] for rows in results.values()]))

@@ -10,7 +10,9 @@ Variants (same machine, same process, same global batch; images/s, higher is bet
   per call) fed by the real MNIST pipeline; ours_conditional is the default recipe;
 - ours_conditional_synthetic: the same step fed by one in-memory batch repeated, to show whether
   the input pipeline starves the step;
-- ours_compact: ours_conditional with `--architecture compact` (4x4 kernels, narrower G).
+- ours_compact: ours_conditional with `--architecture compact` (4x4 kernels, narrower G);
+- ours_default: the step of `python cli.py train` with every default, `--precision auto` included
+  (mixed_bfloat16 on CPUs with AVX512-BF16/AMX, float32 elsewhere), at the same global batch.
 All "ours" variants include the update of the generator's moving average (part of the default step).
 
 Usage: python bench/train_throughput.py [--batch-size 256] [--steps 10] [--rounds 2] [--precision float32]
@@ -148,6 +150,10 @@ def main() -> None:
         config = TrainConfig(batch_size=batch, conditional=conditional, precision=arguments.precision,
                              architecture=architecture)
         variants[name] = ("ours", ours(config, mnist, synthetic) + (config.steps_per_call,))
+    # The default step exactly as `python cli.py train` runs it (precision "auto" included).
+    default_config = TrainConfig(batch_size=batch)
+    default_precision = strategy_lib.resolve_precision(default_config.precision, tf.distribute.get_strategy())
+    variants["ours_default"] = ("ours", ours(default_config, mnist, False) + (default_config.steps_per_call,))
 
     # Warm-up: trace and run each variant a few steps.
     for kind, runner in variants.values():
@@ -175,6 +181,8 @@ def main() -> None:
     print(f"{'variant':30} {'ms/step':>9} {'images/s':>9} {'vs tutorial tf.function':>24}")
     for name, seconds in best.items():
         print(f"{name:30} {seconds * 1000:9.0f} {batch / seconds:9.0f} {baseline / seconds:23.2f}x")
+    print(f"ours_default is `python cli.py train`'s step: precision auto → {default_precision} here, "
+          f"the tutorial's step in {arguments.precision}")
     synthetic, real = best["ours_conditional_synthetic"], best["ours_conditional"]
     print(f"input pipeline gap (real / synthetic step time - 1): {real / synthetic - 1:+.1%}")
 

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-from common import files
+from common import files, precision
 from export import signatures as signatures_lib
 from trainer import models
 from trainer.config import TrainConfig
@@ -167,8 +167,9 @@ def restore_generator(checkpoint_path: str, train_config: TrainConfig):
     When the run kept a moving average of the generator (`generator_average`), that average is
     what is restored: it draws cleaner digits than the last training step's weights.
     """
-    generator = models.build_generator(train_config.latent_dim, train_config.conditional,
-                                       architecture=train_config.architecture)
+    with precision.float32_policy():  # a bundle computes in float32, even written by a process that trained in bf16
+        generator = models.build_generator(train_config.latent_dim, train_config.conditional,
+                                           architecture=train_config.architecture)
     step = tf.Variable(0, dtype=tf.int64)
     try:
         key = _generator_key(checkpoint_path)

@@ -25,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 
+from common import precision
+
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
@@ -45,12 +47,8 @@ def build_classifier(seed: int = 0):
     """
     import keras
 
-    previous_policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
+    with precision.float32_policy():
         return _classifier_layers(keras, seed)
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
 
 
 def _classifier_layers(keras, seed: int):
@@ -103,7 +101,7 @@ def load_or_train_classifier(data_dir: str, mnist, report: Callable[[str], None]
             return Judge(model)
         except (OSError, ValueError) as error:  # a partial or foreign file is retrained, never used
             report(f"the cached MNIST judge at {path} is unreadable ({error}); training it again")
-    report("training the MNIST judge (once per data dir; about 3 minutes on 2 CPU cores)")
+    report("training the MNIST judge (once per data dir; 1 to 3 minutes on 2 CPU cores)")
     model, accuracy = train_classifier(mnist, report=report)
     if accuracy < MIN_CLASSIFIER_ACCURACY:
         raise EvaluationError(f"the MNIST judge reached only {accuracy:.2%} on the test split "

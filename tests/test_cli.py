@@ -47,7 +47,7 @@ def test_more_gpus_than_visible_exits_2_with_the_visible_count(tmp_path):
     (["train", "--batch-size", "0"], "batch_size must be at least 1"),
     (["train", "--precision", "float8"], "precision must be one of"),
     (["train", "--learning-rate-schedule", "cosine"], "learning_rate_schedule must be one of"),
-    (["train", "--unconditional", "--classifier-weight", "1"], "classifier_weight must be 0 for an unconditional"),
+    (["train", "--classifier-weight", "-1"], "classifier_weight must be 0 or more"),
     (["export", "--run-dir", "/nonexistent-run"], "no checkpoint in run dir"),
     (["generate", "--digit", "x7"], "--digit takes digits 0-9"),
     (["generate", "--server", "127.0.0.1:1", "--timeout", "2"], "cannot reach digitgan server"),

@@ -12,7 +12,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from trainer import data, losses, models
+from trainer import data, losses, models, strategy as strategy_lib
 from trainer.config import TrainConfig
 
 
@@ -64,7 +64,7 @@ def seed_states(model: keras.Model) -> list:
 
 def build_state(config: TrainConfig, strategy: tf.distribute.Strategy) -> GanState:
     """Models, optimizers, step counter and RNG, all created in `strategy.scope()`."""
-    keras.mixed_precision.set_global_policy(config.precision)
+    keras.mixed_precision.set_global_policy(strategy_lib.resolve_precision(config.precision, strategy))
     keras.utils.set_random_seed(config.seed)  # the initial weights depend on the seed only
     with strategy.scope():
         several_replicas = strategy.num_replicas_in_sync > 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Sequence
 
 import tensorflow as tf
@@ -33,6 +34,9 @@ def create_strategy(gpus: int | None = None, cpu_replicas: int | None = None) ->
         raise StrategyError(
             f"--gpus {gpus} asks for {gpus} GPU(s) but {visible_gpus} {'is' if visible_gpus == 1 else 'are'} visible; "
             f"pass --gpus {visible_gpus} (or --gpus 0 --cpu-replicas {max(gpus, 2)} to test the distributed path on the CPU)")
+    if gpus == 0 and visible_gpus and not _hide_gpus():
+        # GPUs already initialised in this process: pin the one CPU replica explicitly instead.
+        return tf.distribute.OneDeviceStrategy("/cpu:0") if cpu_replicas is None else _cpu_mirrored(cpu_replicas)
     devices = [f"/gpu:{index}" for index in range(gpus)] if gpus else configure_cpu_devices(cpu_replicas or 1)
     if len(devices) == 1 and cpu_replicas is None:
         # One device: TensorFlow's default strategy runs the same code (scope, run, reduce) without
@@ -40,10 +44,62 @@ def create_strategy(gpus: int | None = None, cpu_replicas: int | None = None) ->
         return tf.distribute.get_strategy()
     if gpus:
         return tf.distribute.MirroredStrategy(devices)  # NCCL all-reduce between GPUs
+    return _cpu_mirrored(cpu_replicas or 1, devices)
+
+
+def _cpu_mirrored(count: int, devices: list[str] | None = None) -> tf.distribute.Strategy:
     # On logical CPU devices, reduce through one device rather than collective ops: collective
     # instance keys restart with every strategy, so a second strategy in the same process (a test
     # suite, a notebook) with other tensor shapes fails with "Shape mismatch in the collective instance".
-    return tf.distribute.MirroredStrategy(devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
+    return tf.distribute.MirroredStrategy(devices or configure_cpu_devices(count),
+                                          cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
+def _hide_gpus() -> bool:
+    """Makes the GPUs invisible to this process, so --gpus 0 really trains on the CPU (TensorFlow's
+    default strategy would otherwise place everything on GPU:0). False when it is too late for that."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+        return True
+    except RuntimeError:
+        return False
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def resolve_precision(precision: str, strategy: tf.distribute.Strategy, cpu_flags: str | None = None) -> str:
+    """The precision a run uses: `precision` itself, or for "auto" the fastest one measured not to cost quality.
+
+    "auto" is mixed_bfloat16 on a CPU-only run whose CPU computes bfloat16 natively (AVX512-BF16 or
+    AMX): 1.33x the images/s of float32 on a 2-core AVX512-BF16 CPU at the same quality
+    (docs/experiments.md). Elsewhere it is float32: without those instructions bfloat16 is emulated
+    and many times slower, and on GPUs mixed_float16 was not measured here. `cpu_flags` is the
+    text of /proc/cpuinfo (read when None; empty where there is none, as on macOS).
+    """
+    if precision != "auto":
+        return precision
+    on_gpus = runs_on_gpus(strategy)
+    if cpu_flags is None:
+        cpu_flags = _read_cpu_flags()
+    native_bf16 = any(flag in cpu_flags.split() for flag in BF16_CPU_FLAGS)
+    return "mixed_bfloat16" if native_bf16 and not on_gpus else "float32"
+
+
+def runs_on_gpus(strategy: tf.distribute.Strategy) -> bool:
+    """Whether the strategy's replicas are GPUs (TensorFlow's default strategy runs on GPU:0 when one is visible)."""
+    try:
+        devices = strategy.extended.worker_devices
+    except RuntimeError:  # the default strategy has no device list of its own
+        return bool(tf.config.get_visible_devices("GPU"))
+    return any("GPU" in device.upper() for device in devices)
+
+
+def _read_cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def configure_cpu_devices(count: int) -> list[str]:

@@ -167,3 +167,19 @@ def test_export_writes_the_generator_average(tiny_runs):
         np.testing.assert_array_equal(mine.numpy(), average.numpy())
     assert any(not np.array_equal(average.numpy(), last.numpy())
                for average, last in zip(by_name["generator_average"].weights, by_name["generator"].weights))
+
+
+def test_a_bundle_computes_in_float32_even_after_a_bfloat16_run_in_the_same_process(tiny_runs):
+    import keras
+
+    from trainer.config import TrainConfig
+
+    checkpoint = bundle.find_checkpoint(tiny_runs["conditional"])
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # what a bf16 training run leaves behind
+    try:
+        generator, _ = bundle.restore_generator(checkpoint, TrainConfig.load(tiny_runs["conditional"]))
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"  # left as it was
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert {layer.dtype_policy.compute_dtype for layer in generator.layers if layer.weights} == {"float32"}

@@ -32,6 +32,9 @@ def test_resume_continues_at_the_saved_step(tmp_path, mnist_data_dir):
     assert second.step == 6
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["max_steps"] == 6 and saved["cpu_replicas"] == 2
+    # The default precision "auto" is recorded as what it resolved to on this machine.
+    assert saved["precision"] in ("float32", "mixed_bfloat16")
+    assert any(line.startswith(f"Precision: {saved['precision']} (auto") for line in lines)
     assert list((tmp_path / "samples").glob("step_*.png")), "a sample grid is written when a run ends mid-epoch"
     assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
 

@@ -52,7 +52,9 @@ def test_noise_differs_per_replica():
 @pytest.mark.parametrize("classifier_weight", [0.0, 0.5])
 def test_reported_loss_equals_single_device_loss(mnist_data_dir, classifier_weight):
     strategy = _two_replicas()
-    config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2, classifier_weight=classifier_weight)
+    # float32 pinned: this checks the distribution arithmetic to float32 tolerance on any CPU.
+    config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2, classifier_weight=classifier_weight,
+                         precision="float32")
     state = step_lib.build_state(config, strategy)
     images, labels = _real_batches(mnist_data_dir, count=1)
     images = images.astype(np.float32) / 127.5 - 1.0
@@ -102,6 +104,13 @@ def test_classifier_loss_divides_by_global_batch_and_adds_to_both_losses(mnist_d
                               + 2.0 * losses.classifier_loss(real_classes, labels, 4))
     np.testing.assert_allclose([float(value) for value in with_head],
                                [float(expected_generator), float(expected_discriminator)], rtol=1e-5)
+
+
+def test_unconditional_runs_record_no_classifier_weight():
+    assert TrainConfig().classifier_weight > 0  # the default recipe's auxiliary classifier
+    assert TrainConfig(conditional=False).classifier_weight == 0.0  # no digit to name: off, and config.json says so
+    state = step_lib.build_state(TrainConfig(conditional=False), tf.distribute.get_strategy())
+    assert not isinstance(state.discriminator.output, list)  # one logit, no classifier head
 
 
 def test_learning_rates_follow_ttur_and_the_linear_decay_schedule(mnist_data_dir):
@@ -155,3 +164,16 @@ def test_generator_average_follows_its_formula_on_every_replica(mnist_data_dir, 
     assert moved > 0, "the average should lag behind G"
     saved = state.checkpoint().write(str(tmp_path / "ckpt"))
     assert any(name.startswith("generator_average/") for name, _ in tf.train.list_variables(saved))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse avx2 avx512f avx512_bf16 avx512_vnni", "mixed_bfloat16"),
+    ("fpu sse avx2 amx_bf16 amx_tile", "mixed_bfloat16"),
+    ("fpu sse avx2 avx512f avx512_vnni", "float32"),  # no native bfloat16: emulated, many times slower
+    ("", "float32"),  # no /proc/cpuinfo (macOS)
+])
+def test_auto_precision_is_bfloat16_only_on_cpus_that_compute_it_natively(flags, expected):
+    strategy = tf.distribute.get_strategy()
+    assert strategy_lib.resolve_precision("auto", strategy, cpu_flags=flags) == expected
+    for explicit in ("float32", "mixed_bfloat16", "mixed_float16"):
+        assert strategy_lib.resolve_precision(explicit, strategy, cpu_flags=flags) == explicit
