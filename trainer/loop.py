@@ -84,7 +84,7 @@ def train(config: TrainConfig, report: Callable[[str], None] = print, progress: 
     if config.precision == "auto":  # config.json records the resolved precision, so a resume keeps it
         config = dataclasses.replace(config, precision=strategy_lib.resolve_precision(config.precision, strategy))
         report(f"Precision: {config.precision} (auto: "
-               f"{'this CPU computes bfloat16 natively' if config.precision != 'float32' else 'no native bfloat16 CPU run'})")
+               f"{'this CPU computes bfloat16 natively' if config.precision != 'float32' else 'a GPU run, or no native bfloat16 on this CPU'})")
     state = step_lib.build_state(config, strategy)
     checkpoint = state.checkpoint()
     manager = _checkpoint_manager(checkpoint, config, strategy)
