@@ -7,7 +7,7 @@ Variants (same machine, same process, same global batch; images/s, higher is bet
   `Dataset.from_tensor_slices(images).shuffle(60000).batch(256)` iterated in Python;
 - tutorial_eager: the same step without `tf.function` (the seed's eager loop);
 - ours_unconditional / ours_conditional: `trainer.step.make_train_function` (`steps_per_call` steps
-  per call) fed by the real MNIST pipeline; ours_conditional is the default recipe;
+  per call) fed by the real MNIST pipeline; ours_conditional is the default recipe in `--precision`;
 - ours_conditional_synthetic: the same step fed by one in-memory batch repeated, to show whether
   the input pipeline starves the step;
 - ours_compact: ours_conditional with `--architecture compact` (4x4 kernels, narrower G);

@@ -36,7 +36,9 @@ def create_strategy(gpus: int | None = None, cpu_replicas: int | None = None) ->
             f"pass --gpus {visible_gpus} (or --gpus 0 --cpu-replicas {max(gpus, 2)} to test the distributed path on the CPU)")
     if gpus == 0 and visible_gpus and not _hide_gpus():
         # GPUs already initialised in this process: pin the one CPU replica explicitly instead.
-        return tf.distribute.OneDeviceStrategy("/cpu:0") if cpu_replicas is None else _cpu_mirrored(cpu_replicas)
+        if cpu_replicas is None:
+            return tf.distribute.OneDeviceStrategy("/cpu:0")
+        return _cpu_mirrored(configure_cpu_devices(cpu_replicas))
     devices = [f"/gpu:{index}" for index in range(gpus)] if gpus else configure_cpu_devices(cpu_replicas or 1)
     if len(devices) == 1 and cpu_replicas is None:
         # One device: TensorFlow's default strategy runs the same code (scope, run, reduce) without
@@ -44,15 +46,14 @@ def create_strategy(gpus: int | None = None, cpu_replicas: int | None = None) ->
         return tf.distribute.get_strategy()
     if gpus:
         return tf.distribute.MirroredStrategy(devices)  # NCCL all-reduce between GPUs
-    return _cpu_mirrored(cpu_replicas or 1, devices)
+    return _cpu_mirrored(devices)
 
 
-def _cpu_mirrored(count: int, devices: list[str] | None = None) -> tf.distribute.Strategy:
+def _cpu_mirrored(devices: list[str]) -> tf.distribute.Strategy:
     # On logical CPU devices, reduce through one device rather than collective ops: collective
     # instance keys restart with every strategy, so a second strategy in the same process (a test
     # suite, a notebook) with other tensor shapes fails with "Shape mismatch in the collective instance".
-    return tf.distribute.MirroredStrategy(devices or configure_cpu_devices(count),
-                                          cross_device_ops=tf.distribute.ReductionToOneDevice())
+    return tf.distribute.MirroredStrategy(devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
 
 
 def _hide_gpus() -> bool:
