@@ -64,7 +64,7 @@ def train(
     conditional: bool = typer.Option(DEFAULTS.conditional, "--conditional/--unconditional",
                                      help="Class-conditional GAN (ask for a digit) or the tutorial's unconditional one."),
     data_dir: Optional[str] = typer.Option(None, help="TFDS data dir for MNIST (default: ~/tensorflow_datasets)."),
-    architecture: str = typer.Option(DEFAULTS.architecture, help="Layer widths of G and D: tutorial (TensorFlow's DCGAN tutorial) or compact (about 1.8x the images/s on 2 CPU cores)."),
+    architecture: str = typer.Option(DEFAULTS.architecture, help="Layer widths of G and D: tutorial (TensorFlow's DCGAN tutorial), compact (about 1.8x the images/s on 2 CPU cores) or tutorial_cbn (tutorial, with the digit also conditioning G's BatchNorm)."),
     generator_average: float = typer.Option(DEFAULTS.generator_average_decay, help="Decay of the moving average of G's weights that samples and exports use (0 = off)."),
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="Continue from the run dir's newest checkpoint; --no-resume refuses to touch a run dir that has one."),

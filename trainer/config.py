@@ -9,6 +9,7 @@ from common import files
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 LEARNING_RATE_SCHEDULES = ("constant", "linear_decay")
+ARCHITECTURES = ("tutorial", "compact", "tutorial_cbn")  # the keys of trainer.models.ARCHITECTURES
 CONFIG_FILE = "config.json"
 
 
@@ -41,7 +42,8 @@ class TrainConfig:
     raises conditional accuracy and costs diversity (docs/experiments.md). Unconditional runs have no
     digit to name: for them it is set to 0."""
     architecture: str = "tutorial"
-    """Layer widths of G and D: "tutorial" (the TensorFlow DCGAN tutorial's) or "compact" (see trainer/models.py)."""
+    """Layer widths of G and D: "tutorial" (the TensorFlow DCGAN tutorial's), "compact", or "tutorial_cbn" (the
+    tutorial's with the digit also conditioning G's BatchNorm); see trainer/models.py."""
     max_steps: int | None = None
     """Stop after this many steps in total (smoke runs); None trains all epochs."""
     seed: int = 0
@@ -85,7 +87,8 @@ class TrainConfig:
         _require(0 <= self.beta_1 < 1, "beta_1", self.beta_1, "in [0, 1)")
         _require(self.latent_dim >= 2, "latent_dim", self.latent_dim, "at least 2")
         _require(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "at least 1")
-        _require(self.architecture in ("tutorial", "compact"), "architecture", self.architecture, "tutorial or compact")
+        _require(self.architecture in ARCHITECTURES, "architecture", self.architecture,
+                 f"one of {', '.join(ARCHITECTURES)}")
         _require(self.precision in PRECISIONS, "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         _require(self.gpus is None or self.gpus >= 0, "gpus", self.gpus, "0 or more")
         _require(self.cpu_replicas is None or self.cpu_replicas >= 1, "cpu_replicas", self.cpu_replicas, "at least 1")

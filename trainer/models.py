@@ -46,6 +46,32 @@ class ReplicaDropout(keras.layers.Layer):
         return {**super().get_config(), "rate": self.rate}
 
 
+class DigitScaleShift(keras.layers.Layer):
+    """The scale and shift of a conditional BatchNorm: features * (1 + gamma[digit]) + beta[digit].
+
+    Follows a BatchNormalization without its own scale and centre. features [B, ..., C] (any float
+    dtype), digits int32 [B]; gamma and beta start at zero, so the layer starts as plain BatchNorm.
+    """
+
+    def build(self, input_shapes):
+        features_shape, _ = input_shapes
+        channels = int(features_shape[-1])
+        self.gamma = keras.layers.Embedding(NUM_CLASSES, channels, embeddings_initializer="zeros",
+                                            dtype=self.dtype_policy, name="gamma")
+        self.beta = keras.layers.Embedding(NUM_CLASSES, channels, embeddings_initializer="zeros",
+                                           dtype=self.dtype_policy, name="beta")
+        self.gamma.build((None,))
+        self.beta.build((None,))
+
+    def call(self, inputs):
+        features, digits = inputs
+        # [B, C] → [B, 1, 1, C] for feature maps, so each image's digit scales all its positions.
+        broadcast_shape = [-1] + [1] * (len(features.shape) - 2) + [features.shape[-1]]
+        gamma = tf.reshape(self.gamma(digits), broadcast_shape)
+        beta = tf.reshape(self.beta(digits), broadcast_shape)
+        return features * (1.0 + gamma) + beta
+
+
 class ProjectionLogit(keras.layers.Layer):
     """Class-conditional logit of a projection discriminator (Miyato & Koyama, 2018).
 
@@ -75,6 +101,7 @@ class Architecture:
     upsampling: tuple[tuple[int, int], ...]  # G: (filters, stride) of each Conv2DTranspose before the image layer
     downsampling: tuple[int, ...]  # D: filters of each stride-2 Conv2D
     kernel_size: int
+    digit_batch_norm: bool = False  # conditional G: each upsampling BatchNorm's scale and shift depend on the digit
 
 
 ARCHITECTURES = {
@@ -83,6 +110,10 @@ ARCHITECTURES = {
     # The same family at a fraction of the cost (4x4 kernels, one upsampling block, ~7M multiply-adds
     # per G call): more images per second, so more passes over MNIST in the same time (docs/experiments.md).
     "compact": Architecture(128, ((64, 2),), (64, 128), 4),
+    # The tutorial's widths with conditional BatchNorm in G (de Vries et al. 2017; BigGAN): the digit
+    # also sets the scale and shift after each upsampling block, a stronger label path than the
+    # one-hot at the input alone. Unconditional generators ignore it.
+    "tutorial_cbn": Architecture(256, ((128, 1), (64, 2)), (64, 128), 5, digit_batch_norm=True),
 }
 
 
@@ -92,13 +123,15 @@ def build_generator(latent_dim: int = 100, conditional: bool = True, synchronize
 
     Inputs noise float32 [B, latent_dim] (and digit int32 [B] in 0..9 when conditional); output
     images float32 [B, 28, 28, 1] in [-1, 1]. The conditional generator concatenates a one-hot digit
-    to the noise. Pass `synchronized_batch_norm=True` when training over several replicas (see
+    to the noise (and, for architectures with `digit_batch_norm`, also conditions each upsampling
+    block's BatchNorm on it: `DigitScaleShift`). Pass `synchronized_batch_norm=True` when training over several replicas (see
     `_normalize_and_activate`). `architecture` names an entry of ARCHITECTURES.
     """
     spec = _architecture(architecture)
     noise = keras.Input((latent_dim,), name="noise")
     inputs = [noise]
     hidden = noise
+    digit = None
     if conditional:
         digit = keras.Input((), dtype="int32", name="digit")
         inputs.append(digit)
@@ -110,7 +143,8 @@ def build_generator(latent_dim: int = 100, conditional: bool = True, synchronize
     for index, (filters, strides) in enumerate(spec.upsampling, start=1):
         hidden = keras.layers.Conv2DTranspose(filters, spec.kernel_size, strides=strides, padding="same",
                                               use_bias=False, name=f"up{index}")(hidden)
-        hidden = _normalize_and_activate(hidden, f"up{index}", synchronized_batch_norm)
+        digit_for_norm = digit if spec.digit_batch_norm else None
+        hidden = _normalize_and_activate(hidden, f"up{index}", synchronized_batch_norm, digit_for_norm)
     logits = keras.layers.Conv2DTranspose(1, spec.kernel_size, strides=2, padding="same", use_bias=False,
                                           name="to_image")(hidden)
     # tanh in float32 so mixed-precision runs still produce float32 images.
@@ -162,14 +196,19 @@ def _architecture(name: str) -> Architecture:
     return ARCHITECTURES[name]
 
 
-def _normalize_and_activate(hidden, name: str, synchronized: bool):
+def _normalize_and_activate(hidden, name: str, synchronized: bool, digit=None):
     # Synchronized BatchNorm: batch statistics are all-reduced over the replicas. Keras 3 keeps the
     # moving mean/variance in MirroredVariables with aggregation NONE and lets each replica assign
     # its own local statistics, so unsynchronized BN leaves the copies silently different (and the
     # checkpoint keeps replica 0's). With synchronized statistics every replica computes the same
     # update; the cost is one small all-reduce per BN layer. The variables are the same either way,
     # so checkpoints load into both variants.
-    hidden = keras.layers.BatchNormalization(synchronized=synchronized, name=f"{name}_norm")(hidden)
+    # With a digit, BatchNorm's own scale and centre give way to the digit's (DigitScaleShift).
+    conditioned = digit is not None
+    hidden = keras.layers.BatchNormalization(synchronized=synchronized, center=not conditioned, scale=not conditioned,
+                                             name=f"{name}_norm")(hidden)
+    if conditioned:
+        hidden = DigitScaleShift(name=f"{name}_digit_scale_shift")([hidden, digit])
     return keras.layers.LeakyReLU(negative_slope=0.2, name=f"{name}_relu")(hidden)
 
 

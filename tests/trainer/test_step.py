@@ -22,9 +22,10 @@ def _real_batches(mnist_data_dir, count=4):
     return mnist.train_images[: GLOBAL_BATCH * count], mnist.train_labels[: GLOBAL_BATCH * count]
 
 
-def test_two_replica_steps_train_and_keep_replicas_identical(mnist_data_dir):
+@pytest.mark.parametrize("architecture", ["tutorial", "tutorial_cbn"])
+def test_two_replica_steps_train_and_keep_replicas_identical(mnist_data_dir, architecture):
     strategy = _two_replicas()
-    config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2)
+    config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2, architecture=architecture)
     state = step_lib.build_state(config, strategy)
     before = [variable.numpy().copy() for variable in state.generator.trainable_variables]
     images, labels = _real_batches(mnist_data_dir)

@@ -1,0 +1,55 @@
+"""Model builders: shapes, dtypes, and that the digit reaches G's BatchNorm in `tutorial_cbn`."""
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import config as config_lib, models
+
+
+def test_config_lists_every_architecture():
+    assert set(config_lib.ARCHITECTURES) == set(models.ARCHITECTURES)
+
+
+@pytest.mark.parametrize("architecture", sorted(models.ARCHITECTURES))
+def test_generator_maps_noise_and_digit_to_images_in_range(architecture):
+    generator = models.build_generator(16, conditional=True, architecture=architecture)
+    images = generator([tf.random.normal([3, 16], seed=1), tf.constant([0, 4, 9])], training=False)
+    assert images.shape == (3, 28, 28, 1) and images.dtype == tf.float32
+    assert float(tf.reduce_max(tf.abs(images))) <= 1.0
+
+
+def test_digit_batch_norm_scales_and_shifts_only_the_digits_it_belongs_to():
+    generator = models.build_generator(16, conditional=True, architecture="tutorial_cbn")
+    scale_shift = generator.get_layer("up2_digit_scale_shift")
+    noise = tf.random.normal([2, 16], seed=2)
+    digits = tf.constant([3, 5])
+    before = generator([noise, digits], training=False).numpy()
+    # Starts as plain BatchNorm (gamma = beta = 0); now give digit 3 its own scale and shift.
+    gamma = np.zeros((models.NUM_CLASSES, 64), np.float32)
+    gamma[3] = 0.5
+    scale_shift.gamma.embeddings.assign(gamma)
+    scale_shift.beta.embeddings.assign(gamma)
+    after = generator([noise, digits], training=False).numpy()
+    assert not np.allclose(before[0], after[0]), "digit 3's images should change"
+    np.testing.assert_allclose(before[1], after[1], rtol=1e-6, atol=1e-6)  # digit 5's should not
+
+
+def test_digit_scale_shift_keeps_a_mixed_precision_compute_dtype():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        generator = models.build_generator(16, conditional=True, architecture="tutorial_cbn")
+        layer = generator.get_layer("up1_digit_scale_shift")
+        assert layer.gamma.embeddings.dtype == "float32"  # variables stay float32
+        images = generator([tf.random.normal([2, 16]), tf.constant([1, 2])], training=True)
+        assert images.dtype == tf.float32
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_unconditional_generator_ignores_digit_batch_norm():
+    conditional = models.build_generator(16, conditional=False, architecture="tutorial_cbn")
+    plain = models.build_generator(16, conditional=False, architecture="tutorial")
+    assert conditional.count_params() == plain.count_params()
