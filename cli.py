@@ -51,8 +51,11 @@ def train(
     discriminator_learning_rate: Optional[float] = typer.Option(
         DEFAULTS.discriminator_learning_rate, help="Adam learning rate of D, if it should differ from G's (TTUR) (default: the --learning-rate)."),
     learning_rate_schedule: str = typer.Option(
-        DEFAULTS.learning_rate_schedule, help="constant, or linear_decay: hold the learning rates for half the epochs, then lower them "
-                         "linearly to zero at the end."),
+        DEFAULTS.learning_rate_schedule, help="constant, or linear_decay: hold the learning rates, then lower them linearly to zero "
+                                              "at the end (from --learning-rate-decay-start)."),
+    learning_rate_decay_start: float = typer.Option(
+        DEFAULTS.learning_rate_decay_start, help="With linear_decay: the share of the run's steps after which the learning "
+                                                 "rates start to fall (0 = from the first step)."),
     classifier_weight: float = typer.Option(
         DEFAULTS.classifier_weight, help="Weight of the auxiliary classifier loss (AC-GAN: D also names the digit, G must make it "
                   "readable); 0 = off. Ignored (0) with --unconditional."),
@@ -89,7 +92,7 @@ def train(
         config = train_config_lib.TrainConfig(
             run_dir=run_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, beta_1=beta_1,
             discriminator_learning_rate=discriminator_learning_rate, learning_rate_schedule=learning_rate_schedule,
-            classifier_weight=classifier_weight,
+            learning_rate_decay_start=learning_rate_decay_start, classifier_weight=classifier_weight,
             latent_dim=latent_dim, conditional=conditional, max_steps=max_steps, seed=seed, data_dir=data_dir,
             architecture=architecture, generator_average_decay=generator_average,
             resume=resume, precision=precision, gpus=gpus, cpu_replicas=cpu_replicas, steps_per_call=steps_per_call,

@@ -16,7 +16,8 @@ runner = CliRunner()
 TRAIN_OPTIONS = ["--epochs", "--batch-size", "--learning-rate", "--latent-dim", "--run-dir", "--max-steps", "--seed",
                  "--conditional", "--unconditional", "--data-dir", "--resume", "--no-resume", "--precision", "--gpus",
                  "--cpu-replicas", "--steps-per-call", "--checkpoint-every", "--architecture", "--generator-average", "--evaluate",
-                 "--discriminator-learning-rate", "--learning-rate-schedule", "--classifier-weight"]
+                 "--discriminator-learning-rate", "--learning-rate-schedule", "--learning-rate-decay-start",
+                 "--classifier-weight"]
 
 
 def _plain(text: str) -> str:
@@ -47,6 +48,7 @@ def test_more_gpus_than_visible_exits_2_with_the_visible_count(tmp_path):
     (["train", "--batch-size", "0"], "batch_size must be at least 1"),
     (["train", "--precision", "float8"], "precision must be one of"),
     (["train", "--learning-rate-schedule", "cosine"], "learning_rate_schedule must be one of"),
+    (["train", "--learning-rate-decay-start", "1"], "learning_rate_decay_start must be in"),
     (["train", "--classifier-weight", "-1"], "classifier_weight must be 0 or more"),
     (["export", "--run-dir", "/nonexistent-run"], "no checkpoint in run dir"),
     (["generate", "--digit", "x7"], "--digit takes digits 0-9"),

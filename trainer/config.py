@@ -28,8 +28,10 @@ class TrainConfig:
     discriminator_learning_rate: float | None = None
     """Adam learning rate of the discriminator; None = `learning_rate` (a larger one is TTUR, Heusel et al. 2017)."""
     learning_rate_schedule: str = "linear_decay"
-    """"constant", or "linear_decay": hold both learning rates for the first half of `epochs`, then lower
-    them linearly to zero at the last step of the last epoch (pix2pix's schedule)."""
+    """"constant", or "linear_decay": hold both learning rates for the first `learning_rate_decay_start` of
+    the run's steps, then lower them linearly to zero at the last step of the last epoch (pix2pix's schedule)."""
+    learning_rate_decay_start: float = 0.5
+    """With "linear_decay": the share of the run's steps (over all `epochs`) after which the decay begins."""
     beta_1: float = 0.5
     """Adam's first-moment decay; 0.5 is the DCGAN paper's value (the tutorial's 0.9 trains slower)."""
     latent_dim: int = 100
@@ -81,6 +83,8 @@ class TrainConfig:
                  "discriminator_learning_rate", self.discriminator_learning_rate, "between 0 and 1, or None")
         _require(self.learning_rate_schedule in LEARNING_RATE_SCHEDULES, "learning_rate_schedule",
                  self.learning_rate_schedule, f"one of {', '.join(LEARNING_RATE_SCHEDULES)}")
+        _require(0 <= self.learning_rate_decay_start < 1, "learning_rate_decay_start", self.learning_rate_decay_start,
+                 "in [0, 1)")
         _require(self.classifier_weight >= 0, "classifier_weight", self.classifier_weight, "0 or more")
         if not self.conditional:
             object.__setattr__(self, "classifier_weight", 0.0)  # frozen; config.json shows what ran

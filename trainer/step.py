@@ -125,7 +125,8 @@ def learning_rate_schedule(config: TrainConfig, learning_rate: float):
     if config.learning_rate_schedule == "constant":
         return learning_rate
     total_steps = config.epochs * data.steps_per_epoch(data.TRAIN_SIZE, config.batch_size)
-    return HoldThenLinearDecay(learning_rate, hold_steps=total_steps // 2, total_steps=total_steps)
+    hold_steps = int(total_steps * config.learning_rate_decay_start)
+    return HoldThenLinearDecay(learning_rate, hold_steps=hold_steps, total_steps=total_steps)
 
 
 @keras.saving.register_keras_serializable(package="digitgan")

@@ -1,6 +1,8 @@
 """The distributed step on 2 logical CPUs: replicas agree, noise differs, losses scale like one device."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -126,6 +128,8 @@ def test_learning_rates_follow_ttur_and_the_linear_decay_schedule(mnist_data_dir
     state.discriminator_optimizer.iterations.assign(total * 3 // 4)
     np.testing.assert_allclose(float(state.generator_optimizer.learning_rate), 0.5e-4, rtol=1e-5)
     np.testing.assert_allclose(float(state.discriminator_optimizer.learning_rate), 2e-4, rtol=1e-5)
+    early = step_lib.learning_rate_schedule(dataclasses.replace(config, learning_rate_decay_start=0.0), 1e-4)
+    np.testing.assert_allclose([float(early(step)) for step in (0, total // 2)], [1e-4, 0.5e-4], atol=1e-9)
     constant = step_lib.build_state(TrainConfig(batch_size=GLOBAL_BATCH), tf.distribute.get_strategy())
     assert float(constant.discriminator_optimizer.learning_rate) == np.float32(2e-4)
 
