@@ -95,7 +95,7 @@ class ProjectionLogit(keras.layers.Layer):
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-    """Layer widths and kernel size of a DCGAN pair (both end at 28x28x1 images / one logit)."""
+    """Layer widths, kernel size and label path of a DCGAN pair (both end at 28x28x1 images / one logit)."""
 
     projected_channels: int  # G: Dense → 7x7xC
     upsampling: tuple[tuple[int, int], ...]  # G: (filters, stride) of each Conv2DTranspose before the image layer
@@ -124,8 +124,8 @@ def build_generator(latent_dim: int = 100, conditional: bool = True, synchronize
     Inputs noise float32 [B, latent_dim] (and digit int32 [B] in 0..9 when conditional); output
     images float32 [B, 28, 28, 1] in [-1, 1]. The conditional generator concatenates a one-hot digit
     to the noise (and, for architectures with `digit_batch_norm`, also conditions each upsampling
-    block's BatchNorm on it: `DigitScaleShift`). Pass `synchronized_batch_norm=True` when training over several replicas (see
-    `_normalize_and_activate`). `architecture` names an entry of ARCHITECTURES.
+    block's BatchNorm on it: `DigitScaleShift`). Pass `synchronized_batch_norm=True` when training
+    over several replicas (see `_normalize_and_activate`). `architecture` names an entry of ARCHITECTURES.
     """
     spec = _architecture(architecture)
     noise = keras.Input((latent_dim,), name="noise")
