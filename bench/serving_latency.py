@@ -69,9 +69,11 @@ def find_or_build_bundle(base_path: str | None, workdir: str) -> tuple[str, str,
     try:
         from export import bundle as bundle_lib, signatures as signatures_lib
         from trainer import models
+        from trainer.config import TrainConfig
 
-        latent = 100
-        generator = models.build_generator(latent, conditional=True)
+        defaults = TrainConfig()  # the default recipe's generator, as `cli.py train` builds it
+        latent = defaults.latent_dim
+        generator = models.build_generator(latent, conditional=True, architecture=defaults.architecture)
         module = signatures_lib.GeneratorSignatures(generator, latent, conditional=True)
         module.write(str(target))
         try:
@@ -79,7 +81,7 @@ def find_or_build_bundle(base_path: str | None, workdir: str) -> tuple[str, str,
         except Exception:  # warmup file is optional for the benchmark
             pass
         params = sum(int(np.prod(w.shape)) for w in generator.weights)
-        return str(target.parent), (f"real digitgan generator architecture, untrained weights "
+        return str(target.parent), (f"real digitgan generator ({defaults.architecture}), untrained weights "
                                     f"({params:,} parameters), written to a temp dir"), latent
     except Exception as error:  # trainer/export unavailable: fall back to the test look-alike
         sys.path.insert(0, str(ROOT / "tests" / "serving"))

@@ -100,7 +100,7 @@ def test_epoch_quality_logs_the_judges_figures(tmp_path, mnist_data_dir):
 
     config = _config(tmp_path, mnist_data_dir)
     quality = loop.EpochQuality(config, data.load_mnist(mnist_data_dir), report=lambda line: None)
-    generator = models.build_generator(config.latent_dim, config.conditional)
+    generator = models.build_generator(config.latent_dim, config.conditional, architecture=config.architecture)
     writer = tf.summary.create_file_writer(str(tmp_path / "logs"))
     with writer.as_default():
         line = quality.log(generator, config.conditional, step=7)
