@@ -140,11 +140,11 @@ def build_generator(latent_dim: int = 100, conditional: bool = True, synchronize
     hidden = keras.layers.Dense(7 * 7 * spec.projected_channels, use_bias=False, name="project")(hidden)
     hidden = _normalize_and_activate(hidden, "project", synchronized_batch_norm)
     hidden = keras.layers.Reshape((7, 7, spec.projected_channels))(hidden)
+    norm_digit = digit if spec.digit_batch_norm else None  # None: plain BatchNorm
     for index, (filters, strides) in enumerate(spec.upsampling, start=1):
         hidden = keras.layers.Conv2DTranspose(filters, spec.kernel_size, strides=strides, padding="same",
                                               use_bias=False, name=f"up{index}")(hidden)
-        digit_for_norm = digit if spec.digit_batch_norm else None
-        hidden = _normalize_and_activate(hidden, f"up{index}", synchronized_batch_norm, digit_for_norm)
+        hidden = _normalize_and_activate(hidden, f"up{index}", synchronized_batch_norm, norm_digit)
     logits = keras.layers.Conv2DTranspose(1, spec.kernel_size, strides=2, padding="same", use_bias=False,
                                           name="to_image")(hidden)
     # tanh in float32 so mixed-precision runs still produce float32 images.
