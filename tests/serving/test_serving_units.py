@@ -40,6 +40,20 @@ def test_round_trip(array, tensor_content):
     np.testing.assert_array_equal(decoded, array)
 
 
+@pytest.mark.parametrize("array", [
+    np.array([[0.5, -0.0, np.inf], [np.nan, 1e-40, -3.25]], np.float32), np.arange(300, dtype=np.float64),
+    np.linspace(-1, 1, 784, dtype=np.float32).reshape(1, 28, 28, 1), np.zeros((0, 2), np.float32),
+    np.arange(6, dtype=np.float32).reshape(2, 3).T])  # a non-contiguous view
+def test_float_val_written_in_one_copy_is_what_protobuf_writes(array):
+    """The fast float_val/double_val path yields the same message, byte for byte, as extend()."""
+    fast = tensors.ndarray_to_proto(array)
+    slow = tensor_pb2.TensorProto(dtype=fast.dtype, tensor_shape=fast.tensor_shape)
+    getattr(slow, "float_val" if array.dtype == np.float32 else "double_val").extend(array.reshape(-1).tolist())
+    assert not fast.tensor_content
+    assert fast.SerializeToString() == slow.SerializeToString()
+    np.testing.assert_array_equal(tensors.proto_to_ndarray(fast, LIMIT), array)
+
+
 def test_repeat_last_value_and_zero_fill():
     np.testing.assert_array_equal(tensors.proto_to_ndarray(proto(types_pb2.DT_FLOAT, [3], float_val=[2.0]), LIMIT),
                                   [2.0, 2.0, 2.0])
