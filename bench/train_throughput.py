@@ -12,8 +12,15 @@ Variants (same machine, same process, same global batch; images/s, higher is bet
   the input pipeline starves the step;
 - ours_compact: ours_conditional with `--architecture compact` (4x4 kernels, narrower G);
 - ours_default: the step of `python cli.py train` with every default, `--precision auto` included
-  (mixed_bfloat16 on CPUs with AVX512-BF16/AMX, float32 elsewhere), at the same global batch.
+  (mixed_bfloat16 on CPUs with AVX512-BF16/AMX, float32 elsewhere), at the same global batch;
+- tutorial_tf_function_bf16 (only where `auto` resolves to mixed_bfloat16): the tutorial's step with
+  its models built under mixed_bfloat16, to show what precision alone gives.
 All "ours" variants include the update of the generator's moving average (part of the default step).
+
+Then the kernel bound: forward + backward (input and kernel gradients) of the tutorial
+architecture's three largest convolutions at the same batch, alone, in float32 and (where native)
+mixed_bfloat16, with the GFLOP/s each reaches. They are most of the step's arithmetic, so their
+bf16/float32 ratio is about the most that precision can give the whole step.
 
 Usage: python bench/train_throughput.py [--batch-size 256] [--steps 10] [--rounds 2] [--precision float32]
 Rounds alternate the variants so machine noise hits them alike; the best round of each is reported.
@@ -76,6 +83,79 @@ def tutorial_step(batch_size: int, compiled: bool):
         return gen_loss, disc_loss
 
     return (tf.function(train_step) if compiled else train_step), None
+
+
+def tutorial_bfloat16_step(batch_size: int):
+    """The tutorial's compiled step with its models built under mixed_bfloat16 (precision alone)."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        return tutorial_step(batch_size, compiled=True)[0]
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+# The tutorial architecture's three largest convolutions: (what, layer factory, input shape of one
+# image, multiply-adds per image in the forward pass, runs per training step). A transposed
+# convolution's cost counts its input pixels, a strided convolution's its output pixels. D runs on
+# the real and the generated batch, so its convolution runs (forward and backward) twice a step.
+LARGEST_CONVOLUTIONS = (
+    ("G transposed conv 256->128, 7x7, stride 1",
+     lambda dtype: keras.layers.Conv2DTranspose(128, 5, 1, "same", use_bias=False, dtype=dtype),
+     (7, 7, 256), 7 * 7 * 256 * 128 * 25, 1),
+    ("G transposed conv 128->64, 7x7 -> 14x14",
+     lambda dtype: keras.layers.Conv2DTranspose(64, 5, 2, "same", use_bias=False, dtype=dtype),
+     (7, 7, 128), 7 * 7 * 128 * 64 * 25, 1),
+    ("D conv 64->128, 14x14 -> 7x7 (x2 a step)",
+     lambda dtype: keras.layers.Conv2D(128, 5, 2, "same", dtype=dtype),
+     (14, 14, 64), 7 * 7 * 64 * 128 * 25, 2),
+)
+
+
+def time_convolution(make_layer, input_shape, batch_size: int, precision: str, rounds: int) -> float:
+    """Best seconds of one compiled forward + backward (gradients for the input and the kernel)."""
+    layer = make_layer(precision)
+    inputs = tf.random.normal((batch_size, *input_shape))
+
+    @tf.function
+    def forward_backward(images):
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            # A squared loss, returned: the forward pass must run (a plain sum's gradient skips it).
+            loss = tf.reduce_sum(tf.square(tf.cast(layer(images), tf.float32)))
+        return loss, tape.gradient(loss, [images] + layer.trainable_variables)
+
+    forward_backward(inputs)
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(5):
+            loss, gradients = forward_backward(inputs)
+        float(loss + tf.reduce_sum(gradients[0]))
+        best = min(best, (time.perf_counter() - started) / 5)
+    return best
+
+
+def print_kernel_bound(batch_size: int, precisions: list[str], rounds: int) -> dict[str, float]:
+    """The largest convolutions alone, per precision: ms and GFLOP/s (3 passes of 2 FLOPs a MAC).
+
+    Returns, per precision, the seconds a training step spends in them at the least.
+    """
+    print(f"\nkernel bound: forward + backward of the 3 largest convolutions alone, batch {batch_size}")
+    print(f"{'layer':42}" + "".join(f" {p + ' ms':>18} {'GFLOP/s':>8}" for p in precisions))
+    per_step = {precision: 0.0 for precision in precisions}
+    for what, make_layer, input_shape, macs, runs in LARGEST_CONVOLUTIONS:
+        row = f"{what:42}"
+        for precision in precisions:
+            seconds = time_convolution(make_layer, input_shape, batch_size, precision, rounds)
+            per_step[precision] += runs * seconds
+            row += f" {seconds * 1000:18.1f} {3 * 2 * macs * batch_size / seconds / 1e9:8.0f}"
+        print(row)
+    print(f"{'a step runs at least':42}" + "".join(f" {per_step[p] * 1000:18.1f} {'':8}" for p in precisions))
+    if len(precisions) == 2:
+        print(f"{precisions[1]} / {precisions[0]} speed of these convolutions: "
+              f"{per_step[precisions[0]] / per_step[precisions[1]]:.2f}x")
+    return per_step
 
 
 def time_tutorial(step, images, steps: int) -> float:
@@ -154,6 +234,9 @@ def main() -> None:
     default_config = TrainConfig(batch_size=batch)
     default_precision = strategy_lib.resolve_precision(default_config.precision, tf.distribute.get_strategy())
     variants["ours_default"] = ("ours", ours(default_config, mnist, False) + (default_config.steps_per_call,))
+    native_bfloat16 = default_precision == "mixed_bfloat16"
+    if native_bfloat16 and arguments.precision != "mixed_bfloat16":
+        variants["tutorial_tf_function_bf16"] = ("tutorial", tutorial_bfloat16_step(batch))
 
     # Warm-up: trace and run each variant a few steps.
     for kind, runner in variants.values():
@@ -185,6 +268,17 @@ def main() -> None:
           f"the tutorial's step in {arguments.precision}")
     synthetic, real = best["ours_conditional_synthetic"], best["ours_conditional"]
     print(f"input pipeline gap (real / synthetic step time - 1): {real / synthetic - 1:+.1%}")
+    if "tutorial_tf_function_bf16" in best:
+        print(f"ours_default / tutorial_tf_function_bf16 (both in bfloat16): "
+              f"{best['tutorial_tf_function_bf16'] / best['ours_default']:.2f}x")
+    precisions = ["float32"] + (["mixed_bfloat16"] if native_bfloat16 else [])
+    floor = min(print_kernel_bound(batch, precisions, arguments.rounds).values())
+    fastest_tutorial = min(best.get("tutorial_tf_function_bf16", baseline), baseline)
+    print(f"2x the tutorial's float32 step means {baseline / 2 * 1000:.0f} ms a step; these convolutions alone "
+          f"need {floor * 1000:.0f} ms in the fastest precision, and the rest of the tutorial's fastest step here "
+          f"takes {(fastest_tutorial - floor) * 1000:.0f} ms more")
+    if not native_bfloat16:
+        print("(no native bfloat16 on this CPU: bfloat16 columns and variants left out)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,47 @@
+"""Smoke runs of the speed benchmarks: each script runs end to end on a tiny budget and prints
+every row and verdict it is read for, so a change that breaks a bench fails here.
+
+No figure is asserted beyond "measured and positive": the machines are noisy, and the benches
+report ratios for people to read (bench/README.md), not pass/fail timings.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+NUMBER = r"([\d.]+)"
+
+
+def run_bench(*arguments: str) -> str:
+    result = subprocess.run([sys.executable, *arguments], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_serving_latency_smoke_prints_every_cell_the_bound_and_the_targets(tmp_path):
+    output = run_bench(str(REPO / "bench" / "serving_latency.py"), "--seconds", "0.3")
+    for label in ("in-process TF1 Session, 2 threads, 16 img", "gRPC batching off,  1 img, 16 clients",
+                  "gRPC batching on ,  1 img, 16 clients", "gRPC, no model (transport floor),  1 img, 16 clients"):
+        row = re.search(rf"^{re.escape(label)}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+(\d+)$", output, re.M)
+        assert row, f"no row {label!r} in:\n{output[-3000:]}"
+        assert float(row.group(3)) > 0 and int(row.group(5)) > 0, row.group(0)
+    bound = re.search(rf"upper bound, 16 clients x 1 img batched\s+{NUMBER} req/s", output)
+    assert bound and float(bound.group(1)) > 0, output[-2000:]
+    for target in ("gRPC p50 within in-process p50 + 1 ms", "batched >= 3x unbatched rps",
+                   "batched >= 70% of in-process batched throughput"):
+        assert re.search(rf"{re.escape(target)}.*: +(met|NOT met) \(", output), f"no verdict for {target!r}"
+
+
+def test_train_throughput_smoke_prints_every_variant_and_the_kernel_bound(mnist_data_dir):
+    output = run_bench(str(REPO / "bench" / "train_throughput.py"), "--skip-eager", "--batch-size", "16",
+                       "--steps", "2", "--rounds", "1", "--data-dir", mnist_data_dir)
+    for variant in ("tutorial_tf_function", "tutorial_tf_function_tfdata", "ours_unconditional", "ours_conditional",
+                    "ours_conditional_synthetic", "ours_compact", "ours_default"):
+        row = re.search(rf"^{variant}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x$", output, re.M)
+        assert row and float(row.group(2)) > 0, f"no row {variant!r} in:\n{output[-3000:]}"
+    assert re.search(r"input pipeline gap \(real / synthetic step time - 1\): [+-][\d.]+%", output)
+    assert re.search(rf"^a step runs at least\s+{NUMBER}", output, re.M), output[-2000:]  # the kernel bound
+    assert re.search(r"^2x the tutorial's float32 step means \d+ ms a step", output, re.M), output[-2000:]
