@@ -76,6 +76,8 @@ def train(
     gpus: Optional[int] = typer.Option(None, help="GPUs to mirror over, 0 = the CPU (default: every visible GPU)."),
     cpu_replicas: Optional[int] = typer.Option(None, help="Split the CPU into N logical devices and mirror over them."),
     steps_per_call: int = typer.Option(DEFAULTS.steps_per_call, help="Training steps per compiled tf.function call."),
+    xla: bool = typer.Option(DEFAULTS.xla, "--xla/--no-xla",
+                             help="Compile each replica's forward and backward pass with XLA (for GPUs; slower on the CPUs measured)."),
     checkpoint_every: int = typer.Option(DEFAULTS.checkpoint_every_steps, help="Save a checkpoint at least every N steps (also each epoch and on Ctrl-C)."),
     worker_hosts: Optional[str] = typer.Option(None, help="Multi-worker: every worker's host:port, comma-separated, "
                                                           "the same list on each worker (builds TF_CONFIG; worker 0 is the chief)."),
@@ -96,7 +98,7 @@ def train(
             latent_dim=latent_dim, conditional=conditional, max_steps=max_steps, seed=seed, data_dir=data_dir,
             architecture=architecture, generator_average_decay=generator_average,
             resume=resume, precision=precision, gpus=gpus, cpu_replicas=cpu_replicas, steps_per_call=steps_per_call,
-            checkpoint_every_steps=checkpoint_every, evaluate_every_epoch=evaluate_every_epoch)
+            xla=xla, checkpoint_every_steps=checkpoint_every, evaluate_every_epoch=evaluate_every_epoch)
     from trainer import loop
 
     with user_errors(loop.NonFiniteLossError):

@@ -5,6 +5,7 @@ Variants (same machine, same process, same global batch; images/s, higher is bet
   one Python call per step, Keras BCE losses, Adam(1e-4) (tensorflow.org/tutorials/generative/dcgan);
 - tutorial_tf_function_tfdata: the same compiled step fed as the tutorial feeds it, by
   `Dataset.from_tensor_slices(images).shuffle(60000).batch(256)` iterated in Python;
+- tutorial_tf_function_xla: the same step compiled by XLA (`tf.function(jit_compile=True)`);
 - tutorial_eager: the same step without `tf.function` (the seed's eager loop);
 - ours_unconditional / ours_conditional: `trainer.step.make_train_function` (`steps_per_call` steps
   per call) fed by the real MNIST pipeline; ours_conditional is the default recipe in `--precision`;
@@ -13,6 +14,7 @@ Variants (same machine, same process, same global batch; images/s, higher is bet
 - ours_compact: ours_conditional with `--architecture compact` (4x4 kernels, narrower G);
 - ours_default: the step of `python cli.py train` with every default, `--precision auto` included
   (mixed_bfloat16 on CPUs with AVX512-BF16/AMX, float32 elsewhere), at the same global batch;
+- ours_default_xla: ours_default with `--xla` (each replica's forward and backward pass compiled by XLA);
 - tutorial_tf_function_bf16 (only where `auto` resolves to mixed_bfloat16): the tutorial's step with
   its models built under mixed_bfloat16, to show what precision alone gives.
 All "ours" variants include the update of the generator's moving average (part of the default step).
@@ -28,6 +30,7 @@ Rounds alternate the variants so machine noise hits them alike; the best round o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -61,8 +64,9 @@ def tutorial_models():
     return generator, discriminator
 
 
-def tutorial_step(batch_size: int, compiled: bool):
-    """The tutorial's train_step over its own models; returns (step function, its argument)."""
+def tutorial_step(batch_size: int, compiled: bool, jit_compile: bool = False):
+    """The tutorial's train_step over its own models (XLA-compiled with `jit_compile`); returns
+    (step function, its argument)."""
     generator, discriminator = tutorial_models()
     cross_entropy = keras.losses.BinaryCrossentropy(from_logits=True)
     generator_optimizer, discriminator_optimizer = keras.optimizers.Adam(1e-4), keras.optimizers.Adam(1e-4)
@@ -82,7 +86,7 @@ def tutorial_step(batch_size: int, compiled: bool):
                                                     discriminator.trainable_variables))
         return gen_loss, disc_loss
 
-    return (tf.function(train_step) if compiled else train_step), None
+    return (tf.function(train_step, jit_compile=jit_compile or None) if compiled else train_step), None
 
 
 def tutorial_bfloat16_step(batch_size: int):
@@ -219,6 +223,7 @@ def main() -> None:
     tutorial_dataset = tf.data.Dataset.from_tensor_slices(
         (mnist.train_images.astype(np.float32) - 127.5) / 127.5).shuffle(60000).batch(batch).repeat()
     variants["tutorial_tf_function_tfdata"] = ("tutorial_tfdata", (tutorial_compiled, iter(tutorial_dataset)))
+    variants["tutorial_tf_function_xla"] = ("tutorial", tutorial_step(batch, compiled=True, jit_compile=True)[0])
     if not arguments.skip_eager:
         variants["tutorial_eager"] = ("tutorial", tutorial_step(batch, compiled=False)[0])
     # The tutorial's architecture for the side-by-side step comparison (also the default's);
@@ -234,6 +239,8 @@ def main() -> None:
     default_config = TrainConfig(batch_size=batch)
     default_precision = strategy_lib.resolve_precision(default_config.precision, tf.distribute.get_strategy())
     variants["ours_default"] = ("ours", ours(default_config, mnist, False) + (default_config.steps_per_call,))
+    xla_config = dataclasses.replace(default_config, xla=True)
+    variants["ours_default_xla"] = ("ours", ours(xla_config, mnist, False) + (xla_config.steps_per_call,))
     native_bfloat16 = default_precision == "mixed_bfloat16"
     if native_bfloat16 and arguments.precision != "mixed_bfloat16":
         variants["tutorial_tf_function_bf16"] = ("tutorial", tutorial_bfloat16_step(batch))

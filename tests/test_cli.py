@@ -17,7 +17,7 @@ TRAIN_OPTIONS = ["--epochs", "--batch-size", "--learning-rate", "--latent-dim", 
                  "--conditional", "--unconditional", "--data-dir", "--resume", "--no-resume", "--precision", "--gpus",
                  "--cpu-replicas", "--steps-per-call", "--checkpoint-every", "--architecture", "--generator-average", "--evaluate",
                  "--discriminator-learning-rate", "--learning-rate-schedule", "--learning-rate-decay-start",
-                 "--classifier-weight"]
+                 "--classifier-weight", "--xla", "--no-xla"]
 
 
 def _plain(text: str) -> str:
@@ -42,6 +42,13 @@ def test_more_gpus_than_visible_exits_2_with_the_visible_count(tmp_path):
     assert result.exit_code == 2
     assert "0 are visible" in result.output and "--gpus 0" in result.output
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_xla_on_two_replicas_exits_2_before_writing_anything(tmp_path):
+    result = runner.invoke(cli.app, ["train", "--xla", "--cpu-replicas", "2", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "--xla runs on one device only, not on 2 replicas" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("arguments, message", [

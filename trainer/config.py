@@ -62,6 +62,10 @@ class TrainConfig:
     """GPUs to train on (0 = CPU only); None uses every visible GPU, or the CPU when there is none."""
     cpu_replicas: int | None = None
     """Split the CPU into this many logical devices and mirror over them (tests, CI); None = one CPU device."""
+    xla: bool = False
+    """Compile each replica's forward and backward pass with XLA (`jit_compile`); the optimizer
+    updates stay outside, where MirroredStrategy sums the gradients. Meant for GPUs: on the 2-core
+    CPU it was measured slower (bench/README.md)."""
     steps_per_call: int = 10
     """Training steps run inside one compiled `tf.function` call; more steps cut Python overhead."""
     checkpoint_every_steps: int = 200

@@ -79,6 +79,7 @@ def train(config: TrainConfig, report: Callable[[str], None] = print, progress: 
     if config.batch_size % replicas:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {replicas} replicas; "
                          f"use a multiple of {replicas}")
+    step_lib.check_xla(config, strategy)  # before anything is written to the run dir
     chief = strategy_lib.is_chief(strategy)
     report(f"Strategy: {strategy_lib.describe(strategy)}")
     if config.precision == "auto":  # config.json records the resolved precision, so a resume keeps it

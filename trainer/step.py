@@ -8,6 +8,7 @@ iterator, so Python runs once per call, not once per step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import keras
 import tensorflow as tf
@@ -146,25 +147,44 @@ class HoldThenLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def replica_step(state: GanState, images, digits, global_batch_size: int, latent_dim: int, conditional: bool,
-                 classifier_weight: float = 0.0):
+                 classifier_weight: float = 0.0, gradients_function=None):
     """One D and G update on this replica's batch. Returns (generator_loss, discriminator_loss).
 
     images uint8 [b, 28, 28, 1] (MNIST pixels); digits int32 [b]; b = this replica's share of the batch.
+    `gradients_function` replaces `losses_and_gradients` (make_train_function passes an XLA-compiled one).
     """
     images = scale_images(images)
     batch = tf.shape(images)[0]  # the per-replica batch, not the global one
     # Drawn from the in-scope Generator: every replica gets its own noise.
     noise = state.noise_generator.normal([batch, latent_dim])
     fake_digits = state.noise_generator.uniform([batch], 0, models.NUM_CLASSES, dtype=tf.int32)
+    gradients_function = gradients_function or functools.partial(
+        losses_and_gradients, state, global_batch_size=global_batch_size, conditional=conditional,
+        classifier_weight=classifier_weight)
+    generator_loss, discriminator_loss, generator_gradients, discriminator_gradients = gradients_function(
+        images, digits, noise, fake_digits)
+    _apply(state.generator_optimizer, generator_gradients, state.generator)
+    _apply(state.discriminator_optimizer, discriminator_gradients, state.discriminator)
+    return generator_loss, discriminator_loss
+
+
+def losses_and_gradients(state: GanState, images, digits, noise, fake_digits, global_batch_size: int,
+                         conditional: bool, classifier_weight: float = 0.0):
+    """(generator_loss, discriminator_loss, G's gradients, D's gradients) of one forward and backward pass.
+
+    images float32 [b, 28, 28, 1] in [-1, 1]; digits and fake_digits int32 [b]; noise float32 [b, latent].
+    With mixed_float16 the gradients are of the scaled losses; LossScaleOptimizer unscales them.
+    """
     with tf.GradientTape() as generator_tape, tf.GradientTape() as discriminator_tape:
         generator_loss, discriminator_loss = compute_losses(state, images, digits, noise, fake_digits,
                                                             global_batch_size, conditional, training=True,
                                                             classifier_weight=classifier_weight)
         scaled_generator_loss = _scale(state.generator_optimizer, generator_loss)
         scaled_discriminator_loss = _scale(state.discriminator_optimizer, discriminator_loss)
-    _apply(state.generator_optimizer, generator_tape, scaled_generator_loss, state.generator)
-    _apply(state.discriminator_optimizer, discriminator_tape, scaled_discriminator_loss, state.discriminator)
-    return generator_loss, discriminator_loss
+    generator_gradients = generator_tape.gradient(scaled_generator_loss, state.generator.trainable_variables)
+    discriminator_gradients = discriminator_tape.gradient(scaled_discriminator_loss,
+                                                          state.discriminator.trainable_variables)
+    return generator_loss, discriminator_loss, generator_gradients, discriminator_gradients
 
 
 def scale_images(images):
@@ -199,9 +219,17 @@ def _scale(optimizer, loss):
     return optimizer.scale_loss(loss) if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else loss
 
 
-def _apply(optimizer, tape, loss, model) -> None:
-    variables = model.trainable_variables
-    optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+def _apply(optimizer, gradients, model) -> None:
+    optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+
+
+def check_xla(config: TrainConfig, strategy: tf.distribute.Strategy) -> None:
+    """ValueError when `config.xla` asks for XLA on more than one replica."""
+    if config.xla and strategy.num_replicas_in_sync > 1:
+        # Mirrored BatchNorm statistics synchronize the replicas inside the forward pass (a
+        # merge_call), which TensorFlow cannot do inside a nested, XLA-compiled tf.function.
+        raise ValueError(f"--xla runs on one device only, not on {strategy.num_replicas_in_sync} replicas; "
+                         "drop --xla, or train on one device (--gpus 1, or the CPU without --cpu-replicas)")
 
 
 def make_train_function(strategy: tf.distribute.Strategy, state: GanState, config: TrainConfig, global_batch_size: int):
@@ -211,10 +239,19 @@ def make_train_function(strategy: tf.distribute.Strategy, state: GanState, confi
     (each is already divided by the global batch), which equals the single-device mean.
     """
 
+    check_xla(config, strategy)
+    gradients_function = None
+    if config.xla:
+        # Only the forward and backward pass is compiled; the optimizer updates run outside it.
+        gradients_function = tf.function(functools.partial(
+            losses_and_gradients, state, global_batch_size=global_batch_size, conditional=config.conditional,
+            classifier_weight=config.classifier_weight), jit_compile=True)
+
     def distributed_step(batch):
         images, digits = batch
         per_replica = strategy.run(replica_step, args=(state, images, digits, global_batch_size, config.latent_dim,
-                                                       config.conditional, config.classifier_weight))
+                                                       config.conditional, config.classifier_weight,
+                                                       gradients_function))
         state.step.assign_add(1)
         if state.generator_average is not None:
             update_generator_average(state, config.generator_average_decay)

@@ -38,8 +38,9 @@ def test_serving_latency_smoke_prints_every_cell_the_bound_and_the_targets(tmp_p
 def test_train_throughput_smoke_prints_every_variant_and_the_kernel_bound(mnist_data_dir):
     output = run_bench(str(REPO / "bench" / "train_throughput.py"), "--skip-eager", "--batch-size", "16",
                        "--steps", "2", "--rounds", "1", "--data-dir", mnist_data_dir)
-    for variant in ("tutorial_tf_function", "tutorial_tf_function_tfdata", "ours_unconditional", "ours_conditional",
-                    "ours_conditional_synthetic", "ours_compact", "ours_default"):
+    for variant in ("tutorial_tf_function", "tutorial_tf_function_tfdata", "tutorial_tf_function_xla",
+                    "ours_unconditional", "ours_conditional", "ours_conditional_synthetic", "ours_compact",
+                    "ours_default", "ours_default_xla"):
         row = re.search(rf"^{variant}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x$", output, re.M)
         assert row and float(row.group(2)) > 0, f"no row {variant!r} in:\n{output[-3000:]}"
     assert re.search(r"input pipeline gap \(real / synthetic step time - 1\): [+-][\d.]+%", output)

@@ -44,6 +44,35 @@ def test_two_replica_steps_train_and_keep_replicas_identical(mnist_data_dir, arc
         np.testing.assert_array_equal(copies[0], copies[1], err_msg=variable.path)
 
 
+def test_xla_step_trains_on_one_device_like_the_plain_step(mnist_data_dir):
+    """Same seed, same data: the XLA-compiled pass trains, and its first losses match the plain step's
+    (float32; the dropout masks differ, as XLA draws its own random numbers, hence the tolerance)."""
+    images, labels = _real_batches(mnist_data_dir)
+    results = {}
+    for xla in (False, True):
+        strategy = strategy_lib.create_strategy(gpus=0, cpu_replicas=None)
+        config = TrainConfig(batch_size=GLOBAL_BATCH, xla=xla, precision="float32")
+        state = step_lib.build_state(config, strategy)
+        before = [variable.numpy().copy() for variable in state.generator.trainable_variables]
+        dataset_fn = data.epoch_dataset_fn(images, labels, GLOBAL_BATCH, seed=0, epoch=0)
+        iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+        train = step_lib.make_train_function(strategy, state, config, GLOBAL_BATCH)
+        results[xla] = [float(value) for value in train(iterator, tf.constant(1))]
+        train(iterator, tf.constant(2))
+        assert int(state.step.numpy()) == 3
+        after = [variable.numpy() for variable in state.generator.trainable_variables]
+        assert any(not np.allclose(old, new) for old, new in zip(before, after)), f"xla={xla}: G did not change"
+    np.testing.assert_allclose(results[True], results[False], rtol=0.05)
+
+
+def test_xla_on_two_replicas_is_refused_with_a_clear_error():
+    strategy = _two_replicas()
+    config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2, xla=True)
+    state = step_lib.build_state(config, strategy)
+    with pytest.raises(ValueError, match="--xla runs on one device only, not on 2 replicas"):
+        step_lib.make_train_function(strategy, state, config, GLOBAL_BATCH)
+
+
 def test_noise_differs_per_replica():
     strategy = _two_replicas()
     state = step_lib.build_state(TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2), strategy)
