@@ -28,8 +28,9 @@ def test_serving_latency_smoke_prints_every_cell_the_bound_and_the_targets(tmp_p
         row = re.search(rf"^{re.escape(label)}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+(\d+)$", output, re.M)
         assert row, f"no row {label!r} in:\n{output[-3000:]}"
         assert float(row.group(3)) > 0 and int(row.group(5)) > 0, row.group(0)
-    bound = re.search(rf"upper bound, 16 clients x 1 img batched\s+{NUMBER} req/s", output)
-    assert bound and float(bound.group(1)) > 0, output[-2000:]
+    for kind in ("unbatched", "batched"):
+        bound = re.search(rf"upper bound, 16 clients x 1 img, {kind}\s+{NUMBER} req/s", output)
+        assert bound and float(bound.group(1)) > 0, output[-2000:]
     for target in ("gRPC p50 within in-process p50 + 1 ms", "batched >= 3x unbatched rps",
                    "batched >= 70% of in-process batched throughput"):
         assert re.search(rf"{re.escape(target)}.*: +(met|NOT met) \(", output), f"no verdict for {target!r}"
