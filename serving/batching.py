@@ -83,7 +83,8 @@ class Batcher:
             if self._stopping:
                 raise ServingError(grpc.StatusCode.UNAVAILABLE, "Batching is shutting down")
             queue = self._queues[key]
-            if not queue or queue[-1].closed or queue[-1].size + task.size > self.max_batch_size:
+            opened = not queue or queue[-1].closed or queue[-1].size + task.size > self.max_batch_size
+            if opened:
                 if queue and not queue[-1].closed:
                     queue[-1].closed = True
                 if len(queue) >= self.max_enqueued_batches:
@@ -95,7 +96,11 @@ class Batcher:
             batch.size += task.size
             if batch.size >= self.max_batch_size:
                 batch.closed = True
-            self._condition.notify_all()
+            # Wake a batch thread only when something is ready or a new batch starts its timeout
+            # clock; a task joining an open batch changes neither, and waking both threads on every
+            # request cost throughput under load.
+            if opened or batch.closed:
+                self._condition.notify()
 
     def _next_ready_batch(self):
         """Pop the oldest batch that is full or has waited long enough; else how long to wait."""
