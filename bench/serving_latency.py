@@ -458,8 +458,8 @@ def main() -> None:
     print(f"  float_val / tensor_content (encode+decode, 64 img)   "
           f"{(enc['float_val']['encode'] + enc['float_val']['decode']) / (enc['tensor_content']['encode'] + enc['tensor_content']['decode']):6.2f}x")
 
-    # What 2 shared cores allow at best: each request costs the transport floor (gRPC + client, no
-    # model) plus its share of a model run, with nothing else and perfect overlap.
+    # What 2 shared cores allow at best: each request costs the transport floor's time (gRPC and
+    # client, no model) plus its share of a model run's time on the same cores, and nothing else.
     seconds_per_request = 1 / floor["rps"]
     bound1 = 1 / (seconds_per_request + 1 / local[("tf1x2", 1)]["ips"])
     bound16 = 1 / (seconds_per_request + 1 / local[("tf1x2", 16)]["ips"])

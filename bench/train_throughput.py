@@ -35,6 +35,7 @@ import os
 import platform
 import sys
 import time
+import typing
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -86,6 +87,7 @@ def tutorial_step(batch_size: int, compiled: bool, jit_compile: bool = False):
                                                     discriminator.trainable_variables))
         return gen_loss, disc_loss
 
+    # jit_compile=None, not False: False would also switch off TensorFlow's default auto-clustering.
     return (tf.function(train_step, jit_compile=jit_compile or None) if compiled else train_step), None
 
 
@@ -99,25 +101,38 @@ def tutorial_bfloat16_step(batch_size: int):
         keras.mixed_precision.set_global_policy(previous)
 
 
-# The tutorial architecture's three largest convolutions: (what, layer factory, input shape of one
-# image, multiply-adds per image in the forward pass, runs per training step). A transposed
-# convolution's cost counts its input pixels, a strided convolution's its output pixels. D runs on
-# the real and the generated batch, so its convolution runs (forward and backward) twice a step.
+class Convolution(typing.NamedTuple):
+    """One of the tutorial architecture's largest convolutions, as a step runs it."""
+
+    what: str
+    make_layer: typing.Callable[[str], keras.layers.Layer]  # dtype policy name -> a fresh layer
+    input_shape: tuple[int, int, int]  # one image: height, width, channels
+    multiply_adds: int  # per image, forward pass, counted dense (zero-padding taps included)
+    runs_per_step: int  # forward + backward passes of it in one training step, at least
+
+
+# A transposed convolution's cost counts its input pixels, a strided convolution's its output
+# pixels. D runs on the real and the generated batch, so its convolution runs twice a step (and its
+# input gradient a third time, for G's loss: left out, so the sum is a lower bound).
 LARGEST_CONVOLUTIONS = (
-    ("G transposed conv 256->128, 7x7, stride 1",
-     lambda dtype: keras.layers.Conv2DTranspose(128, 5, 1, "same", use_bias=False, dtype=dtype),
-     (7, 7, 256), 7 * 7 * 256 * 128 * 25, 1),
-    ("G transposed conv 128->64, 7x7 -> 14x14",
-     lambda dtype: keras.layers.Conv2DTranspose(64, 5, 2, "same", use_bias=False, dtype=dtype),
-     (7, 7, 128), 7 * 7 * 128 * 64 * 25, 1),
-    ("D conv 64->128, 14x14 -> 7x7 (x2 a step)",
-     lambda dtype: keras.layers.Conv2D(128, 5, 2, "same", dtype=dtype),
-     (14, 14, 64), 7 * 7 * 64 * 128 * 25, 2),
+    Convolution("G transposed conv 256->128 on 7x7, stride 1",
+                lambda dtype: keras.layers.Conv2DTranspose(128, 5, 1, "same", use_bias=False, dtype=dtype),
+                (7, 7, 256), 7 * 7 * 256 * 128 * 25, 1),
+    Convolution("G transposed conv 128->64, 7x7 to 14x14",
+                lambda dtype: keras.layers.Conv2DTranspose(64, 5, 2, "same", use_bias=False, dtype=dtype),
+                (7, 7, 128), 7 * 7 * 128 * 64 * 25, 1),
+    Convolution("D conv 64->128, 14x14 to 7x7 (x2 a step)",
+                lambda dtype: keras.layers.Conv2D(128, 5, 2, "same", dtype=dtype),
+                (14, 14, 64), 7 * 7 * 64 * 128 * 25, 2),
 )
 
 
 def time_convolution(make_layer, input_shape, batch_size: int, precision: str, rounds: int) -> float:
-    """Best seconds of one compiled forward + backward (gradients for the input and the kernel)."""
+    """Best seconds of one compiled forward + backward (gradients for the input and the kernel).
+
+    The input is float32 noise [batch_size, *input_shape]; the layer casts it to `precision`'s
+    compute dtype, as the layer before it would hand it over in a step.
+    """
     layer = make_layer(precision)
     inputs = tf.random.normal((batch_size, *input_shape))
 
@@ -141,19 +156,20 @@ def time_convolution(make_layer, input_shape, batch_size: int, precision: str, r
 
 
 def print_kernel_bound(batch_size: int, precisions: list[str], rounds: int) -> dict[str, float]:
-    """The largest convolutions alone, per precision: ms and GFLOP/s (3 passes of 2 FLOPs a MAC).
+    """The largest convolutions alone, per precision: ms and nominal GFLOP/s (3 passes of 2 FLOPs
+    a multiply-add, counted dense: zero-padding taps included, so above what the cores really do).
 
     Returns, per precision, the seconds a training step spends in them at the least.
     """
     print(f"\nkernel bound: forward + backward of the 3 largest convolutions alone, batch {batch_size}")
     print(f"{'layer':42}" + "".join(f" {p + ' ms':>18} {'GFLOP/s':>8}" for p in precisions))
     per_step = {precision: 0.0 for precision in precisions}
-    for what, make_layer, input_shape, macs, runs in LARGEST_CONVOLUTIONS:
-        row = f"{what:42}"
+    for convolution in LARGEST_CONVOLUTIONS:
+        row = f"{convolution.what:42}"
         for precision in precisions:
-            seconds = time_convolution(make_layer, input_shape, batch_size, precision, rounds)
-            per_step[precision] += runs * seconds
-            row += f" {seconds * 1000:18.1f} {3 * 2 * macs * batch_size / seconds / 1e9:8.0f}"
+            seconds = time_convolution(convolution.make_layer, convolution.input_shape, batch_size, precision, rounds)
+            per_step[precision] += convolution.runs_per_step * seconds
+            row += f" {seconds * 1000:18.1f} {3 * 2 * convolution.multiply_adds * batch_size / seconds / 1e9:8.0f}"
         print(row)
     print(f"{'a step runs at least':42}" + "".join(f" {per_step[p] * 1000:18.1f} {'':8}" for p in precisions))
     if len(precisions) == 2:
@@ -279,11 +295,16 @@ def main() -> None:
         print(f"ours_default / tutorial_tf_function_bf16 (both in bfloat16): "
               f"{best['tutorial_tf_function_bf16'] / best['ours_default']:.2f}x")
     precisions = ["float32"] + (["mixed_bfloat16"] if native_bfloat16 else [])
-    floor = min(print_kernel_bound(batch, precisions, arguments.rounds).values())
-    fastest_tutorial = min(best.get("tutorial_tf_function_bf16", baseline), baseline)
-    print(f"2x the tutorial's float32 step means {baseline / 2 * 1000:.0f} ms a step; these convolutions alone "
-          f"need {floor * 1000:.0f} ms in the fastest precision, and the rest of the tutorial's fastest step here "
-          f"takes {(fastest_tutorial - floor) * 1000:.0f} ms more")
+    convolutions = print_kernel_bound(batch, precisions, arguments.rounds)
+    # Compare like with like: the tutorial's step and the convolutions in the same precision.
+    tutorial_steps = {arguments.precision: baseline}
+    if "tutorial_tf_function_bf16" in best:
+        tutorial_steps["mixed_bfloat16"] = best["tutorial_tf_function_bf16"]
+    fastest = min((p for p in tutorial_steps if p in convolutions), key=lambda p: convolutions[p], default=None)
+    if fastest is not None:
+        print(f"2x the tutorial's {arguments.precision} step means {baseline / 2 * 1000:.0f} ms a step; these "
+              f"convolutions alone need {convolutions[fastest] * 1000:.0f} ms in {fastest}, and the rest of the "
+              f"tutorial's {fastest} step here takes {(tutorial_steps[fastest] - convolutions[fastest]) * 1000:.0f} ms more")
     if not native_bfloat16:
         print("(no native bfloat16 on this CPU: bfloat16 columns and variants left out)")
 

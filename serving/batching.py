@@ -84,10 +84,13 @@ class Batcher:
                 raise ServingError(grpc.StatusCode.UNAVAILABLE, "Batching is shutting down")
             queue = self._queues[key]
             opened = not queue or queue[-1].closed or queue[-1].size + task.size > self.max_batch_size
+            closed_previous = False
             if opened:
                 if queue and not queue[-1].closed:
-                    queue[-1].closed = True
+                    queue[-1].closed = closed_previous = True
                 if len(queue) >= self.max_enqueued_batches:
+                    if closed_previous:
+                        self._condition.notify()  # the batch just closed is ready to run
                     raise ServingError(grpc.StatusCode.UNAVAILABLE,
                                        "The batch scheduling queue to which this task was submitted is full")
                 queue.append(_Batch(key, loaded, signature, output_aliases))
@@ -96,11 +99,11 @@ class Batcher:
             batch.size += task.size
             if batch.size >= self.max_batch_size:
                 batch.closed = True
-            # Wake a batch thread only when something is ready or a new batch starts its timeout
-            # clock; a task joining an open batch changes neither, and waking both threads on every
-            # request cost throughput under load.
+            # A batch thread needs waking only when a batch is ready or a new one starts its timeout
+            # clock (two things at once when a full batch closed and a new one opened); a task that
+            # joins an open batch changes neither, so it wakes nobody.
             if opened or batch.closed:
-                self._condition.notify()
+                self._condition.notify(2 if closed_previous else 1)
 
     def _next_ready_batch(self):
         """Pop the oldest batch that is full or has waited long enough; else how long to wait."""

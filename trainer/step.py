@@ -146,21 +146,18 @@ class HoldThenLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
         return {"initial": self.initial, "hold_steps": self.hold_steps, "total_steps": self.total_steps}
 
 
-def replica_step(state: GanState, images, digits, global_batch_size: int, latent_dim: int, conditional: bool,
-                 classifier_weight: float = 0.0, gradients_function=None):
+def replica_step(state: GanState, images, digits, latent_dim: int, gradients_function):
     """One D and G update on this replica's batch. Returns (generator_loss, discriminator_loss).
 
     images uint8 [b, 28, 28, 1] (MNIST pixels); digits int32 [b]; b = this replica's share of the batch.
-    `gradients_function` replaces `losses_and_gradients` (make_train_function passes an XLA-compiled one).
+    `gradients_function(images, digits, noise, fake_digits)` is `losses_and_gradients` with the run's
+    settings bound (make_train_function builds it, XLA-compiled with --xla).
     """
     images = scale_images(images)
     batch = tf.shape(images)[0]  # the per-replica batch, not the global one
-    # Drawn from the in-scope Generator: every replica gets its own noise.
+    # Drawn from the in-scope Generator, outside any XLA cluster: every replica gets its own noise.
     noise = state.noise_generator.normal([batch, latent_dim])
     fake_digits = state.noise_generator.uniform([batch], 0, models.NUM_CLASSES, dtype=tf.int32)
-    gradients_function = gradients_function or functools.partial(
-        losses_and_gradients, state, global_batch_size=global_batch_size, conditional=conditional,
-        classifier_weight=classifier_weight)
     generator_loss, discriminator_loss, generator_gradients, discriminator_gradients = gradients_function(
         images, digits, noise, fake_digits)
     _apply(state.generator_optimizer, generator_gradients, state.generator)
@@ -239,19 +236,17 @@ def make_train_function(strategy: tf.distribute.Strategy, state: GanState, confi
     (each is already divided by the global batch), which equals the single-device mean.
     """
 
-    check_xla(config, strategy)
-    gradients_function = None
+    check_xla(config, strategy)  # loop.train checks too, before it writes; this guards direct callers
+    gradients_function = functools.partial(
+        losses_and_gradients, state, global_batch_size=global_batch_size, conditional=config.conditional,
+        classifier_weight=config.classifier_weight)
     if config.xla:
         # Only the forward and backward pass is compiled; the optimizer updates run outside it.
-        gradients_function = tf.function(functools.partial(
-            losses_and_gradients, state, global_batch_size=global_batch_size, conditional=config.conditional,
-            classifier_weight=config.classifier_weight), jit_compile=True)
+        gradients_function = tf.function(gradients_function, jit_compile=True)
 
     def distributed_step(batch):
         images, digits = batch
-        per_replica = strategy.run(replica_step, args=(state, images, digits, global_batch_size, config.latent_dim,
-                                                       config.conditional, config.classifier_weight,
-                                                       gradients_function))
+        per_replica = strategy.run(replica_step, args=(state, images, digits, config.latent_dim, gradients_function))
         state.step.assign_add(1)
         if state.generator_average is not None:
             update_generator_average(state, config.generator_average_decay)
