@@ -86,13 +86,12 @@ class Batcher:
             opened = not queue or queue[-1].closed or queue[-1].size + task.size > self.max_batch_size
             closed_previous = False
             if opened:
-                if queue and not queue[-1].closed:
-                    queue[-1].closed = closed_previous = True
                 if len(queue) >= self.max_enqueued_batches:
-                    if closed_previous:
-                        self._condition.notify()  # the batch just closed is ready to run
+                    # Refused before anything changes: the open batch stays open for tasks that fit.
                     raise ServingError(grpc.StatusCode.UNAVAILABLE,
                                        "The batch scheduling queue to which this task was submitted is full")
+                if queue and not queue[-1].closed:
+                    queue[-1].closed = closed_previous = True
                 queue.append(_Batch(key, loaded, signature, output_aliases))
             batch = queue[-1]
             batch.tasks.append(task)

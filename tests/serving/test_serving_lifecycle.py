@@ -209,6 +209,39 @@ def test_batching_concurrent_requests(fresh_server):
     assert "Task size 9 is larger than maximum input batch size 8" in info.value.details()
 
 
+def test_full_batch_queue_refuses_a_task_and_keeps_the_open_batch_open(fresh_server):
+    """One batch may wait (max_enqueued_batches 1). A task too large for the open batch would need a
+    second one: UNAVAILABLE, as TF's batch scheduler answers. The open batch is left open, so a
+    later task that fits still joins it, and both run when its timeout ends."""
+    server, _ = fresh_server(enable_batching=True, max_batch_size=4, batch_timeout_micros=3_000_000,
+                             max_enqueued_batches=1, num_batch_threads=1)
+    address = f"127.0.0.1:{server.grpc_port}"
+    outcomes, seconds = {}, {}
+
+    def send(name, rows):
+        started = time.monotonic()
+        with grpc.insecure_channel(address) as channel:
+            try:
+                response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(noise_request(rows), 30)
+                outcomes[name] = tf.make_ndarray(response.outputs["images"]).shape
+            except grpc.RpcError as error:
+                outcomes[name] = (error.code(), error.details())
+        seconds[name] = time.monotonic() - started
+
+    first = threading.Thread(target=send, args=("first", 1))
+    first.start()
+    time.sleep(1.0)  # the first task now waits in the open batch (3 s timeout)
+    send("too_large", 4)
+    send("fits", 1)
+    first.join()
+    assert outcomes["too_large"] == (grpc.StatusCode.UNAVAILABLE,
+                                     "The batch scheduling queue to which this task was submitted is full")
+    assert outcomes["first"] == (1, 28, 28, 1) and outcomes["fits"] == (1, 28, 28, 1)
+    # The refusal did not close the first task's batch: it still waited out its timeout (a lower
+    # bound, which a slow machine only makes easier to meet).
+    assert seconds["first"] >= 2.5, seconds
+
+
 def test_client_generate_status_metadata(server):
     address = f"127.0.0.1:{server.grpc_port}"
     images, version = client.generate(address, digits=[1, 2], count=3, seed=4)
