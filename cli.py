@@ -77,7 +77,7 @@ def train(
     cpu_replicas: Optional[int] = typer.Option(None, help="Split the CPU into N logical devices and mirror over them."),
     steps_per_call: int = typer.Option(DEFAULTS.steps_per_call, help="Training steps per compiled tf.function call."),
     xla: bool = typer.Option(DEFAULTS.xla, "--xla/--no-xla",
-                             help="Compile each replica's forward and backward pass with XLA (for GPUs; slower on the CPUs measured)."),
+                             help="Compile the step's forward and backward pass with XLA; one device only (for a GPU; slower on the CPUs measured)."),
     checkpoint_every: int = typer.Option(DEFAULTS.checkpoint_every_steps, help="Save a checkpoint at least every N steps (also each epoch and on Ctrl-C)."),
     worker_hosts: Optional[str] = typer.Option(None, help="Multi-worker: every worker's host:port, comma-separated, "
                                                           "the same list on each worker (builds TF_CONFIG; worker 0 is the chief)."),

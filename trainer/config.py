@@ -63,9 +63,9 @@ class TrainConfig:
     cpu_replicas: int | None = None
     """Split the CPU into this many logical devices and mirror over them (tests, CI); None = one CPU device."""
     xla: bool = False
-    """Compile each replica's forward and backward pass with XLA (`jit_compile`); the optimizer
-    updates stay outside, where MirroredStrategy sums the gradients. Meant for GPUs: on the 2-core
-    CPU it was measured slower (bench/README.md)."""
+    """Compile the step's forward and backward pass with XLA (`jit_compile`); the optimizer updates
+    stay outside. One device only: a run over several replicas is refused (`step.check_xla`). Meant
+    for a GPU; on the 2-core CPUs measured here it made the step slower (bench/README.md)."""
     steps_per_call: int = 10
     """Training steps run inside one compiled `tf.function` call; more steps cut Python overhead."""
     checkpoint_every_steps: int = 200
