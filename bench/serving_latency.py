@@ -10,9 +10,9 @@ like:
     not share a GIL with the server; the same as `python cli.py serve --port 0 --rest-port -1`),
     1 and 64 images per request, 1 client (a blocking stub) and 16 concurrent clients
     (serving.loadtest's asyncio clients), batching off and on;
-  * the transport floor: the same 16 clients against a server that runs no model and answers
-    with a precomputed 1-image response, and from it an upper bound on what batching can reach
-    on this machine (client, gRPC and model sharing the same cores);
+  * the transport floor: the same 1 and 16 clients against a server that runs no model and
+    answers with a precomputed 1-image response, and from it upper bounds on what unbatched and
+    batched serving can reach on this machine (client, gRPC and model sharing the same cores);
   * response encoding: float_val (what the server sends) vs tensor_content for 64 images, encode +
     serialize + client parse + decode; and the `sample` signature's `png` output vs `images`.
 
