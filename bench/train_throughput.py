@@ -14,15 +14,16 @@ Variants (same machine, same process, same global batch; images/s, higher is bet
 - ours_compact: ours_conditional with `--architecture compact` (4x4 kernels, narrower G);
 - ours_default: the step of `python cli.py train` with every default, `--precision auto` included
   (mixed_bfloat16 on CPUs with AVX512-BF16/AMX, float32 elsewhere), at the same global batch;
-- ours_default_xla: ours_default with `--xla` (each replica's forward and backward pass compiled by XLA);
+- ours_default_xla: ours_default with `--xla` (its forward and backward pass compiled by XLA);
 - tutorial_tf_function_bf16 (only where `auto` resolves to mixed_bfloat16): the tutorial's step with
   its models built under mixed_bfloat16, to show what precision alone gives.
 All "ours" variants include the update of the generator's moving average (part of the default step).
 
 Then the kernel bound: forward + backward (input and kernel gradients) of the tutorial
 architecture's three largest convolutions at the same batch, alone, in float32 and (where native)
-mixed_bfloat16, with the GFLOP/s each reaches. They are most of the step's arithmetic, so their
-bf16/float32 ratio is about the most that precision can give the whole step.
+mixed_bfloat16, with the nominal GFLOP/s each reaches. A step runs each of them at least once (D's
+twice), so their time in the faster precision is a floor under any step on this architecture: when
+it is above half the tutorial's step, no faster step reaches 2x; only less arithmetic can.
 
 Usage: python bench/train_throughput.py [--batch-size 256] [--steps 10] [--rounds 2] [--precision float32]
 Rounds alternate the variants so machine noise hits them alike; the best round of each is reported.
