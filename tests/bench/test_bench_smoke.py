@@ -21,7 +21,7 @@ def run_bench(*arguments: str) -> str:
     return result.stdout
 
 
-def test_serving_latency_smoke_prints_every_cell_the_bound_and_the_targets(tmp_path):
+def test_serving_latency_smoke_prints_every_cell_the_bound_and_the_targets():
     output = run_bench(str(REPO / "bench" / "serving_latency.py"), "--seconds", "0.3")
     for label in ("in-process TF1 Session, 2 threads, 16 img", "gRPC batching off,  1 img, 16 clients",
                   "gRPC batching on ,  1 img, 16 clients", "gRPC, no model (transport floor),  1 img, 16 clients"):

@@ -24,16 +24,20 @@ def _real_batches(mnist_data_dir, count=4):
     return mnist.train_images[: GLOBAL_BATCH * count], mnist.train_labels[: GLOBAL_BATCH * count]
 
 
+def _train_function(strategy, state, config, images, labels):
+    """(train, iterator): the run's compiled function and an iterator over the batches, as the loop builds them."""
+    dataset_fn = data.epoch_dataset_fn(images, labels, GLOBAL_BATCH, seed=0, epoch=0)
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    return step_lib.make_train_function(strategy, state, config, GLOBAL_BATCH), iterator
+
+
 @pytest.mark.parametrize("architecture", ["tutorial", "tutorial_cbn"])
 def test_two_replica_steps_train_and_keep_replicas_identical(mnist_data_dir, architecture):
     strategy = _two_replicas()
     config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2, architecture=architecture)
     state = step_lib.build_state(config, strategy)
     before = [variable.numpy().copy() for variable in state.generator.trainable_variables]
-    images, labels = _real_batches(mnist_data_dir)
-    dataset_fn = data.epoch_dataset_fn(images, labels, GLOBAL_BATCH, seed=0, epoch=0)
-    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-    train = step_lib.make_train_function(strategy, state, config, GLOBAL_BATCH)
+    train, iterator = _train_function(strategy, state, config, *_real_batches(mnist_data_dir))
     generator_loss, discriminator_loss = (float(value) for value in train(iterator, tf.constant(3)))
     assert np.isfinite(generator_loss) and np.isfinite(discriminator_loss)
     assert int(state.step.numpy()) == 3
@@ -54,9 +58,7 @@ def test_xla_step_trains_on_one_device_like_the_plain_step(mnist_data_dir):
         config = TrainConfig(batch_size=GLOBAL_BATCH, xla=xla, precision="float32")
         state = step_lib.build_state(config, strategy)
         before = [variable.numpy().copy() for variable in state.generator.trainable_variables]
-        dataset_fn = data.epoch_dataset_fn(images, labels, GLOBAL_BATCH, seed=0, epoch=0)
-        iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-        train = step_lib.make_train_function(strategy, state, config, GLOBAL_BATCH)
+        train, iterator = _train_function(strategy, state, config, images, labels)
         results[xla] = [float(value) for value in train(iterator, tf.constant(1))]
         train(iterator, tf.constant(2))
         assert int(state.step.numpy()) == 3
@@ -183,10 +185,8 @@ def test_generator_average_follows_its_formula_on_every_replica(mnist_data_dir, 
     initial = [variable.numpy().copy() for variable in state.generator.weights]
     for average, weight in zip(state.generator_average.weights, initial):
         np.testing.assert_array_equal(average.numpy(), weight)  # starts as G
-    images, labels = _real_batches(mnist_data_dir, count=1)
-    iterator = iter(strategy.distribute_datasets_from_function(
-        data.epoch_dataset_fn(images, labels, GLOBAL_BATCH, seed=0, epoch=0)))
-    step_lib.make_train_function(strategy, state, config, GLOBAL_BATCH)(iterator, tf.constant(1))
+    train, iterator = _train_function(strategy, state, config, *_real_batches(mnist_data_dir, count=1))
+    train(iterator, tf.constant(1))
     decay = min(0.999, 2.0 / 11.0)  # the update runs after the step counter reached 1
     moved = 0
     for average, before, after in zip(state.generator_average.weights, initial, state.generator.weights):
