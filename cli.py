@@ -24,6 +24,8 @@ app = typer.Typer(help="A class-conditional DCGAN on real MNIST: train it, expor
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 DEFAULT_SERVER = "localhost:8500"
+JUDGE_HELP = ("A judge written by `train-judge` (its folder) instead of the one shipped in quality/judge_weights/ "
+              "(whose figures compare across machines).")
 DEFAULTS = train_config_lib.TrainConfig()  # `train`'s option defaults are the config's: one place to change the recipe
 
 
@@ -82,8 +84,8 @@ def train(
                                                           "the same list on each worker (builds TF_CONFIG; worker 0 is the chief)."),
     task_index: Optional[int] = typer.Option(None, help="Multi-worker: this worker's index in --worker-hosts."),
     evaluate_every_epoch: bool = typer.Option(DEFAULTS.evaluate_every_epoch, "--evaluate/--no-evaluate",
-                                              help="Judge a fixed sample with the MNIST judge after every epoch "
-                                                   "(TensorBoard quality/*); the judge is trained once per data dir."),
+                                              help="Judge a fixed sample with the shipped MNIST judge after every epoch "
+                                                   "(TensorBoard quality/*)."),
 ) -> None:
     """Train the GAN on MNIST (MirroredStrategy; MultiWorkerMirroredStrategy with TF_CONFIG or --worker-hosts)."""
     from trainer import strategy as strategy_lib
@@ -119,7 +121,8 @@ def export_command(
                    "as the digit asked for (e.g. 0.99)."),
     max_frechet_ratio: Optional[float] = typer.Option(
         None, help="Blessing gate: publish only if the Fréchet distance is at most this multiple of real-vs-real (e.g. 3)."),
-    data_dir: Optional[str] = typer.Option(None, help="Blessing gate: TFDS data dir with MNIST and the cached judge."),
+    data_dir: Optional[str] = typer.Option(None, help="Blessing gate: TFDS data dir with MNIST."),
+    judge_dir: Optional[str] = typer.Option(None, "--judge", help=JUDGE_HELP),
 ) -> None:
     """Export the generator as a versioned TensorFlow Serving bundle (<model-base-path>/<version>/)."""
     from export import bundle
@@ -131,7 +134,7 @@ def export_command(
         if min_conditional_accuracy is not None or max_frechet_ratio is not None:
             from quality import sources
 
-            gate = sources.blessing_gate(sources.EvaluateConfig(data_dir=data_dir), min_conditional_accuracy,
+            gate = sources.blessing_gate(sources.EvaluateConfig(data_dir=data_dir, judge_dir=judge_dir), min_conditional_accuracy,
                                          max_frechet_ratio, report=typer.echo)
         result = bundle.export_bundle(config, gate=gate)
     typer.echo(f"Exported step {result.step} as version {result.version}: {result.path}")
@@ -189,7 +192,8 @@ def evaluate(
     per_digit: int = typer.Option(1000, help="`sample` images judged per digit (conditional models)."),
     default_samples: int = typer.Option(10_000, help="`serving_default` images judged for coverage."),
     seed: int = typer.Option(0, help="First sample seed (and the noise seed)."),
-    data_dir: Optional[str] = typer.Option(None, help="TFDS data dir with MNIST; the judge is cached there."),
+    data_dir: Optional[str] = typer.Option(None, help="TFDS data dir with MNIST."),
+    judge_dir: Optional[str] = typer.Option(None, "--judge", help=JUDGE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts (the calibration row first)."),
 ) -> None:
     """Measure quality with the project's MNIST judge: MNIST score, Fréchet distance, conditional accuracy, coverage."""
@@ -199,7 +203,8 @@ def evaluate(
     with user_errors(client.ClientError):
         if (server is None) == (run_dir is None and checkpoint is None):
             raise ValueError("give exactly one of --run-dir/--checkpoint (a training run) or --server (a served model)")
-        config = sources.EvaluateConfig(per_digit=per_digit, default_samples=default_samples, seed=seed, data_dir=data_dir)
+        config = sources.EvaluateConfig(per_digit=per_digit, default_samples=default_samples, seed=seed, data_dir=data_dir,
+                                        judge_dir=judge_dir)
         report = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
         if server is not None:
             reports = sources.evaluate_server(server, model_name, version, config, report=report)
@@ -294,6 +299,31 @@ def _write_images(out: Path, images, output_format: str, columns: Optional[int])
         files.write_bytes_atomic(out, buffer.getvalue())
     else:
         image_grids.save_grid(out, images, columns=columns)
+
+
+@app.command("train-judge")
+def train_judge(
+    out: Path = typer.Option(..., help="Folder to write the judge to (weights and manifest.json). Pass "
+                                       "quality/judge_weights to replace the shipped judge on purpose."),
+    data_dir: Optional[str] = typer.Option(None, help="TFDS data dir for MNIST (default: ~/tensorflow_datasets)."),
+) -> None:
+    """Train an MNIST judge (about 1 to 5 minutes on 2 CPU cores) and write it with its manifest.
+
+    Figures use the shipped judge unless a command is given `--judge FOLDER`; a judge trained here
+    is never picked up silently.
+    """
+    from quality import judge
+    from trainer import data
+
+    with user_errors():
+        mnist = data.load_mnist(data_dir, report=typer.echo)
+        command = f"python cli.py train-judge --out {out}"
+        manifest = judge.train_judge(mnist, out, command, report=typer.echo)
+    calibration = manifest["calibration"]
+    typer.echo(f"Wrote {out / manifest['weights']} ({manifest['bytes']:,} bytes, sha256 {manifest['sha256'][:12]}...): "
+               f"{manifest['test_accuracy']:.2%} on the real test split; calibration: MNIST score "
+               f"{calibration['mnist_score']:.3f}, real train vs real test Fréchet distance "
+               f"{calibration['real_train_vs_real_test_frechet']:.3f}")
 
 
 @app.command()

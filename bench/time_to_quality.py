@@ -70,7 +70,7 @@ def run_recipe(name: str, overrides: dict, arguments, run_root: Path) -> list[tu
     """Trains `name` in legs until the budget is spent; returns (training seconds, figures) after each leg."""
     config = TrainConfig(run_dir=str(run_root / name), data_dir=arguments.data_dir, **overrides)
     evaluate_config = sources.EvaluateConfig(per_digit=arguments.per_digit, default_samples=arguments.default_samples,
-                                             data_dir=arguments.data_dir)
+                                             data_dir=arguments.data_dir, judge_dir=arguments.judge)
     rate, spent, step, rows = images_per_second_guess(config), 0.0, 0, []
     while spent < arguments.budget - 1:
         leg = min(arguments.leg_seconds, arguments.budget - spent)
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--per-digit", type=int, default=1000)
     parser.add_argument("--default-samples", type=int, default=10_000)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--judge", default=None, help="a judge folder from `cli.py train-judge` [default: the shipped judge]")
     parser.add_argument("--recipes", default="default,tutorial")
     parser.add_argument("--run-root", default=None,
                         help="keep the runs in this folder (one subfolder per recipe) [default: a temporary folder]")
@@ -107,8 +108,7 @@ def main() -> None:
           f"budget {arguments.budget:.0f} s per recipe, judged every {arguments.leg_seconds:.0f} s; "
           f"default recipe overrides: {RECIPES['default'] or 'none'}")
     mnist = data.load_mnist(arguments.data_dir, report=print)
-    calibration = judge_lib.reference(judge_lib.load_or_train_classifier(
-        arguments.data_dir or data.default_data_dir(), mnist, report=print), mnist).calibration
+    calibration = judge_lib.reference(judge_lib.load_judge(arguments.judge), mnist).calibration
     print(judge_lib.format_reports([calibration]))
     with tempfile.TemporaryDirectory(prefix="digitgan-time-to-quality-") as folder:
         run_root = Path(arguments.run_root or folder)

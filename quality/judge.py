@@ -1,7 +1,10 @@
 """Measured quality: the project's own MNIST classifier as judge, and the figures it gives.
 
-The judge is a small CNN trained here on real MNIST (>= 99% on the test split), cached next to the
-MNIST data after its first training. Its penultimate layer (`features`, 128 ReLU units) is the
+The judge is a small CNN trained once on real MNIST (>= 99% on the test split) and shipped with the
+project in `quality/judge_weights/` (weights + `manifest.json` with the command that trained it,
+its accuracy, its calibration figures and the weights' sha256), as TF-GAN ships its MNIST
+classifier: every machine judges with the same weights, so figures compare across machines and
+runs. Nothing in training may use it (it only reports). Its penultimate layer (`features`, 128 ReLU units) is the
 feature space for the Fréchet distance. Images enter every function here as float32
 [N, 28, 28, 1] in [0, 1] (0 = background, 1 = ink), which is what the served signatures return.
 
@@ -16,21 +19,26 @@ Figures (all computed by `judge_images`):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import platform
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from common import precision
+from common import files, precision
 
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
-CLASSIFIER_VERSION = 1  # bump when the architecture or recipe changes, so stale caches are not used
+CLASSIFIER_VERSION = 1  # bump when the architecture or recipe changes: manifests of another version are refused
+SHIPPED_JUDGE = Path(__file__).resolve().parent / "judge_weights"  # the judge every figure uses by default
+WEIGHTS_FILE = "mnist_judge.weights.h5"
+MANIFEST_FILE = "manifest.json"
 MIN_CLASSIFIER_ACCURACY = 0.99
 REFERENCE_SIZE = 10_000  # real train images compared with the real test split in the calibration row
 
@@ -66,11 +74,6 @@ def _classifier_layers(keras, seed: int):
     return keras.Model(inputs, logits, name="mnist_judge")
 
 
-def classifier_path(data_dir: str) -> Path:
-    """Where the trained judge is cached: beside the MNIST data it was trained on."""
-    return Path(data_dir) / "digitgan" / f"mnist_judge_v{CLASSIFIER_VERSION}.weights.h5"
-
-
 def real_images(uint8_images: np.ndarray) -> np.ndarray:
     """uint8 [N, 28, 28, 1] in 0..255 → float32 [N, 28, 28, 1] in [0, 1], the judge's input range."""
     return uint8_images.astype(np.float32) / 255.0
@@ -91,23 +94,82 @@ def train_classifier(mnist, epochs: int = 5, seed: int = 0, report: Callable[[st
     return model, float(accuracy)
 
 
-def load_or_train_classifier(data_dir: str, mnist, report: Callable[[str], None] = log.info) -> "Judge":
-    """The cached judge for `data_dir`, training and caching it first when absent or unreadable."""
-    path = classifier_path(data_dir)
-    if path.exists():
-        model = build_classifier()
-        try:
-            model.load_weights(str(path))
-            return Judge(model)
-        except (OSError, ValueError) as error:  # a partial or foreign file is retrained, never used
-            report(f"the cached MNIST judge at {path} is unreadable ({error}); training it again")
-    report("training the MNIST judge (once per data dir; 1 to 3 minutes on 2 CPU cores)")
+def load_judge(directory: str | Path | None = None) -> "Judge":
+    """The judge in `directory` (weights + manifest); None is the judge shipped with the project.
+
+    The weights' sha256 must match the manifest's, so a changed or partial file is refused, never
+    used: figures from the shipped judge compare across machines and runs only if it is the same judge.
+    """
+    directory = Path(directory) if directory is not None else SHIPPED_JUDGE
+    manifest = read_manifest(directory)
+    weights = directory / manifest["weights"]
+    digest = file_sha256(weights)
+    if digest != manifest["sha256"]:
+        raise EvaluationError(f"the judge weights {weights} have sha256 {digest}, but its manifest says "
+                              f"{manifest['sha256']}: restore them (git checkout) or train a judge with "
+                              "`python cli.py train-judge --out DIR`")
+    model = build_classifier()
+    model.load_weights(str(weights))
+    return Judge(model, manifest)
+
+
+def read_manifest(directory: Path) -> dict:
+    """The manifest of the judge in `directory`; EvaluationError when there is none or it is not one."""
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EvaluationError(f"no MNIST judge in {directory} (no {MANIFEST_FILE}); train one with "
+                              "`python cli.py train-judge --out DIR`") from None
+    except json.JSONDecodeError as error:
+        raise EvaluationError(f"{path} is not valid JSON: {error}") from None
+    missing = [key for key in ("weights", "sha256", "classifier_version") if key not in manifest]
+    if missing:
+        raise EvaluationError(f"{path} is not a judge manifest (missing {', '.join(missing)})")
+    if manifest["classifier_version"] != CLASSIFIER_VERSION:
+        raise EvaluationError(f"the judge in {directory} is version {manifest['classifier_version']}; this code "
+                              f"builds version {CLASSIFIER_VERSION}: train one with `python cli.py train-judge --out DIR`")
+    return manifest
+
+
+def file_sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise EvaluationError(f"the judge weights {path} are missing") from None
+
+
+def train_judge(mnist, directory: str | Path, command: str, report: Callable[[str], None] = log.info) -> dict:
+    """Trains a judge on real MNIST and writes it to `directory` (weights, then the manifest); returns the manifest.
+
+    Refuses (EvaluationError) a judge under MIN_CLASSIFIER_ACCURACY on the real test split. The
+    manifest records the command, the accuracy, the calibration figures and the weights' sha256.
+    """
+    import keras
+    import tensorflow as tf
+
     model, accuracy = train_classifier(mnist, report=report)
     if accuracy < MIN_CLASSIFIER_ACCURACY:
         raise EvaluationError(f"the MNIST judge reached only {accuracy:.2%} on the test split "
-                              f"(needs {MIN_CLASSIFIER_ACCURACY:.0%}); not caching it")
-    _save_weights_atomic(model, path)
-    return Judge(model)
+                              f"(needs {MIN_CLASSIFIER_ACCURACY:.0%}); not writing it")
+    directory = Path(directory)
+    weights = directory / WEIGHTS_FILE
+    bare = build_classifier()  # the weights alone: the trained model would also save its optimizer's state
+    bare.set_weights(model.get_weights())
+    _save_weights_atomic(bare, weights)
+    calibration = reference(Judge(model, {}), mnist).calibration
+    manifest = {
+        "weights": WEIGHTS_FILE, "sha256": file_sha256(weights), "bytes": weights.stat().st_size,
+        "classifier_version": CLASSIFIER_VERSION, "command": command,
+        "test_accuracy": accuracy,
+        "calibration": {"mnist_score": calibration.mnist_score,
+                        "real_train_vs_real_test_frechet": calibration.frechet_distance,
+                        "reference_train_images": REFERENCE_SIZE, "coverage": calibration.coverage},
+        "trained_with": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                         "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)"},
+    }
+    files.write_json_atomic(directory / MANIFEST_FILE, manifest)
+    return manifest
 
 
 def _save_weights_atomic(model, path: Path) -> None:
@@ -124,12 +186,16 @@ def _save_weights_atomic(model, path: Path) -> None:
 
 
 class Judge:
-    """The classifier as a function: images → (penultimate features, class probabilities)."""
+    """The classifier as a function: images → (penultimate features, class probabilities).
 
-    def __init__(self, model):
+    `manifest` is what its manifest says of it (empty for a judge that was just trained).
+    """
+
+    def __init__(self, model, manifest: dict):
         import keras
 
         self.model = model
+        self.manifest = manifest
         self._features_and_logits = keras.Model(model.inputs, [model.get_layer("features").output, model.output])
 
     def read(self, images: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:

@@ -33,7 +33,8 @@ class EvaluateConfig:
             Fréchet distance of unconditional models.
         seed: first sample seed, and the seed of the numpy noise.
         batch_size: images per signature call (or per gRPC request).
-        data_dir: TFDS data dir holding MNIST; the judge is cached there too (None = TFDS default).
+        data_dir: TFDS data dir holding MNIST (None = TFDS default).
+        judge_dir: a judge written by `python cli.py train-judge` (None = the one shipped with the project).
     """
 
     per_digit: int = 1000
@@ -41,6 +42,7 @@ class EvaluateConfig:
     seed: int = 0
     batch_size: int = 500
     data_dir: str | None = None
+    judge_dir: str | None = None
 
     def __post_init__(self):
         for name in ("per_digit", "default_samples", "batch_size"):
@@ -154,7 +156,7 @@ def evaluate(sampler: Sampler, source: str, config: EvaluateConfig,
     from trainer import data
 
     mnist = data.load_mnist(config.data_dir, report=report)
-    judge = judge_lib.load_or_train_classifier(config.data_dir or data.default_data_dir(), mnist, report=report)
+    judge = judge_lib.load_judge(config.judge_dir)
     reference = judge_lib.reference(judge, mnist)
     samples = _draw_with_progress(sampler, config, progress)
     row = judge_lib.judge_images(judge, reference, source, samples.conditional, samples.requested, samples.default)

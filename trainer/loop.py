@@ -102,8 +102,8 @@ def train(config: TrainConfig, report: Callable[[str], None] = print, progress: 
     writer = tf.summary.create_file_writer(str(Path(config.run_dir) / "logs")) if chief else tf.summary.create_noop_writer()
     fixed_noise, fixed_digits = _fixed_sample_inputs(config)
     generator_loss = discriminator_loss = float("nan")
-    # The judge is prepared (trained once per data dir) before the clock starts, like the data, and
-    # only by runs that will reach an epoch end; False means no per-epoch figures.
+    # The shipped judge and its real-data reference are prepared before the clock starts, like the
+    # data, and only by runs that will reach an epoch end; False means no per-epoch figures.
     reaches_epoch_end = total_steps >= (start_step // steps_per_epoch + 1) * steps_per_epoch
     quality = _epoch_quality(config, mnist, report) if chief and config.evaluate_every_epoch and reaches_epoch_end else False
     started = time.perf_counter()
@@ -324,7 +324,7 @@ class EpochQuality:
         from quality import judge as judge_lib
 
         self._judge_lib = judge_lib
-        self.judge = judge_lib.load_or_train_classifier(config.data_dir or data.default_data_dir(), mnist, report)
+        self.judge = judge_lib.load_judge()  # the shipped judge: figures compare across machines and runs
         self.reference = judge_lib.reference(self.judge, mnist)
         count = models.NUM_CLASSES * self.PER_DIGIT
         # Its own noise stream ([seed, 1]), so the judged sample never overlaps the sample grid's noise.
@@ -348,8 +348,8 @@ class EpochQuality:
 
 
 def _epoch_quality(config: TrainConfig, mnist: data.Mnist, report: Callable[[str], None]) -> "EpochQuality | bool":
-    """The per-epoch judge, or False when it cannot be had (a read-only data dir, an unlucky judge
-    under 99%): the figures are a nicety, so that turns them off with one line, never stops training."""
+    """The per-epoch judge, or False when it cannot be had (its weights missing or changed): the
+    figures are a nicety, so that turns them off with one line, never stops training."""
     try:
         return EpochQuality(config, mnist, report)
     except (ValueError, OSError) as error:

@@ -1,6 +1,9 @@
 """The MNIST judge and its figures behave on known inputs: real data is near perfect, noise is far,
-a generator collapsed to one digit fails coverage. Uses the real classifier on real MNIST."""
+a generator collapsed to one digit fails coverage. Uses the shipped classifier on real MNIST."""
 from __future__ import annotations
+
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -16,9 +19,35 @@ def mnist(mnist_data_dir):
 
 
 @pytest.fixture(scope="module")
-def judge_and_reference(mnist, mnist_data_dir):
-    judge = judge_lib.load_or_train_classifier(mnist_data_dir, mnist)
+def judge_and_reference(mnist):
+    judge = judge_lib.load_judge()  # the shipped judge
     return judge, judge_lib.reference(judge, mnist)
+
+
+def test_the_shipped_judge_is_the_one_its_manifest_describes(judge_and_reference, mnist):
+    judge, reference = judge_and_reference
+    manifest = json.loads((judge_lib.SHIPPED_JUDGE / judge_lib.MANIFEST_FILE).read_text())
+    assert judge_lib.file_sha256(judge_lib.SHIPPED_JUDGE / manifest["weights"]) == manifest["sha256"]
+    probabilities = judge.read(judge_lib.real_images(mnist.test_images))[1]
+    accuracy = float(np.mean(probabilities.argmax(axis=1) == mnist.test_labels))
+    assert accuracy >= judge_lib.MIN_CLASSIFIER_ACCURACY
+    assert accuracy == pytest.approx(manifest["test_accuracy"], abs=2e-4)  # at most 2 of 10,000 images differ
+    calibration = manifest["calibration"]
+    assert reference.calibration.mnist_score == pytest.approx(calibration["mnist_score"], abs=1e-3)
+    assert reference.real_vs_real_frechet == pytest.approx(calibration["real_train_vs_real_test_frechet"], rel=1e-3)
+
+
+def test_a_changed_or_missing_judge_is_refused_not_used(tmp_path):
+    copy = tmp_path / "judge"
+    shutil.copytree(judge_lib.SHIPPED_JUDGE, copy)
+    weights = copy / judge_lib.WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(judge_lib.EvaluationError, match="sha256"):
+        judge_lib.load_judge(copy)
+    with pytest.raises(judge_lib.EvaluationError, match="no MNIST judge in .*train-judge"):
+        judge_lib.load_judge(tmp_path / "nowhere")
 
 
 def test_judge_reads_the_real_test_split(judge_and_reference):
