@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +35,13 @@ def fail(message: str) -> typer.Exit:
     """Prints `error: message` on stderr and returns the exit-code-2 exception to raise."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code=2)
+
+
+def own_command_line() -> list[str]:
+    """[this process's command line] when it runs cli.py (or the `digitgan` script), else [] (e.g. under a test runner)."""
+    if Path(sys.argv[0]).name not in ("cli.py", "digitgan"):
+        return []
+    return [shlex.join(["python", "cli.py", *sys.argv[1:]])]
 
 
 @contextlib.contextmanager
@@ -123,13 +132,17 @@ def export_command(
         None, help="Blessing gate: publish only if the Fréchet distance is at most this multiple of real-vs-real (e.g. 3)."),
     data_dir: Optional[str] = typer.Option(None, help="Blessing gate: TFDS data dir with MNIST."),
     judge_dir: Optional[str] = typer.Option(None, "--judge", help=JUDGE_HELP),
+    record_command: list[str] = typer.Option(
+        [], help="A command line that made this bundle (e.g. the `train` command), recorded in its metadata "
+                 "before this export command itself; repeatable."),
 ) -> None:
     """Export the generator as a versioned TensorFlow Serving bundle (<model-base-path>/<version>/)."""
     from export import bundle
 
     with user_errors():
         config = bundle.ExportConfig(run_dir=run_dir, checkpoint=checkpoint, model_base_path=model_base_path,
-                                     model_name=model_name, version=version, overwrite=overwrite)
+                                     model_name=model_name, version=version, overwrite=overwrite,
+                                     commands=(*record_command, *own_command_line()))
         gate = None
         if min_conditional_accuracy is not None or max_frechet_ratio is not None:
             from quality import sources

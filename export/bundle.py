@@ -51,6 +51,8 @@ class ExportConfig:
     """The version number to write; None = one more than the highest present (1 when there is none)."""
     overwrite: bool = False
     """Replace an existing version of the same number (atomically) instead of refusing."""
+    commands: tuple[str, ...] = ()
+    """The command lines that made this bundle (training, export), recorded in its metadata as `commands`."""
 
     def __post_init__(self) -> None:
         if self.version is not None and not 1 <= self.version < 2**63:
@@ -291,6 +293,7 @@ def _metadata(config: ExportConfig, train_config: TrainConfig, checkpoint_path: 
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tensorflow_version": tf.__version__,
         "metrics": metrics or {},
+        "commands": list(config.commands),
         "signatures_doc": signatures_lib.__doc__.strip().splitlines()[0],
     }
 
