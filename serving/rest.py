@@ -504,11 +504,11 @@ def float_texts(flat: np.ndarray) -> list[str]:
     the rare values whose six digits do not round-trip redone one by one.
     """
     is_double = flat.dtype == np.float64
-    values = flat.astype(np.float64 if is_double else np.float32)
-    wide = values.astype(np.float64)
-    texts = ["%g" % value for value in wide.tolist()]
-    parsed = np.array(texts, dtype=np.float64)  # strtod of each text ("nan"/"inf" included)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # signalling NaNs and overflow are handled below
+        values = flat.astype(np.float64 if is_double else np.float32)
+        wide = values.astype(np.float64)
+        texts = ["%g" % value for value in wide.tolist()]
+        parsed = np.array(texts, dtype=np.float64)  # strtod of each text ("nan"/"inf" included)
         same = parsed == wide if is_double else _reads_back_as_float32(texts, parsed, values)
     finite = np.isfinite(wide)
     precise = "%.17g" if is_double else "%.9g"
@@ -531,10 +531,11 @@ def _reads_back_as_float32(texts: list[str], parsed: np.ndarray, values: np.ndar
     same = rounded == values
     neighbour = np.nextafter(rounded, np.where(parsed > rounded, np.float32(np.inf), np.float32(-np.inf)))
     halfway = np.isfinite(parsed) & (2 * parsed == rounded.astype(np.float64) + neighbour.astype(np.float64))
-    for index in np.flatnonzero(halfway & (parsed != rounded.astype(np.float64))).tolist():
-        exact, low, high = Fraction(texts[index]), Fraction(float(rounded[index])), Fraction(float(neighbour[index]))
-        nearest = low if abs(exact - low) < abs(exact - high) else high
-        same[index] = nearest == Fraction(float(values[index]))
+    for index in np.flatnonzero(halfway).tolist():
+        exact, double = Fraction(texts[index]), Fraction(float(parsed[index]))
+        if exact != double:  # the text lies off the midpoint, on the side strtof rounds to
+            below, above = sorted((float(rounded[index]), float(neighbour[index])))
+            same[index] = (above if exact > double else below) == float(values[index])
     return same
 
 
@@ -727,6 +728,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
+        if self.close_connection:
+            self.send_header("Connection", "close")  # so the client opens a new one for its next request
         self.end_headers()
         self.wfile.write(payload)
 
