@@ -337,3 +337,19 @@ def test_bad_monitoring_config_file(tmp_path, text, mention):
         metrics_lib.prometheus_path(str(config))
     with pytest.raises(ValueError, match="cannot read monitoring config file"):
         metrics_lib.prometheus_path(str(tmp_path / "missing.config"))
+
+
+def test_deploy_monitoring_config_turns_metrics_on_at_the_default_path():
+    deploy_config = model_builders.__file__.rsplit("/tests/", 1)[0] + "/serving/deploy/monitoring.config"
+    assert metrics_lib.prometheus_path(deploy_config) == "/monitoring/prometheus/metrics"
+
+
+def test_serve_with_an_unreadable_monitoring_config_is_one_error_line(tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+
+    result = CliRunner().invoke(cli.app, ["serve", "--port", "0", "--rest-port", "0", "--monitoring-config-file",
+                                          str(tmp_path / "missing.config")])
+    assert result.exit_code == 2, result.output
+    assert "error: cannot read monitoring config file" in result.output and "Traceback" not in result.output
