@@ -19,6 +19,7 @@ import http.server
 import json
 import logging
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -732,6 +733,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Connection", "close")  # so the client opens a new one for its next request
         self.end_headers()
         self.wfile.write(payload)
+        if self.close_connection:
+            self._linger()
+
+    def _linger(self, budget_bytes: int = 1 << 20, seconds: float = 2.0) -> None:
+        """A lingering close: stop sending, then read and drop what the client still sends (at
+        most `budget_bytes` or `seconds`). Closing a socket with unread data resets the
+        connection, and the client may then lose the reply it has not read yet."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + seconds
+            while budget_bytes > 0 and (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                data = self.connection.recv(min(1 << 16, budget_bytes))
+                if not data:
+                    break
+                budget_bytes -= len(data)
+        except OSError:
+            pass  # the client is gone or slow: nothing more to do for it
 
     def log_message(self, format, *args):  # route access logs to logging, not stderr
         LOG.debug("%s - %s", self.address_string(), format % args)
