@@ -176,6 +176,7 @@ def serve(
     max_concurrent_rpcs: int = typer.Option(256, help="gRPC calls served at once; more get RESOURCE_EXHAUSTED."),
     max_concurrent_rest_requests: int = typer.Option(256, help="REST inference POSTs served at once; more get HTTP 429."),
     engine: str = typer.Option("builtin", help="builtin (this project's server) or tfserving (exec tensorflow_model_server)."),
+    monitoring_config_file: Optional[str] = typer.Option(None, help="TF Serving MonitoringConfig text file; Prometheus metrics are served on the REST port only when it has prometheus_config { enable: true } (at its path, default /monitoring/prometheus/metrics)."),
 ) -> None:
     """Serve exported bundles over TF Serving's gRPC (and REST) API until Ctrl-C/SIGTERM."""
     from serving import config as config_lib
@@ -188,7 +189,7 @@ def serve(
             max_enqueued_batches=max_enqueued_batches, num_batch_threads=num_batch_threads,
             max_request_elements=max_request_elements, max_message_bytes=max_message_bytes,
             max_concurrent_rpcs=max_concurrent_rpcs, max_concurrent_rest_requests=max_concurrent_rest_requests,
-            engine=engine)
+            engine=engine, monitoring_config_file=monitoring_config_file)
     from serving import server
 
     with user_errors(OSError):

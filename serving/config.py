@@ -41,6 +41,9 @@ class ServeConfig:
             queued. Status, metadata and metrics GETs are not counted, so probes keep working.
         grace_seconds: how long `stop()` lets in-flight requests finish.
         engine: "builtin" (this Python server) or "tfserving" (exec `tensorflow_model_server`).
+        monitoring_config_file: path to a text-format `MonitoringConfig`
+            (`--monitoring_config_file`); Prometheus metrics are served on the REST port at its
+            `prometheus_config.path` only when it sets `enable: true`. None: no metrics page.
     """
 
     model_base_path: str = "models/digitgan"
@@ -61,6 +64,7 @@ class ServeConfig:
     max_concurrent_rest_requests: int = 256
     grace_seconds: float = 10.0
     engine: str = "builtin"
+    monitoring_config_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.model_config_file is None:
@@ -93,6 +97,8 @@ class ServeConfig:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.monitoring_config_file is not None and not self.monitoring_config_file:
+            raise ValueError(f"monitoring_config_file must be a path or None, got {self.monitoring_config_file!r}")
 
 
 def _check_port(name: str, value: int, allow_off: bool) -> None:

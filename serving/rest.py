@@ -1,10 +1,15 @@
 """TF Serving's REST API on a second port, plus the Prometheus metrics page.
 
-Paths, JSON shapes, error JSON and HTTP codes follow TF Serving's http_rest_api_handler.cc
-and json_tensor.cc: `:predict` (row `instances` -> `predictions`, columnar `inputs` ->
-`outputs`), `:classify` / `:regress` (`results`), model status and metadata, and
-`/monitoring/prometheus/metrics`. float32 values are written as their shortest round-trip
-decimal, as TF Serving's WriteDecimal does.
+Paths, JSON shapes, error JSON and HTTP codes follow TF Serving's http_rest_api_handler.cc,
+http_server.cc and json_tensor.cc: `:predict` (row `instances` -> `predictions`, columnar
+`inputs` -> `outputs`), `:classify` / `:regress` (`results`), model status and metadata, and the
+Prometheus page when a monitoring config enables it. Values are written as json_tensor.cc writes
+them: floats by WriteDecimal (six significant digits when they read back to the same value,
+else 9 for float32 and 17 for float64, whole numbers with ".0"), DT_STRING outputs whose alias
+ends in `_bytes` as `{"b64": ...}` and every other string as a raw JSON string (its bytes as
+they are, invalid UTF-8 included, as rapidjson writes them). Request bodies may be gzip
+(`Content-Encoding`) or chunked (`Transfer-Encoding`), and `{"b64": ...}` inputs are decoded
+as leniently as absl::Base64Unescape.
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ import http.server
 import json
 import logging
 import re
+import socket
 import threading
 import time
 import urllib.parse
+import zlib
+from fractions import Fraction
 
 import grpc
 import numpy as np
@@ -34,7 +42,6 @@ PREDICT_PATH = re.compile(
     r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)", re.I)
 STATUS_PATH = re.compile(
     r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?", re.I)
-METRICS_PATH = "/monitoring/prometheus/metrics"
 HTTP_CODES = {
     grpc.StatusCode.OK: 200, grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
@@ -45,44 +52,66 @@ HTTP_CODES = {
 
 
 class RestApi:
-    """The request logic behind the HTTP handler; returns (http status, body, content type)."""
+    """The request logic behind the HTTP handler; returns (http status, body, content type).
 
-    def __init__(self, manager, metrics, max_request_elements: int, batcher=None):
+    Every request under `/v1/` is counted in request_count with the gRPC code it ended with
+    (status and metadata GETs and malformed requests too), as TF Serving's REST dispatcher does;
+    the model name is the one in the path ("" when the path names none).
+    """
+
+    def __init__(self, manager, metrics, max_request_elements: int, batcher=None,
+                 prometheus_path: str | None = None):
         self.manager = manager
         self.metrics = metrics
         self.max_request_elements = max_request_elements
         self.batcher = batcher
+        self.prometheus_path = prometheus_path  # None: no metrics page, as TF without a monitoring config
 
     def handle(self, method: str, raw_path: str, body: bytes | None):
         path = urllib.parse.urlsplit(raw_path).path
-        if method == "GET" and path == METRICS_PATH:
-            return 200, self.metrics.render().encode(), "text/plain; version=0.0.4"
+        if self.prometheus_path is not None and path == self.prometheus_path:
+            return 200, self.metrics.render().encode(), "text/plain"
+        if not _is_api_path(path):
+            return 404, _json_bytes({"error": f"Not found: {method} {path}"}), "application/json"
+        started = time.monotonic()
+        model_name, api, code, reply = self._route(method, path, body)
+        self.metrics.record(model_name, code.name, api, "REST", (time.monotonic() - started) * 1e6)
+        return reply
+
+    def refuse(self, method: str, raw_path: str, code: grpc.StatusCode, message: str,
+               http_status: int | None = None):
+        """The reply to a request the HTTP layer turned away (body too large, bad gzip, ...),
+        counted like any other request under /v1/."""
+        path = urllib.parse.urlsplit(raw_path).path
+        if _is_api_path(path):
+            model_name, api = _model_and_api(method, path)
+            self.metrics.record(model_name, code.name, api, "REST", 0.0)
+        status, payload, content_type = _error_reply(code, message)
+        return http_status or status, payload, content_type
+
+    def _route(self, method: str, path: str, body: bytes | None):
+        """(model name, API label, gRPC code, reply) of a request under /v1/."""
+        model_name, api = _model_and_api(method, path)
         match = PREDICT_PATH.fullmatch(path)
         if method == "POST" and match:
-            return self._inference(match, body)
+            _name, version, label, _verb = match.groups()
+            code, reply = self._respond(lambda: self._run_inference(model_name, version, label, api, body))
+            return model_name, api, code, reply
         match = STATUS_PATH.fullmatch(path)
         if method == "GET" and match:
-            return self._respond(lambda: self._status_or_metadata(match))
-        if path.lower().startswith("/v1/"):
-            return _error_reply(grpc.StatusCode.INVALID_ARGUMENT, f"Malformed request: {method} {path}")
-        return 404, _json_bytes({"error": f"Not found: {method} {path}"}), "application/json"
-
-    def _inference(self, match, body: bytes):
-        started = time.monotonic()
-        name, version, label, verb = match.groups()
-        name, verb = urllib.parse.unquote(name), verb.lower()
-        status, payload, content_type = self._respond(
-            lambda: self._run_inference(name, version, label, verb, body))
-        code = next((c for c, h in HTTP_CODES.items() if h == status), grpc.StatusCode.INTERNAL)
-        self.metrics.record(name, code.name, verb, "REST", (time.monotonic() - started) * 1e6)
-        return status, payload, content_type
+            code, reply = self._respond(lambda: self._status_or_metadata(match))
+            return model_name, api, code, reply
+        code = grpc.StatusCode.INVALID_ARGUMENT
+        return model_name, api, code, _error_reply(code, f"Malformed request: {method} {path}")
 
     @staticmethod
     def _respond(work):
+        """(gRPC code, reply) of work(); the code is the real one, not one read back from HTTP."""
         code, message, result = prediction.RequestRunner.run_work(work)
         if code != grpc.StatusCode.OK:
-            return _error_reply(code, message)
-        return 200, result.encode("utf-8"), "application/json"
+            return code, _error_reply(code, message)
+        # surrogateescape: raw string outputs carry bytes that are not UTF-8 (see _string_text).
+        return code, (200, result.encode("utf-8", "surrogateescape"), "application/json")
 
     def _run_inference(self, name, version, label, verb, body: bytes) -> str:
         document = parse_json_body(body)
@@ -94,10 +123,10 @@ class RestApi:
             model_input = examples_input(document)
             if verb == "classify":
                 _name, result = inference.classify_result(loaded, spec.signature_name, model_input)
-                return json.dumps({"results": [[[c.label, c.score] for c in item.classes]
-                                               for item in result.classifications]})
+                return classify_json(result)
             _name, result = inference.regress_result(loaded, spec.signature_name, model_input)
-            return json.dumps({"results": [item.value for item in result.regressions]})
+            values = float_texts(np.array([item.value for item in result.regressions], np.float32))
+            return '{"results": [' + ", ".join(values) + "]}"
         finally:
             loaded.release()
 
@@ -149,6 +178,28 @@ class RestApi:
 def _error_reply(code: grpc.StatusCode, message: str):
     status = HTTP_CODES.get(code, 500)
     return status, _json_bytes({"error": tensors.truncate_message(message)}), "application/json"
+
+
+def _is_api_path(path: str) -> bool:
+    """TF Serving's REST dispatcher takes every path matching (?i)/v1/.*"""
+    return path.lower().startswith("/v1/")
+
+
+def _model_and_api(method: str, path: str) -> tuple[str, str]:
+    """The model name and API label TF Serving's ParseModelInfo reads from a request path.
+
+    The API is the lower-case verb of a predict/classify/regress POST and "" otherwise; the name
+    is URL-decoded, and "" when the path does not match the method's pattern.
+    """
+    if method == "POST":
+        match = PREDICT_PATH.fullmatch(path)
+        if match:
+            return urllib.parse.unquote(match.group(1)), match.group(4).lower()
+    elif method == "GET":
+        match = STATUS_PATH.fullmatch(path)
+        if match and match.group(1):
+            return urllib.parse.unquote(match.group(1)), ""
+    return "", ""
 
 
 def _json_bytes(value) -> bytes:
@@ -211,14 +262,21 @@ def json_feeds(document: dict, signature) -> tuple[bool, dict]:
                 raise invalid_argument(f"Expecting object but got {_json_type(instance)} at item {index} "
                                        "of input list")
             for key, value in instance.items():
+                if key not in signature.inputs:
+                    raise invalid_argument(f"Failed to process element: {index} key: {key} of 'instances' "
+                                           f"list. Error: JSON object: does not have named input: {key}")
                 columns.setdefault(key, []).append(value)
-        lengths = {len(values) for values in columns.values()}
-        if lengths != {len(instances)}:
-            raise invalid_argument("Failed to process element: every instance must have the same named inputs")
+            if set(instance) != set(aliases):
+                raise invalid_argument(f"Failed to process element: {index} of 'instances' list. JSON object: "
+                                       f"{_json_preview(instance)} keys must be equal to: {','.join(aliases)}")
         return True, _typed_columns(columns, signature)
     inputs = document["inputs"]
     if _is_named_object(inputs):
-        return False, _typed_columns(inputs, signature)
+        # TF looks up each signature input and ignores any other key (FillTensorMapFromInputsMap).
+        missing = [alias for alias in aliases if alias not in inputs]
+        if missing:
+            raise invalid_argument(f"Missing named input: {missing[0]} in 'inputs' object.")
+        return False, _typed_columns({alias: inputs[alias] for alias in aliases}, signature)
     if len(aliases) != 1:
         raise invalid_argument("'inputs' must be an object of named tensors for a signature with several inputs")
     return False, {aliases[0]: json_to_array(inputs, signature.inputs[aliases[0]].dtype, aliases[0])}
@@ -252,12 +310,8 @@ def _is_named_object(value) -> bool:
 
 
 def _typed_columns(columns: dict, signature) -> dict:
-    feeds = {}
-    for alias, value in columns.items():
-        # An alias the signature lacks is passed on so Predict reports it with its usual message.
-        dtype = signature.inputs[alias].dtype if alias in signature.inputs else types_pb2.DT_FLOAT
-        feeds[alias] = json_to_array(value, dtype, alias)
-    return feeds
+    """alias -> array for columns whose aliases are all signature inputs."""
+    return {alias: json_to_array(value, signature.inputs[alias].dtype, alias) for alias, value in columns.items()}
 
 
 def json_to_array(value, dtype_enum: int, alias: str) -> np.ndarray:
@@ -292,11 +346,36 @@ def _string_leaf(leaf, alias: str) -> bytes:
     if isinstance(leaf, str):
         return leaf.encode("utf-8")
     if isinstance(leaf, dict) and set(leaf) == {"b64"} and isinstance(leaf["b64"], str):
-        try:
-            return base64.b64decode(leaf["b64"], validate=True)
-        except ValueError:
-            raise invalid_argument(f"Unable to base64 decode value for {alias}") from None
+        decoded = base64_unescape(leaf["b64"])
+        if decoded is None:
+            raise invalid_argument(f"Unable to base64 decode value for {alias}")
+        return decoded
     raise invalid_argument(f"JSON Value: {_json_preview(leaf)} Type: not a string, is not of expected type: string")
+
+
+_ASCII_SPACE = {ord(character): None for character in " \t\n\v\f\r"}  # absl::ascii_isspace
+_BASE64_DIGITS = re.compile(r"[A-Za-z0-9+/]*")
+_PADDING_NEEDED = {0: 0, 2: 2, 3: 1}  # '=' that complete a final group of 4, 2 or 3 digits
+
+
+def base64_unescape(text: str) -> bytes | None:
+    """Bytes of base64 `text` as absl::Base64Unescape decodes them, or None where it fails.
+
+    Like absl (escaping.cc Base64UnescapeInternal): ASCII whitespace anywhere is skipped, so
+    the `base64` command's 76-column lines decode; padding may be left out, but when present
+    it must complete the last group exactly ("AA==" or "AA", not "AA="); '.' pads like '=';
+    only the standard alphabet counts (no '-' or '_'); nothing but padding and whitespace may
+    follow the first pad; one lone digit in the last group fails; unused low bits are ignored.
+    """
+    compact = text.translate(_ASCII_SPACE)
+    cut = min((index for index in (compact.find("="), compact.find(".")) if index >= 0), default=len(compact))
+    digits, padding = compact[:cut], compact[cut:]
+    if not _BASE64_DIGITS.fullmatch(digits) or padding.strip("=."):
+        return None
+    remainder = len(digits) % 4
+    if remainder == 1 or (padding and len(padding) != _PADDING_NEEDED[remainder]):
+        return None
+    return base64.b64decode(digits + "=" * _PADDING_NEEDED[remainder])
 
 
 def _check_numeric_leaves(value, dtype_enum: int, alias: str) -> None:
@@ -356,6 +435,11 @@ def _fill_feature(feature: feature_pb2.Feature, values: list, name: str) -> None
 
 # ---------------- tensors -> JSON ----------------
 def predictions_json(outputs: dict, row_format: bool) -> str:
+    """The `predictions` (row) or `outputs` (columnar) document of MakeJsonFromTensors.
+
+    The text may hold lone surrogates standing for raw bytes of string outputs; encode it
+    with "surrogateescape" to get the bytes TF Serving would send.
+    """
     aliases = sorted(outputs)
     if row_format:
         if len(aliases) == 1:
@@ -365,13 +449,23 @@ def predictions_json(outputs: dict, row_format: bool) -> str:
             raise invalid_argument("Output tensors must have the same 0th dimension for row format")
         rows = []
         for index in range(sizes.pop()):
-            fields = [json.dumps(a) + ": " + array_json(outputs[a][index], a) for a in aliases]
+            fields = [_string_text(a.encode()) + ": " + array_json(outputs[a][index], a) for a in aliases]
             rows.append("{" + ", ".join(fields) + "}")
         return '{"predictions": [' + ", ".join(rows) + "]}"
     if len(aliases) == 1:
         return '{"outputs": ' + array_json(outputs[aliases[0]], aliases[0]) + "}"
-    fields = [json.dumps(a) + ": " + array_json(outputs[a], a) for a in aliases]
+    fields = [_string_text(a.encode()) + ": " + array_json(outputs[a], a) for a in aliases]
     return '{"outputs": {' + ", ".join(fields) + "}}"
+
+
+def classify_json(result) -> str:
+    """MakeJsonFromClassificationResult: [[[label, score], ...], ...], scores by WriteDecimal."""
+    items = []
+    for item in result.classifications:
+        scores = float_texts(np.array([c.score for c in item.classes], np.float32))
+        pairs = ["[" + _string_text(c.label.encode()) + ", " + score + "]" for c, score in zip(item.classes, scores)]
+        items.append("[" + ", ".join(pairs) + "]")
+    return '{"results": [' + ", ".join(items) + "]}"
 
 
 def array_json(array: np.ndarray, alias: str) -> str:
@@ -379,44 +473,103 @@ def array_json(array: np.ndarray, alias: str) -> str:
     array = np.asarray(array)
     if array.size == 0:
         return json.dumps(np.zeros(array.shape).tolist())
-    leaf = _leaf_writer(array.dtype, alias)
-    texts = [leaf(value) for value in array.reshape(-1)]
+    texts = _leaf_texts(array.reshape(-1), alias)
     for size in reversed(array.shape):
         texts = ["[" + ",".join(texts[i:i + size]) + "]" for i in range(0, len(texts), size)]
     return texts[0]
 
 
-def _leaf_writer(dtype: np.dtype, alias: str):
+def _leaf_texts(flat: np.ndarray, alias: str) -> list[str]:
+    """JSON text of each value of a 1-D array, as json_tensor.cc's AddSingleValueAndAdvance."""
+    dtype = flat.dtype
     if dtype == object or dtype.kind == "S":
-        return lambda value: _bytes_text(tensors._as_bytes(value), alias.endswith("_bytes"))
+        # IsNamedTensorBytes: base64 exactly for aliases ending in "_bytes", raw strings otherwise.
+        write = _base64_text if alias.endswith("_bytes") else _string_text
+        return [write(tensors._as_bytes(value)) for value in flat]
     if dtype == np.bool_:
-        return lambda value: "true" if value else "false"
+        return ["true" if value else "false" for value in flat.tolist()]
     if dtype.kind in "iu":
-        return lambda value: str(int(value))
-    if dtype.kind == "f":
-        return _float_text
-    return lambda value: json.dumps(str(value))
+        return [str(value) for value in flat.tolist()]
+    if dtype in (np.float16, np.float32, np.float64):
+        return float_texts(flat)
+    return [json.dumps(str(value)) for value in flat]
 
 
-def _float_text(value) -> str:
-    if np.isnan(value):
-        return "NaN"
-    if np.isinf(value):
-        return "Infinity" if value > 0 else "-Infinity"
-    # numpy's str() of a float32/float16 scalar is the shortest round-trip repr.
-    return str(value) if value.dtype != np.float64 else repr(float(value))
+def float_texts(flat: np.ndarray) -> list[str]:
+    """WriteDecimal (json_tensor.cc) of each value of a 1-D float16/32/64 array.
+
+    absl::StrCat's six significant digits (printf "%g") when that text reads back (strtof /
+    strtod) to the same value, else "%.9g" for float32 (float16 is widened to float32 first,
+    as TF does) or "%.17g" for float64; ".0" is added to text with neither '.' nor 'e';
+    NaN, Infinity and -Infinity as such. Vectorised: one "%g" and one parse per value, with
+    the rare values whose six digits do not round-trip redone one by one.
+    """
+    is_double = flat.dtype == np.float64
+    with np.errstate(invalid="ignore", over="ignore"):  # signalling NaNs and overflow are handled below
+        values = flat.astype(np.float64 if is_double else np.float32)
+        wide = values.astype(np.float64)
+        texts = ["%g" % value for value in wide.tolist()]
+        parsed = np.array(texts, dtype=np.float64)  # strtod of each text ("nan"/"inf" included)
+        same = parsed == wide if is_double else _reads_back_as_float32(texts, parsed, values)
+    finite = np.isfinite(wide)
+    precise = "%.17g" if is_double else "%.9g"
+    for index in np.flatnonzero(finite & ~same).tolist():
+        texts[index] = precise % wide[index]
+    texts = [text if ("." in text or "e" in text) else text + ".0" for text in texts]
+    for index in np.flatnonzero(~finite).tolist():
+        value = wide[index]
+        texts[index] = "NaN" if np.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return texts
 
 
-def _bytes_text(value: bytes, force_base64: bool) -> str:
-    if not force_base64:
-        try:
-            return json.dumps(value.decode("utf-8"))
-        except UnicodeDecodeError:
-            pass  # not text: send base64 rather than invalid JSON
+def _reads_back_as_float32(texts: list[str], parsed: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Whether strtof(text) == value, from strtod's double of each text.
+
+    Rounding the double to float32 equals strtof except when the double falls exactly halfway
+    between two float32 values (double rounding); those rare texts are decided exactly.
+    """
+    rounded = parsed.astype(np.float32)
+    same = rounded == values
+    neighbour = np.nextafter(rounded, np.where(parsed > rounded, np.float32(np.inf), np.float32(-np.inf)))
+    halfway = np.isfinite(parsed) & (2 * parsed == rounded.astype(np.float64) + neighbour.astype(np.float64))
+    for index in np.flatnonzero(halfway).tolist():
+        exact, double = Fraction(texts[index]), Fraction(float(parsed[index]))
+        if exact != double:  # the text lies off the midpoint, on the side strtof rounds to
+            below, above = sorted((float(rounded[index]), float(neighbour[index])))
+            same[index] = (above if exact > double else below) == float(values[index])
+    return same
+
+
+# rapidjson's Writer::WriteString: '"', '\\' and control bytes escaped, every other byte as it is.
+_JSON_ESCAPES = {code: "\\u%04X" % code for code in range(0x20)}
+_JSON_ESCAPES.update({0x08: "\\b", 0x09: "\\t", 0x0A: "\\n", 0x0C: "\\f", 0x0D: "\\r",
+                      ord('"'): '\\"', ord("\\"): "\\\\"})
+
+
+def _string_text(value: bytes) -> str:
+    """A DT_STRING value as a raw JSON string, as TF Serving's rapidjson writer sends it.
+
+    rapidjson copies the bytes without checking UTF-8, so a value that is not UTF-8 reaches
+    the client as those very bytes (a body that is then not valid UTF-8 JSON). They travel
+    here as lone surrogates ("surrogateescape") until the reply is encoded.
+    """
+    return '"' + value.decode("utf-8", "surrogateescape").translate(_JSON_ESCAPES) + '"'
+
+
+def _base64_text(value: bytes) -> str:
     return '{"b64": "' + base64.b64encode(value).decode("ascii") + '"}'
 
 
 # ---------------- HTTP plumbing ----------------
+class _BodyRefused(Exception):
+    """A request body the HTTP layer will not pass on: gRPC code, message, HTTP status, and
+    whether the connection must close (the rest of the body was not read)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None, close: bool = False):
+        super().__init__(message)
+        self.code, self.message, self.http_status, self.close = code, message, http_status, close
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     api: RestApi
     max_body_bytes: int
@@ -428,24 +581,106 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._dispatch("GET", None)
 
     def do_POST(self):
+        chunked, length, framing_error = self._body_framing()
+        if framing_error is not None:
+            self.close_connection = True  # where the body ends is unknown: nothing after it can be parsed
+            return self._send(*framing_error)
+        if not chunked and length > self.max_body_bytes:
+            self.close_connection = True  # the unread body must not be parsed as a request
+            return self._send(*self._too_large(f"Request body of {length} bytes"))
+        # Take a slot before reading the body, so refused requests never buffer theirs.
+        if not self.post_slots.acquire(blocking=False):
+            if chunked:
+                self.close_connection = True  # a chunked body is not drained: its size is unknown
+            return self._refuse_busy(0 if chunked else length)
+        try:
+            try:
+                body = self._read_chunked() if chunked else self.rfile.read(length)
+                body = self._decoded(body)
+            except _BodyRefused as refusal:
+                self.close_connection = self.close_connection or refusal.close
+                return self._send(*self.api.refuse("POST", self.path, refusal.code, refusal.message,
+                                                   refusal.http_status))
+            self._dispatch("POST", body)
+        finally:
+            self.post_slots.release()
+
+    def _body_framing(self):
+        """(chunked, Content-Length, error reply or None) from the request headers.
+
+        Transfer-Encoding wins over Content-Length (RFC 9112 6.3); only "chunked" is a
+        transfer coding we read, as libevent behind TF Serving.
+        """
+        transfer = self.headers.get("Transfer-Encoding")
+        if transfer is not None:
+            if transfer.strip().lower() != "chunked":
+                return False, 0, self.api.refuse("POST", self.path, grpc.StatusCode.UNIMPLEMENTED,
+                                                 f"Unsupported Transfer-Encoding: {transfer}")
+            return True, 0, None
         length_header = self.headers.get("Content-Length")
         try:
             length = int(length_header) if length_header is not None else 0
         except ValueError:
             length = -1
         if length < 0:
-            return self._send(400, _json_bytes({"error": "Invalid Content-Length header"}), "application/json")
-        if length > self.max_body_bytes:
-            self.close_connection = True  # the unread body must not be parsed as a request
-            return self._send(413, _json_bytes({"error": f"Request body of {length} bytes exceeds the limit "
-                                                         f"of {self.max_body_bytes} bytes"}), "application/json")
-        # Take a slot before reading the body, so refused requests never buffer theirs.
-        if not self.post_slots.acquire(blocking=False):
-            return self._refuse_busy(length)
+            return False, 0, self.api.refuse("POST", self.path, grpc.StatusCode.INVALID_ARGUMENT,
+                                             "Invalid Content-Length header")
+        return False, length, None
+
+    def _too_large(self, what: str):
+        return self.api.refuse("POST", self.path, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{what} exceeds the limit of {self.max_body_bytes} bytes", 413)
+
+    def _read_chunked(self) -> bytes:
+        """A chunked body (RFC 9112 7.1), refused once it passes max_body_bytes.
+
+        Any refusal closes the connection, so unread chunks are never parsed as a request.
+        """
+        parts, total = [], 0
+        while True:
+            size = self._chunk_size(self.rfile.readline(1026))
+            if size == 0:
+                break
+            if total + size > self.max_body_bytes:
+                raise _BodyRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"Chunked request body exceeds the limit "
+                                   f"of {self.max_body_bytes} bytes", 413, close=True)
+            data = self.rfile.read(size)
+            if len(data) != size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise _BodyRefused(grpc.StatusCode.INVALID_ARGUMENT, "Malformed chunked request body", close=True)
+            parts.append(data)
+            total += size
+        for _ in range(100):  # trailer fields up to the blank line, ignored
+            if self.rfile.readline(8194) in (b"\r\n", b"\n", b""):
+                return b"".join(parts)
+        raise _BodyRefused(grpc.StatusCode.INVALID_ARGUMENT, "Malformed chunked request body", close=True)
+
+    @staticmethod
+    def _chunk_size(line: bytes) -> int:
+        text = line.split(b";", 1)[0].strip()  # chunk extensions after ';' are ignored
+        if not line.endswith(b"\n") or not 0 < len(text) <= 16 or text.strip(b"0123456789abcdefABCDEF"):
+            raise _BodyRefused(grpc.StatusCode.INVALID_ARGUMENT, "Malformed chunked request body", close=True)
+        return int(text, 16)
+
+    def _decoded(self, body: bytes) -> bytes:
+        """The body, gunzipped when Content-Encoding names gzip (as net_http's auto_uncompress_input).
+
+        The decompressed size is held to max_body_bytes as well, so a small "gzip bomb" is
+        refused after inflating at most one byte past the limit.
+        """
+        if "gzip" not in self.headers.get("Content-Encoding", "").lower():
+            return body
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
         try:
-            self._dispatch("POST", self.rfile.read(length))
-        finally:
-            self.post_slots.release()
+            inflated = inflater.decompress(body, self.max_body_bytes + 1)
+        except zlib.error as error:
+            raise _BodyRefused(grpc.StatusCode.INVALID_ARGUMENT, f"Failed to decompress the gzip request body: {error}")
+        if len(inflated) > self.max_body_bytes:
+            raise _BodyRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"Decompressed request body exceeds the limit "
+                               f"of {self.max_body_bytes} bytes", 413)
+        if not inflater.eof or inflater.unused_data:
+            raise _BodyRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                               "Failed to decompress the gzip request body: truncated or followed by other data")
+        return inflated
 
     def _refuse_busy(self, length: int) -> None:
         """429 without queueing; the body is read and dropped so the connection stays usable."""
@@ -475,8 +710,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 length = 0
             if 0 < length <= self.max_body_bytes:
                 self._drain(length)
-            code = 400
+            self.close_connection = True
             message = f"Malformed request: {self.command} {urllib.parse.urlsplit(self.path).path}"
+            return self._send(*self.api.refuse(self.command, self.path, grpc.StatusCode.INVALID_ARGUMENT, message))
         self.close_connection = True
         text = message or self.responses.get(code, ("Error",))[0]
         self._send(code, _json_bytes({"error": text}), "application/json")
@@ -493,8 +729,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
+        if self.close_connection:
+            self.send_header("Connection", "close")  # so the client opens a new one for its next request
         self.end_headers()
         self.wfile.write(payload)
+        if self.close_connection:
+            self._linger()
+
+    def _linger(self, budget_bytes: int = 1 << 20, seconds: float = 2.0) -> None:
+        """A lingering close: stop sending, then read and drop what the client still sends (at
+        most `budget_bytes` or `seconds`). Closing a socket with unread data resets the
+        connection, and the client may then lose the reply it has not read yet."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + seconds
+            while budget_bytes > 0 and (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                data = self.connection.recv(min(1 << 16, budget_bytes))
+                if not data:
+                    break
+                budget_bytes -= len(data)
+        except OSError:
+            pass  # the client is gone or slow: nothing more to do for it
 
     def log_message(self, format, *args):  # route access logs to logging, not stderr
         LOG.debug("%s - %s", self.address_string(), format % args)

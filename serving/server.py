@@ -28,7 +28,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from serving import inference, models, prediction, rest
 from serving.batching import Batcher
 from serving.config import ServeConfig
-from serving.metrics import Metrics
+from serving.metrics import Metrics, prometheus_path
 
 LOG = logging.getLogger("serving.server")
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
@@ -142,6 +142,8 @@ class ModelServer:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.metrics = Metrics()
+        # Read before anything binds a port, so a bad file fails cleanly.
+        self.prometheus_path = prometheus_path(config.monitoring_config_file)
         self.health = health.HealthServicer()
         for name in HEALTH_SERVICE_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -161,7 +163,8 @@ class ModelServer:
             raise ValueError(f"cannot bind gRPC to {config.host}:{config.port}")
         self._rest_server = None
         if config.rest_port >= 0:
-            api = rest.RestApi(self.manager, self.metrics, config.max_request_elements, self.batcher)
+            api = rest.RestApi(self.manager, self.metrics, config.max_request_elements, self.batcher,
+                               self.prometheus_path)
             self._rest_server = rest.RestServer(api, config.host, config.rest_port, config.max_message_bytes,
                                                 config.max_concurrent_rest_requests)
 
@@ -260,6 +263,8 @@ def run_server(config: ServeConfig) -> int:
     print(f"gRPC listening on {config.host}:{server.grpc_port}", flush=True)
     if server.rest_port is not None:
         print(f"REST listening on {config.host}:{server.rest_port}", flush=True)
+        if server.prometheus_path is not None:
+            print(f"Prometheus metrics at {server.prometheus_path} on the REST port", flush=True)
     stop_requested = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop_requested.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -298,6 +303,8 @@ def tfserving_command(config: ServeConfig, batching_file: str | None = None) -> 
                     f"--model_base_path={os.path.abspath(config.model_base_path)}"]
     if config.enable_batching:
         command += ["--enable_batching=true", f"--batching_parameters_file={batching_file}"]
+    if config.monitoring_config_file is not None:
+        command.append(f"--monitoring_config_file={os.path.abspath(config.monitoring_config_file)}")
     return command
 
 

@@ -32,8 +32,11 @@ model_config_list {{
   config {{ name: "half" base_path: "{model_root / 'half'}" model_platform: "tensorflow" }}
 }}
 """)
+    monitoring_file = config_file.parent / "monitoring.config"
+    monitoring_file.write_text('prometheus_config { enable: true path: "/monitoring/prometheus/metrics" }\n')
     config = ServeConfig(model_config_file=str(config_file), port=0, rest_port=0, poll_seconds=1.0,
-                         max_request_elements=1_000_000, grace_seconds=1.0)
+                         max_request_elements=1_000_000, grace_seconds=1.0,
+                         monitoring_config_file=str(monitoring_file))
     model_server = create_server(config)
     model_server.start()
     assert model_server.wait_until_ready(60)

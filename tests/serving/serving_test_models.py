@@ -153,3 +153,31 @@ def wait_for(condition, timeout: float = 120.0, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return False
+
+
+def build_strings(path: str) -> str:
+    """TF1 graph model for the REST writer's rules. Signatures:
+      serving_default: s (string [-1]) -> text = s and text_bytes = s (a DT_STRING output with
+          and without the `_bytes` suffix that makes TF Serving write base64);
+      floats: x (float32 [-1]) -> y = x (float32) and y64 = x as float64;
+      uninitialized: x (float32 [-1]) -> y = x + a resource variable nobody ever assigned,
+          so every run fails with FAILED_PRECONDITION, over gRPC and REST alike.
+    """
+    v1 = tf.compat.v1
+    with tf.Graph().as_default() as graph, v1.Session(graph=graph) as session:
+        strings = v1.placeholder(tf.string, [None], name="s")
+        x = v1.placeholder(tf.float32, [None], name="x")
+        # A bare handle, not a tf.Variable: the saver ignores it and nothing initializes it.
+        handle = tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name="never_assigned")
+        unset = tf.raw_ops.ReadVariableOp(resource=handle, dtype=tf.float32)
+        builder = v1.saved_model.Builder(path)
+        builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map={
+            "serving_default": _predict_signature(
+                {"s": strings}, {"text": tf.identity(strings, name="text"),
+                                 "text_bytes": tf.identity(strings, name="text_bytes")}),
+            "floats": _predict_signature(
+                {"x": x}, {"y": tf.identity(x, name="y"), "y64": tf.cast(x, tf.float64, name="y64")}),
+            "uninitialized": _predict_signature({"x": x}, {"y": tf.add(x, unset, name="y_unset")}),
+        })
+        builder.save()
+    return path

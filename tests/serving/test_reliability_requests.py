@@ -300,15 +300,21 @@ REST_CASES = [
     rest_case("delete-method", "DELETE", "/v1/models/digitgan", None, 400,
               "Malformed request: DELETE /v1/models/digitgan"),
     # input aliases
-    rest_case("missing-input", "POST", PREDICT, as_json({"inputs": {}}), 400, "Missing but required: {noise}"),
+    # (json_tensor.cc: columnar "inputs" looks up each signature input and ignores other keys;
+    # every row object must have exactly the signature's inputs)
+    rest_case("missing-input", "POST", PREDICT, as_json({"inputs": {}}), 400,
+              "Missing named input: noise in 'inputs' object."),
     rest_case("missing-named-input", "POST", PREDICT, as_json({"signature_name": "sample",
                                                               "instances": [{"digit": 1}]}),
-              400, "Missing but required: {seed}"),
-    rest_case("extra-input", "POST", PREDICT, as_json({"inputs": {"noise": [ROW], "extra": [ROW]}}), 400,
-              "Sent extra: {extra}"),
+              400, "Failed to process element: 0 of 'instances' list", "keys must be equal to: digit,seed"),
+    rest_case("extra-input", "POST", PREDICT, as_json({"inputs": {"noise": [ROW], "extra": [ROW]}}), 200,
+              check=lambda document: nan_or_unit_interval(np.array(document["outputs"], np.float32))),
+    rest_case("extra-row-input", "POST", PREDICT, as_json({"instances": [{"noise": ROW, "extra": 1}]}), 400,
+              "Failed to process element: 0 key: extra of 'instances' list",
+              "does not have named input: extra"),
     rest_case("instances-differ-in-names", "POST", PREDICT, as_json(
         {"signature_name": "sample", "instances": [{"digit": 1, "seed": 1}, {"digit": 2}]}), 400,
-        "every instance must have the same named inputs"),
+        "Failed to process element: 1 of 'instances' list", "keys must be equal to: digit,seed"),
     # JSON types
     rest_case("noise-strings", "POST", PREDICT, as_json({"instances": [["0.5"] * 100]}), 400,
               '"0.5" is not of expected type: float'),
