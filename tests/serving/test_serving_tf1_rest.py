@@ -88,9 +88,9 @@ def test_rest_predict_row_and_columnar(server):
                            {"signature_name": "sample", "instances": [{"digit": 1, "seed": 5}, {"digit": 2, "seed": 6}]})
     assert status == 200, text
     rows = json.loads(text)["predictions"]
-    assert len(rows) == 2 and set(rows[0]) == {"images", "png"}
+    assert len(rows) == 2 and set(rows[0]) == {"images", "png_bytes"}
     assert np.array(rows[0]["images"]).shape == (28, 28, 1)
-    assert set(rows[0]["png"]) == {"b64"}
+    assert set(rows[0]["png_bytes"]) == {"b64"}
 
 
 def test_rest_regress_classify(server):
