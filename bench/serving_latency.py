@@ -14,7 +14,7 @@ like:
     answers with a precomputed 1-image response, and from it upper bounds on what unbatched and
     batched serving can reach on this machine (client, gRPC and model sharing the same cores);
   * response encoding: float_val (what the server sends) vs tensor_content for 64 images, encode +
-    serialize + client parse + decode; and the `sample` signature's `png` output vs `images`.
+    serialize + client parse + decode; and the `sample` signature's `png_bytes` output vs `images`.
 
 The bundle: `--model-base-path` if given, else `models/digitgan` if it exists, else a bundle of the
 real generator architecture (trainer.models + export.signatures, untrained weights: same cost)
@@ -323,14 +323,14 @@ def bench_encoding(latent: int, args) -> dict:
 
 
 def bench_sample_png(port: int, args) -> dict | None:
-    """gRPC Predict on the `sample` signature (64 images), outputs filtered to images / png."""
+    """gRPC Predict on the `sample` signature (64 images), outputs filtered to images / png_bytes."""
     from PIL import Image
     import io
 
     results = {}
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        for output in ("images", "png"):
+        for output in ("images", "png_bytes"):
             request = predict_pb2.PredictRequest()
             request.model_spec.name = MODEL_NAME
             request.model_spec.signature_name = "sample"
@@ -346,7 +346,7 @@ def bench_sample_png(port: int, args) -> dict | None:
                 reply = stub.Predict(request, timeout=60)
                 if output == "images":
                     return tf.make_ndarray(reply.outputs["images"])
-                return [np.asarray(Image.open(io.BytesIO(png))) for png in reply.outputs["png"].string_val]
+                return [np.asarray(Image.open(io.BytesIO(png))) for png in reply.outputs["png_bytes"].string_val]
 
             lat, _ = run_for(call_and_decode, min(args.seconds, 3.0), args.requests and min(args.requests, 100), 2)
             results[output] = {"bytes": response.ByteSize(), "p50": statistics.median(lat) * 1e3}
@@ -427,7 +427,7 @@ def main() -> None:
         else:
             for name, row in png.items():
                 decode = "tf.make_ndarray" if name == "images" else "PIL decode of each PNG"
-                print(f"  output_filter {name!r:9s} {row['bytes']:9,d} bytes  p50 {row['p50']:7.2f} ms ({decode})")
+                print(f"  output_filter {name!r:11s} {row['bytes']:9,d} bytes  p50 {row['p50']:7.2f} ms ({decode})")
 
     tf1_1 = local[("tf1", 1)]
     tf1_64 = max(local[("tf1", 64)], local[("tf1x2", 64)], key=lambda row: row["ips"])

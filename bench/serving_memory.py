@@ -14,7 +14,12 @@ sending Predict requests. Figures come from /proc/<pid>/status:
 
 The target is peak / one-version < 2x. Nothing is asserted.
 
-    .venv/bin/python bench/serving_memory.py                  # about 1-2 minutes
+First (unless --no-compare-storage), one version in a fresh server for each of two bundles of the
+same untrained default-recipe generator: as `export` writes it now (each weight stored once) and
+as it wrote it before (Keras `ExportArchive.track(model)`, which stores every weight twice,
+keras-team/keras#23553), with the values each stores and the VmRSS each costs.
+
+    .venv/bin/python bench/serving_memory.py                  # about 2-3 minutes
     .venv/bin/python bench/serving_memory.py --switches 5     # more switches (leak check)
 """
 
@@ -125,6 +130,82 @@ def publish(source: Path, base_path: Path, version: int) -> None:
     os.rename(staging, base_path / str(version))
 
 
+# ---------------- each weight once vs twice ----------------
+def write_storage_bundles(workdir: Path) -> tuple[list[tuple[str, Path]], int, int]:
+    """([(label, version folder)] for the export now and the old double-storing one), parameters, latent size.
+
+    Both hold the same untrained generator of the default recipe, with the same signatures and
+    warmup records; only the variables that are tracked differ.
+    """
+    import keras
+
+    from export import bundle as bundle_lib, signatures as signatures_lib
+    from trainer import models
+    from trainer.config import TrainConfig
+
+    defaults = TrainConfig()
+    generator = models.build_generator(defaults.latent_dim, conditional=True, architecture=defaults.architecture)
+    module = signatures_lib.GeneratorSignatures(generator, defaults.latent_dim, conditional=True)
+    once, twice = workdir / "once" / "1", workdir / "twice" / "1"
+    module.write(str(once))
+    archive = keras.export.ExportArchive()  # the export before the fix: the Keras wrappers tracked as well
+    archive.track(generator)
+    for name, function, input_signature in module.endpoints():
+        archive.add_endpoint(name, function, input_signature=input_signature)
+    archive.write_out(str(twice), verbose=False)
+    for folder in (once, twice):
+        bundle_lib.write_warmup(folder, MODEL_NAME, module)
+    labels = ("each weight once (export now)", "every weight twice (track(model), before)")
+    return list(zip(labels, (once, twice))), generator.count_params(), defaults.latent_dim
+
+
+def stored_values(version_folder: Path) -> int:
+    """Values in the bundle's checkpoint, the object graph left out."""
+    import numpy as np
+    import tensorflow as tf
+
+    listed = tf.train.list_variables(str(version_folder / "variables" / "variables"))
+    return sum(int(np.prod(shape)) for name, shape in listed if name != "_CHECKPOINTABLE_OBJECT_GRAPH")
+
+
+def one_version_rss(source: Path, workdir: Path, clients: int, latent: int) -> tuple[float, float]:
+    """(VmRSS with no model, VmRSS serving `source` as v1 under load), in a fresh server subprocess."""
+    base_path = workdir / MODEL_NAME
+    base_path.mkdir(parents=True)
+    process, address = start_server(base_path)
+    load = None
+    try:
+        runtime = settle(process.pid)
+        publish(source, base_path, 1)
+        wait_until(lambda: statuses(address).get(1) == AVAILABLE)
+        load = loadtest.LoadGenerator(address, MODEL_NAME, clients=clients, seconds=3600,
+                                      request=loadtest.predict_request(MODEL_NAME, latent_dim=latent))
+        load.start()
+        one_version = settle(process.pid, 5.0)
+    finally:
+        if load is not None:
+            load.stop()
+        process.terminate()
+        process.wait(60)
+    if load is not None:
+        load.join(120)
+    return runtime, one_version
+
+
+def compare_storage(workdir: Path, clients: int) -> None:
+    bundles, parameters, latent = write_storage_bundles(workdir / "storage")
+    print(f"one version in a fresh server, the same untrained default generator ({parameters:,} parameters) "
+          f"written two ways:")
+    print(f"{'bundle':<44} {'stored values':>14} {'on disk':>10} {'no model':>10} {'one version':>12} "
+          f"{'model':>9}")
+    for index, (label, folder) in enumerate(bundles):
+        runtime, one_version = one_version_rss(folder, workdir / f"storage-served-{index}", clients, latent)
+        disk = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+        print(f"{label:<44} {stored_values(folder):>14,} {disk:>6.1f} MiB {runtime:>6.1f} MiB "
+              f"{one_version:>8.1f} MiB {one_version - runtime:>5.1f} MiB")
+    print("(model = one version - no model, VmRSS of the same server process)\n")
+
+
 # ---------------- measuring ----------------
 def settle(pid: int, seconds: float = 2.0) -> float:
     """VmRSS after a pause, so the figure is not caught in the middle of a burst."""
@@ -149,6 +230,8 @@ def main() -> None:
                         help="folder of numeric versions to copy from (default: models/digitgan, else built)")
     parser.add_argument("--switches", type=int, default=6, help="hot switches to measure (default 6)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients during the run (default 8)")
+    parser.add_argument("--compare-storage", action=argparse.BooleanOptionalAction, default=True,
+                        help="first measure one version stored once vs twice (default on)")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="serving_memory_"))
@@ -161,6 +244,8 @@ def main() -> None:
           f"MiB on disk")
     print("server: subprocess, run_server(ServeConfig(port=0, rest_port=-1)), poll every 1 s; "
           f"{args.clients} clients send 1-image Predict requests throughout\n")
+    if args.compare_storage:
+        compare_storage(workdir, args.clients)
 
     process, address = start_server(base_path)
     load = None

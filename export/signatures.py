@@ -1,4 +1,4 @@
-"""The public serving signatures of a digitgan bundle, as a `tf.Module` around the generator.
+"""The public serving signatures of a digitgan bundle, written around the generator with Keras's `ExportArchive`.
 
 All signatures run the generator in inference mode (BatchNorm moving statistics, no dropout) and
 return images float32 [B, 28, 28, 1] in [0, 1] (0 = black background, 1 = white ink):
@@ -7,8 +7,9 @@ return images float32 [B, 28, 28, 1] in [0, 1] (0 = black background, 1 = white 
   conditional generator the digit is read from the noise itself: digit = floor(10 * Phi(noise[:, 0]))
   (Phi = the standard normal CDF, capped at 9), which is uniform over 0..9 for standard normal noise.
 - `conditional` (conditional models): `noise` float32 [B, latent_dim], `digit` int32 [B] → `images`.
-- `sample`: `digit` int32 [B] (conditional models only) and `seed` int64 [B] → `images` and `png`
-  (string [B], each a 28x28 8-bit grayscale PNG). The noise for example i is
+- `sample`: `digit` int32 [B] (conditional models only) and `seed` int64 [B] → `images` and
+  `png_bytes` (string [B], each a 28x28 8-bit grayscale PNG; the `_bytes` suffix makes TF Serving's
+  REST API send it as `{"b64": ...}`). The noise for example i is
   `tf.random.stateless_normal([latent_dim], seed=[seed[i], 0])`, so "a 7, seed 42" is the same image
   for every client in every language.
 
@@ -26,6 +27,9 @@ from trainer import models
 
 NUM_CLASSES = models.NUM_CLASSES
 NOISE_SEED_SALT = 0  # second half of the stateless seed pair; part of the public contract
+# TF Serving's REST API writes a string output as {"b64": ...} only when its alias ends in "_bytes"
+# (json_tensor.cc, IsNamedTensorBytes); otherwise the raw PNG bytes would go out as a JSON string.
+PNG_OUTPUT = "png_bytes"
 
 
 def digit_from_noise(noise: tf.Tensor) -> tf.Tensor:
@@ -37,10 +41,17 @@ def digit_from_noise(noise: tf.Tensor) -> tf.Tensor:
 class GeneratorSignatures:
     """The generator and the signature functions, written out with Keras's `ExportArchive`.
 
-    `ExportArchive` (not `tf.saved_model.save` of a `tf.Module`) because it saves each Keras 3
-    variable once: a `tf.Module` around a Keras 3 model saves a second, unrestored copy of every
-    variable, which TF1-style loaders (as `tensorflow_model_server` uses) then fail to read.
+    `ExportArchive` (not `tf.saved_model.save` of a `tf.Module` holding the Keras model) because a
+    Keras 3 variable is a wrapper around a `tf.Variable`: a module that tracks the wrappers saves
+    copies of them, while the traced functions read the wrapped `tf.Variable`s, which nothing
+    restores, and TF1-style loaders (as `tensorflow_model_server` uses) fail with "Could not find
+    variable". `ExportArchive` saves the `tf.Variable`s the endpoints capture; `write` tracks those
+    same `tf.Variable`s and not the wrappers (`ExportArchive.track(model)` would add the wrappers
+    too, and the checkpoint would hold every weight twice, keras-team/keras#23553).
     """
+
+    VARIABLE_COLLECTION = "generator_variables"
+    """The name under which a loaded bundle lists the generator's weights (`loaded.generator_variables`)."""
 
     def __init__(self, generator, latent_dim: int, conditional: bool):
         self.generator = generator
@@ -60,14 +71,22 @@ class GeneratorSignatures:
                 ("sample", self._sample_conditional, [digit_spec, seed_spec])]
 
     def write(self, path: str) -> None:
-        """Writes the SavedModel (tag `serve`) with every endpoint as a signature."""
+        """Writes the SavedModel (tag `serve`) with every endpoint as a signature, each weight stored once."""
         import keras
 
         archive = keras.export.ExportArchive()
-        archive.track(self.generator)
+        archive.add_variable_collection(self.VARIABLE_COLLECTION, self.tf_variables())
         for name, function, input_signature in self.endpoints():
             archive.add_endpoint(name, function, input_signature=input_signature)
         archive.write_out(path, verbose=False)
+
+    def tf_variables(self) -> list[tf.Variable]:
+        """The `tf.Variable` behind each of the generator's Keras variables (what the endpoints capture)."""
+        unwrapped = [variable.value for variable in self.generator.weights]
+        wrong = [type(value).__name__ for value in unwrapped if not isinstance(value, tf.Variable)]
+        if wrong:  # e.g. read inside an autocast scope, which returns a cast tensor instead
+            raise TypeError(f"the generator's variables must wrap tf.Variables, got {sorted(set(wrong))}")
+        return unwrapped
 
     def _images(self, noise, digits):
         raw = self.generator(models.generator_inputs(noise, digits, self.conditional), training=False)
@@ -112,7 +131,7 @@ class GeneratorSignatures:
     def _with_png(self, images):
         pixels = tf.cast(tf.round(images * 255.0), tf.uint8)
         png = tf.map_fn(tf.io.encode_png, pixels, fn_output_signature=tf.TensorSpec([], tf.string))
-        return {"images": images, "png": png}
+        return {"images": images, PNG_OUTPUT: png}
 
     def _sample_conditional(self, digit, seed):
         digit, seed = self._check_same_batch(digit, seed, "digit and seed must have the same batch size")

@@ -54,9 +54,80 @@ def test_signatures_as_saved_model_cli_lists_them(tiny_runs, tmp_path):
         "conditional": {"inputs": {"digit": "int32 [-1]", "noise": "float32 [-1, 100]"},
                         "outputs": {"images": "float32 [-1, 28, 28, 1]"}},
         "sample": {"inputs": {"digit": "int32 [-1]", "seed": "int64 [-1]"},
-                   "outputs": {"images": "float32 [-1, 28, 28, 1]", "png": "string [-1]"}},
+                   "outputs": {"images": "float32 [-1, 28, 28, 1]", "png_bytes": "string [-1]"}},
         "serving_default": {"inputs": {"noise": "float32 [-1, 100]"}, "outputs": {"images": "float32 [-1, 28, 28, 1]"}},
     }
+
+
+def _stored_values(bundle_path: str) -> dict[str, int]:
+    """{checkpoint key: number of values} of a bundle's variables, without the object-graph entry."""
+    listed = tf.train.list_variables(str(Path(bundle_path) / "variables" / "variables"))
+    return {name: int(np.prod(shape)) for name, shape in listed if name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
+def _v1_session_images(bundle_path: str, noise: np.ndarray) -> np.ndarray:
+    """serving_default's images through a TF1 loader in a session (restores with the bundle's saver)."""
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
+        meta_graph = tf.compat.v1.saved_model.load(session, ["serve"], bundle_path)
+        signature = meta_graph.signature_def["serving_default"]
+        return session.run(signature.outputs["images"].name, {signature.inputs["noise"].name: noise})
+
+
+@pytest.mark.parametrize("kind", ["conditional", "unconditional"])
+def test_the_bundle_stores_each_weight_once(tiny_runs, tmp_path, kind):
+    """keras-team/keras#23553: tracking the Keras model stored every weight twice (and loaders restored both)."""
+    from trainer.config import TrainConfig
+
+    result = _export(tiny_runs[kind], tmp_path / "digitgan")
+    generator, _ = bundle.restore_generator(bundle.find_checkpoint(tiny_runs[kind]), TrainConfig.load(tiny_runs[kind]))
+    stored = _stored_values(result.path)
+    assert sum(stored.values()) == generator.count_params(), sorted(stored)
+    assert len(stored) == len(generator.weights)
+    noise = np.random.default_rng(3).standard_normal((3, 100)).astype(np.float32)
+    loaded = tf.saved_model.load(result.path)
+    expected = loaded.signatures["serving_default"](noise=tf.constant(noise))["images"].numpy()
+    np.testing.assert_allclose(_v1_session_images(result.path, noise), expected, atol=1e-6)  # every weight restored
+    saved = sorted(tuple(variable.shape) for variable in loaded.generator_variables)
+    assert saved == sorted(tuple(weight.shape) for weight in generator.weights)
+
+
+def test_the_tensorflow_c_api_loads_the_bundle_and_runs_every_signature(tiny_runs, tmp_path):
+    """TF_LoadSessionFromSavedModel: the C++ LoadSavedModel that tensorflow_model_server uses."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    import tf_c_api
+
+    for kind in ("conditional", "unconditional"):
+        path = _export(tiny_runs[kind], tmp_path / kind).path
+        on_disk = saved_model_pb2.SavedModel.FromString((Path(path) / "saved_model.pb").read_bytes())
+        served = tf.saved_model.load(path).signatures
+        noise = np.random.default_rng(4).standard_normal((5, 100)).astype(np.float32)
+        digit, seed = np.array([0, 3, 7, 9, 7], np.int32), np.array([42, 1, 42, 8, 43], np.int64)
+        with tf_c_api.SavedModelSession(path) as session:
+            assert session.meta_graph.signature_def == on_disk.meta_graphs[0].signature_def
+            signatures = set(session.meta_graph.signature_def) - {"__saved_model_init_op"}
+            assert signatures == ({"serving_default", "conditional", "sample"} if kind == "conditional"
+                                  else {"serving_default", "sample"})
+            images = session.run("serving_default", {"noise": noise})["images"]
+            assert images.shape == (5, 28, 28, 1) and 0.0 <= images.min() and images.max() <= 1.0
+            np.testing.assert_allclose(images, served["serving_default"](noise=tf.constant(noise))["images"].numpy(),
+                                       atol=1e-6)
+            sample_inputs = {"digit": digit, "seed": seed} if kind == "conditional" else {"seed": seed}
+            sample = session.run("sample", sample_inputs)
+            assert set(sample) == {"images", "png_bytes"} and sample["png_bytes"].shape == (5,)
+            expected = served["sample"](**{alias: tf.constant(value) for alias, value in sample_inputs.items()})
+            np.testing.assert_allclose(sample["images"], expected["images"].numpy(), atol=1e-6)
+            for png, image in zip(sample["png_bytes"], sample["images"]):
+                np.testing.assert_array_equal(tf.io.decode_png(png).numpy(), np.round(image * 255).astype(np.uint8))
+            if kind == "conditional":
+                conditional = session.run("conditional", {"noise": noise, "digit": digit})["images"]
+                assert conditional.shape == (5, 28, 28, 1) and 0.0 <= conditional.min() and conditional.max() <= 1.0
+                np.testing.assert_allclose(conditional, served["conditional"](noise=tf.constant(noise),
+                                                                              digit=tf.constant(digit))["images"].numpy(),
+                                           atol=1e-6)
+                with pytest.raises(tf_c_api.TFError, match="digit must be in 0..9") as refused:
+                    session.run("sample", {"digit": np.array([10], np.int32), "seed": np.array([0], np.int64)})
+                assert refused.value.code == 3  # INVALID_ARGUMENT, what TF Serving then returns
 
 
 def test_sample_is_deterministic_and_checks_digits(tiny_runs, tmp_path):
@@ -65,8 +136,8 @@ def test_sample_is_deterministic_and_checks_digits(tiny_runs, tmp_path):
     first, second = served["sample"](**inputs), served["sample"](**inputs)
     np.testing.assert_array_equal(first["images"].numpy(), second["images"].numpy())
     assert not np.array_equal(first["images"][0].numpy(), first["images"][1].numpy())  # other seed, other image
-    assert first["png"].numpy()[0].startswith(b"\x89PNG")
-    decoded = tf.io.decode_png(first["png"][0]).numpy()
+    assert first["png_bytes"].numpy()[0].startswith(b"\x89PNG")
+    decoded = tf.io.decode_png(first["png_bytes"][0]).numpy()
     np.testing.assert_array_equal(decoded, np.round(first["images"][0].numpy() * 255).astype(np.uint8))
     images = first["images"].numpy()
     assert images.min() >= 0.0 and images.max() <= 1.0

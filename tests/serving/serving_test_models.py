@@ -43,7 +43,7 @@ class TinyGenerator(tf.Module):
         images = self._images(noise, bias)
         png = tf.map_fn(lambda image: tf.io.encode_png(tf.cast(image * 255.0, tf.uint8)), images,
                         fn_output_signature=tf.string)
-        return {"images": images, "png": png}
+        return {"images": images, "png_bytes": png}
 
     def _checked_bias(self, digit):
         checks = [tf.debugging.assert_greater_equal(digit, 0, message="digit must be in 0..9"),

@@ -510,7 +510,7 @@ def predict_requests(draw):
         strategy = {"noise": noise_like_protos(), "x": noise_like_protos(),
                     "digit": digit_protos(), "seed": digit_protos()}.get(alias, tensor_protos())
         request.inputs[alias].CopyFrom(draw(st.one_of(strategy, tensor_protos())))
-    request.output_filter.extend(draw(st.lists(st.sampled_from(["images", "png", "y", "nope"]), max_size=2)))
+    request.output_filter.extend(draw(st.lists(st.sampled_from(["images", "png_bytes", "y", "nope"]), max_size=2)))
     return request
 
 

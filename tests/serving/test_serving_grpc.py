@@ -79,8 +79,8 @@ def test_predict_conditional_and_label(prediction_stub):
 def test_predict_sample_with_output_filter(prediction_stub):
     request = predict_request("sample", digit=np.array([3, 4], np.int32), seed=np.array([7, 8], np.int64))
     response = prediction_stub.Predict(request, 10)
-    assert set(response.outputs) == {"images", "png"}
-    pngs = list(response.outputs["png"].string_val)
+    assert set(response.outputs) == {"images", "png_bytes"}
+    pngs = list(response.outputs["png_bytes"].string_val)
     assert len(pngs) == 2 and all(p.startswith(b"\x89PNG") for p in pngs)
     request.output_filter.append("images")
     filtered = prediction_stub.Predict(request, 10)
