@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from common import quiet  # no TensorFlow at import time
 from trainer import config as train_config_lib  # plain dataclasses: no TensorFlow at import time
-
-# Keep TensorFlow's C++ start-up chatter out of the user's terminal (errors still show).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 app = typer.Typer(help="A class-conditional DCGAN on real MNIST: train it, export it for TensorFlow Serving, "
                        "serve it, and ask it for digits over gRPC.",
@@ -25,6 +23,18 @@ app = typer.Typer(help="A class-conditional DCGAN on real MNIST: train it, expor
 
 DEFAULT_SERVER = "localhost:8500"
 DEFAULTS = train_config_lib.TrainConfig()  # `train`'s option defaults are the config's: one place to change the recipe
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(
+        False, "--verbose", help=f"Show TensorFlow's own start-up and C++ logs (also: {quiet.VERBOSE_VARIABLE}=1); "
+                                 "by default only errors that matter reach the terminal.")) -> None:
+    """Runs before every command, before any command imports TensorFlow."""
+    # Only a real program's stderr is filtered; typer's test runner swaps sys.stderr for a buffer.
+    if sys.stderr is sys.__stderr__:
+        quiet.install(verbose=verbose)
+    elif verbose:
+        quiet.install(verbose=True)
 
 
 def fail(message: str) -> typer.Exit:
