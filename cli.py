@@ -158,13 +158,17 @@ def serve(
     model_config_file: Optional[str] = typer.Option(None, help="TF Serving ModelServerConfig text file (several models, version policies, labels)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 opens the server to the network."),
     port: int = typer.Option(8500, help="gRPC port (0 = pick a free one)."),
-    rest_port: int = typer.Option(8501, help="REST port (0 = pick a free one, -1 = no REST)."),
+    rest_port: int = typer.Option(8501, help="REST port; 0 = no REST, as in tensorflow_model_server's --rest_api_port."),
     poll_seconds: float = typer.Option(1.0, help="How often to look for new versions."),
     enable_batching: bool = typer.Option(False, "--enable-batching", help="Batch concurrent Predict requests on the server."),
-    max_batch_size: int = typer.Option(64, help="Batching: largest batch run at once."),
-    batch_timeout_micros: int = typer.Option(2000, help="Batching: how long a batch waits to fill."),
-    max_enqueued_batches: int = typer.Option(64, help="Batching: queued batches before requests are turned away (UNAVAILABLE)."),
-    num_batch_threads: int = typer.Option(1, help="Batching: batches run in parallel."),
+    batching_parameters_file: Optional[str] = typer.Option(
+        None, help="With --enable-batching: TF Serving's text-format BatchingParameters file "
+                   "(e.g. serving/deploy/batching.config); fields it leaves out take TF's defaults."),
+    max_batch_size: Optional[int] = typer.Option(None, help="Batching: largest batch run at once (default: TF's 1000)."),
+    batch_timeout_micros: Optional[int] = typer.Option(None, help="Batching: how long a batch waits to fill (default: TF's 0)."),
+    max_enqueued_batches: Optional[int] = typer.Option(
+        None, help="Batching: queued batches before requests are turned away with UNAVAILABLE (default: TF's 10)."),
+    num_batch_threads: Optional[int] = typer.Option(None, help="Batching: batches run in parallel (default: TF's, the CPU count)."),
     max_request_elements: int = typer.Option(1_000_000, help="Largest total tensor element count a request may declare."),
     max_message_bytes: int = typer.Option(64 * 2**20, help="Largest gRPC message and REST body, in bytes."),
     max_concurrent_rpcs: int = typer.Option(256, help="gRPC calls served at once; more get RESOURCE_EXHAUSTED."),
@@ -175,10 +179,15 @@ def serve(
     from serving import config as config_lib
 
     with user_errors():
+        if rest_port < 0:  # ServeConfig's FREE_PORT is for tests; the CLI follows TF Serving
+            raise ValueError(f"--rest-port must be 0..65535 (0 turns REST off), got {rest_port}")
+        if batching_parameters_file is not None and not enable_batching:
+            raise ValueError("--batching-parameters-file needs --enable-batching (as in tensorflow_model_server)")
         config = config_lib.ServeConfig(
             model_base_path=model_base_path, model_name=model_name, model_config_file=model_config_file, host=host,
             port=port, rest_port=rest_port, poll_seconds=poll_seconds, enable_batching=enable_batching,
-            max_batch_size=max_batch_size, batch_timeout_micros=batch_timeout_micros,
+            batching_parameters_file=batching_parameters_file, max_batch_size=max_batch_size,
+            batch_timeout_micros=batch_timeout_micros,
             max_enqueued_batches=max_enqueued_batches, num_batch_threads=num_batch_threads,
             max_request_elements=max_request_elements, max_message_bytes=max_message_bytes,
             max_concurrent_rpcs=max_concurrent_rpcs, max_concurrent_rest_requests=max_concurrent_rest_requests,

@@ -48,7 +48,7 @@ from serving_latency import MODEL_NAME, find_or_build_bundle  # noqa: E402
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 END = get_model_status_pb2.ModelVersionStatus.END
 SERVER_CODE = ("import sys; from serving.config import ServeConfig; from serving.server import run_server; "
-               "sys.exit(run_server(ServeConfig(model_base_path=sys.argv[1], port=0, rest_port=-1)))")
+               "sys.exit(run_server(ServeConfig(model_base_path=sys.argv[1], port=0, rest_port=0)))")
 
 
 # ---------------- /proc ----------------
@@ -162,7 +162,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     print(f"bundle: {description}; {sum(f.stat().st_size for f in source.rglob('*') if f.is_file()) / 2**20:.1f} "
           f"MiB on disk")
-    print("server: subprocess, run_server(ServeConfig(port=0, rest_port=-1)), poll every 1 s; "
+    print("server: subprocess, run_server(ServeConfig(port=0, rest_port=0)), poll every 1 s; "
           f"{args.clients} clients send 1-image Predict requests throughout\n")
 
     process, address = start_server(base_path)

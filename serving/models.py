@@ -392,6 +392,11 @@ class ModelManager:
                 return [(number, status)]
         raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find version {version} of model {name}")
 
+    def base_paths(self) -> dict[str, str]:
+        """Each configured model's base path."""
+        with self._lock:
+            return {name: entry.config.base_path for name, entry in self._models.items()}
+
     def available_models(self) -> dict[str, list[int]]:
         with self._lock:
             return {name: sorted(entry.loaded) for name, entry in self._models.items()}

@@ -23,7 +23,8 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.config import ServeConfig
+from serving import batching
+from serving.config import FREE_PORT, ServeConfig
 from serving.server import batching_parameters_text, create_server
 import serving_test_models as model_builders
 
@@ -38,18 +39,9 @@ def parse_model_config(text: str) -> model_server_config_pb2.ModelServerConfig:
 
 
 def parse_batching_parameters(text: str) -> dict[str, int]:
-    """The `name { value: N }` fields of a BatchingParameters text proto (no pip proto exists)."""
-    values = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        match = re.fullmatch(r"(\w+)\s*\{\s*value:\s*(\d+)\s*\}", line)
-        assert match, f"line {number} is not `field {{ value: N }}`: {line!r}"
-        name, value = match.group(1), int(match.group(2))
-        assert name in BATCHING_FIELDS, f"unexpected BatchingParameters field {name!r}"
-        assert name not in values, f"{name} given twice"
-        values[name] = value
+    """The knobs of a BatchingParameters text proto, parsed as tensorflow.serving.BatchingParameters."""
+    message = text_format.Parse(text, batching.batching_parameters_class()())
+    values = {name: getattr(message, name).value for name in BATCHING_FIELDS if message.HasField(name)}
     assert set(values) == set(BATCHING_FIELDS), f"missing fields: {set(BATCHING_FIELDS) - set(values)}"
     return values
 
@@ -201,9 +193,9 @@ def deploy_server(model_root, tmp_path_factory):
     config.model_config_list.config[0].base_path = str(model_root / "digitgan")
     config_file = tmp_path_factory.mktemp("deploy") / "models.config"
     config_file.write_text(text_format.MessageToString(config))
-    batching = parse_batching_parameters((DEPLOY / "batching.config").read_text())
-    server = create_server(ServeConfig(model_config_file=str(config_file), port=0, rest_port=0,
-                                       enable_batching=True, grace_seconds=1.0, **batching))
+    server = create_server(ServeConfig(model_config_file=str(config_file), port=0, rest_port=FREE_PORT,
+                                       enable_batching=True, batching_parameters_file=str(DEPLOY / "batching.config"),
+                                       grace_seconds=1.0))
     server.start()
     try:
         assert server.wait_until_ready(60)

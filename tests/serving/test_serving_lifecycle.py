@@ -41,7 +41,7 @@ def fresh_server(tmp_path, generator_v1):
     servers = []
 
     def start(**overrides):
-        options = dict(model_base_path=str(base), port=0, rest_port=-1, poll_seconds=0.2, grace_seconds=1.0)
+        options = dict(model_base_path=str(base), port=0, rest_port=0, poll_seconds=0.2, grace_seconds=1.0)
         options.update(overrides)
         server = create_server(ServeConfig(**options))
         server.start()
@@ -206,6 +206,32 @@ def test_batching_concurrent_requests(fresh_server):
         with pytest.raises(grpc.RpcError) as info:
             prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(noise_request(rows=9), 10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Task size 9 is larger than maximum input batch size 8" in info.value.details()
+
+
+def test_batching_without_knobs_uses_tf_defaults_and_takes_a_65_row_request(fresh_server):
+    """`--enable-batching` alone: TF's SharedBatchScheduler defaults (a batch of up to 1000 rows)."""
+    server, _ = fresh_server(enable_batching=True)
+    assert (server.batcher.max_batch_size, server.batcher.timeout, server.batcher.max_enqueued_batches) == (1000, 0, 10)
+    assert len(server.batcher._threads) == (os.cpu_count() or 1)
+    noise = np.random.default_rng(5).standard_normal((65, 100)).astype(np.float32)
+    request = noise_request()
+    request.inputs["noise"].CopyFrom(tf.make_tensor_proto(noise))
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, 30)
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["images"]), models.expected_images(noise),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_batching_parameters_file_sets_the_knobs_and_unset_ones_take_tf_defaults(fresh_server, tmp_path):
+    parameters = tmp_path / "batching.config"
+    parameters.write_text("# partial, as TF allows\nmax_batch_size { value: 8 }\nnum_batch_threads { value: 1 }\n")
+    server, _ = fresh_server(enable_batching=True, batching_parameters_file=str(parameters))
+    assert (server.batcher.max_batch_size, server.batcher.timeout, server.batcher.max_enqueued_batches) == (8, 0, 10)
+    assert len(server.batcher._threads) == 1
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(noise_request(rows=9), 10)
     assert "Task size 9 is larger than maximum input batch size 8" in info.value.details()
 
 
