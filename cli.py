@@ -251,7 +251,8 @@ def generate(
     interpolate: bool = typer.Option(False, "--interpolate",
                                      help="Walk from one noise vector to another: --count steps per row, one row per digit."),
     compare_real: bool = typer.Option(False, "--compare-real",
-                                      help="PNG only: real MNIST test images (left) beside the generated ones (right), row by row."),
+                                      help="PNG only: real MNIST test images (left) beside the generated ones (right), row by row, "
+                                           "under a header that names each half."),
     data_dir: Optional[str] = typer.Option(None, help="--compare-real: TFDS data dir with MNIST."),
 ) -> None:
     """Ask a served model for digits over gRPC and write them as a PNG grid (or .npy)."""
@@ -273,14 +274,16 @@ def generate(
                                                      version=version, timeout=timeout)
         columns = count if digits or interpolate else None
         if compare_real:
-            _write_real_beside(out, images, digits, count, data_dir)
+            _write_real_beside(out, images, digits, count, data_dir, model_name)
         else:
             _write_images(out, images, output_format, columns=columns)
     typer.echo(f"Wrote {len(images)} image(s) from {model_name} version {served_version} to {out}")
 
 
-def _write_real_beside(out: Path, images, digits: Optional[list[int]], count: int, data_dir: Optional[str]) -> None:
-    """Real test images of the same digits (or the first ones, without --digit) left of the generated grid."""
+def _write_real_beside(out: Path, images, digits: Optional[list[int]], count: int, data_dir: Optional[str],
+                       model_name: str) -> None:
+    """Real test images of the same digits (or the first ones, without --digit) left of the generated grid,
+    under a header naming each half."""
     import numpy as np
 
     from common import files, images as image_grids
@@ -297,7 +300,8 @@ def _write_real_beside(out: Path, images, digits: Optional[list[int]], count: in
     columns = count if digits else None
     left = image_grids.tile(real.astype(np.float32) / 255.0, columns)
     right = image_grids.tile(images, columns)
-    files.write_bytes_atomic(out, image_grids.png_bytes(image_grids.side_by_side(left, right), scale=2))
+    picture = image_grids.labelled_side_by_side(left, right, "real (MNIST test)", f"generated ({model_name})")
+    files.write_bytes_atomic(out, image_grids.png_bytes(picture, scale=2))
 
 
 def _write_images(out: Path, images, output_format: str, columns: Optional[int]) -> None:

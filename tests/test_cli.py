@@ -144,8 +144,13 @@ def _pictures(address, mnist_data_dir, tmp_path):
     result = runner.invoke(cli.app, ["generate", "--digit", "0123456789", "--count", "4", "--compare-real",
                                      "--data-dir", mnist_data_dir, "--server", address, "--out", str(compare)])
     assert result.exit_code == 0, result.output
-    picture = Image.open(compare)
-    assert picture.size[0] > 2 * picture.size[1] * 4 / 10  # two 4-wide grids of 10 rows, side by side
+    picture = np.asarray(Image.open(compare))
+    grid = 2 * (10 * 30 + 2)  # 10 rows of 28-pixel digits with 2-pixel padding, PNG scaled 2x
+    assert picture.shape[1] > 2 * grid * 4 / 10  # two 4-wide grids of 10 rows, side by side
+    assert picture.shape[0] > grid  # a header row above the grids...
+    header = picture[:picture.shape[0] - grid]
+    half = picture.shape[1] // 2
+    assert header[:, :half].max() == 255 and header[:, half:].max() == 255  # ...with a caption over each half
     refused = runner.invoke(cli.app, ["generate", "--compare-real", "--format", "npy", "--server", address])
     assert refused.exit_code == 2 and "--compare-real" in refused.output
 

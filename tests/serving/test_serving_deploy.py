@@ -10,6 +10,7 @@ over gRPC, and the compose healthcheck command itself, run with bash, passes aga
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -26,7 +27,9 @@ from tensorflow_serving.config import model_server_config_pb2
 from serving import batching
 from serving.config import FREE_PORT, ServeConfig
 from serving.server import batching_parameters_text, create_server
+from serving.tensors import ServingError
 import serving_test_models as model_builders
+from serving_test_models import wait_for
 
 DEPLOY = Path(__file__).resolve().parents[2] / "serving" / "deploy"
 BATCHING_FIELDS = ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads")
@@ -144,9 +147,13 @@ def test_kubernetes_manifests_deployment_service_and_autoscaler():
     check_server_flags(flags(container["args"]))
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"grpc": 8500, "http": 8501}
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"]["path"] == "/v1/models/digitgan"
-        assert container[probe]["httpGet"]["port"] in ("http", 8501)
+    # Ready (and started) only once a version is AVAILABLE: the status URL answers 200 while it is
+    # LOADING, so these probes read the state; they run the compose healthcheck's own command.
+    for probe in ("readinessProbe", "startupProbe"):
+        assert container[probe]["exec"]["command"] == ["bash", "-c", compose_healthcheck_command()[3]]
+        assert container[probe]["timeoutSeconds"] > 5  # the command's own `timeout 5` ends first
+    assert container["livenessProbe"]["httpGet"]["path"] == "/monitoring/prometheus/metrics"
+    assert container["livenessProbe"]["httpGet"]["port"] in ("http", 8501)
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(container["resources"][kind])
     mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
@@ -230,3 +237,37 @@ def test_compose_healthcheck_command_passes_against_a_serving_rest_port(deploy_s
                               .replace("/v1/models/digitgan", "/v1/models/nosuchmodel")],
                              capture_output=True, timeout=30)
     assert unknown.returncode != 0
+
+
+def run_healthcheck(rest_port: int, model_name: str = "digitgan") -> int:
+    """Exit code of the compose healthcheck (= the Kubernetes readiness command) against a REST port."""
+    script = compose_healthcheck_command()[3].replace("/8501", f"/{rest_port}")
+    script = script.replace("/v1/models/digitgan", f"/v1/models/{model_name}")
+    return subprocess.run(["bash", "-c", script], capture_output=True, timeout=30).returncode
+
+
+def failed_versions(server) -> list[int]:
+    try:
+        return [version for version, status in server.manager.version_statuses("digitgan") if status.error_message]
+    except ServingError:  # no version seen yet
+        return []
+
+
+def test_readiness_command_fails_until_a_version_is_available(model_root, tmp_path):
+    """No version yet (404), then only a broken version (200, state END): not ready; a good one: ready."""
+    base = tmp_path / "digitgan"
+    base.mkdir()
+    server = create_server(ServeConfig(model_base_path=str(base), port=0, rest_port=FREE_PORT, poll_seconds=0.1,
+                                       grace_seconds=1.0))
+    server.start()
+    try:
+        assert run_healthcheck(server.rest_port) != 0
+        (base / "2").mkdir()  # a version folder without a SavedModel: its load fails
+        assert wait_for(lambda: failed_versions(server) == [2], timeout=30)
+        assert run_healthcheck(server.rest_port) != 0
+        shutil.copytree(model_root / "digitgan" / "1", tmp_path / "staging")
+        os.rename(tmp_path / "staging", base / "3")
+        assert server.wait_until_ready(60)
+        assert run_healthcheck(server.rest_port) == 0
+    finally:
+        server.stop(1.0)
