@@ -337,6 +337,22 @@ def status(
     for entry in versions:
         problem = f"  ({entry['error_code']}: {entry['error_message']})" if entry.get("error_message") else ""
         typer.echo(f"{model_name} version {entry['version']}: {entry['state']}{problem}")
+    if version is None:
+        typer.echo(served_summary(model_name, versions))
+
+
+def served_summary(model_name: str, versions: list[dict]) -> str:
+    """One line: which version a request without a version gets, and why that one."""
+    available = [int(entry["version"]) for entry in versions if entry["state"] == "AVAILABLE"]
+    if not available:
+        return f"serving: nothing yet (no version of {model_name} is AVAILABLE)"
+    served = max(available)
+    failed = sorted((int(entry["version"]) for entry in versions
+                     if int(entry["version"]) > served and entry.get("error_message")), reverse=True)
+    if failed:
+        return (f"serving: version {served}, the newest that loaded; newer version(s) {failed} failed "
+                f"(see above), so this server serves an older one where tensorflow_model_server would not")
+    return f"serving: version {served}, the newest available"
 
 
 @app.command()
