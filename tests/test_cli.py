@@ -150,7 +150,7 @@ def _pictures(address, mnist_data_dir, tmp_path):
     assert picture.shape[0] > grid  # a header row above the grids...
     header = picture[:picture.shape[0] - grid]
     half = picture.shape[1] // 2
-    assert header[:, :half].max() == 255 and header[:, half:].max() == 255  # ...with a caption over each half
+    assert header[:, :half].max() > 200 and header[:, half:].max() > 200  # ...with a caption over each half (white text)
     refused = runner.invoke(cli.app, ["generate", "--compare-real", "--format", "npy", "--server", address])
     assert refused.exit_code == 2 and "--compare-real" in refused.output
 
