@@ -16,10 +16,8 @@ from typing import Optional
 
 import typer
 
+from common import quiet  # no TensorFlow at import time
 from trainer import config as train_config_lib  # plain dataclasses: no TensorFlow at import time
-
-# Keep TensorFlow's C++ start-up chatter out of the user's terminal (errors still show).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 app = typer.Typer(help="A class-conditional DCGAN on real MNIST: train it, export it for TensorFlow Serving, "
                        "serve it, and ask it for digits over gRPC.",
@@ -29,6 +27,18 @@ DEFAULT_SERVER = "localhost:8500"
 JUDGE_HELP = ("A judge written by `train-judge` (its folder) instead of the one shipped in quality/judge_weights/ "
               "(whose figures compare across machines).")
 DEFAULTS = train_config_lib.TrainConfig()  # `train`'s option defaults are the config's: one place to change the recipe
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(
+        False, "--verbose", help=f"Show TensorFlow's own start-up and C++ logs (also: {quiet.VERBOSE_VARIABLE}=1); "
+                                 "by default only errors that matter reach the terminal.")) -> None:
+    """Runs before every command, before any command imports TensorFlow."""
+    # Only a real program's stderr is filtered; typer's test runner swaps sys.stderr for a buffer.
+    if sys.stderr is sys.__stderr__:
+        quiet.install(verbose=verbose)
+    elif verbose:
+        quiet.install(verbose=True)
 
 
 def fail(message: str) -> typer.Exit:
@@ -164,13 +174,17 @@ def serve(
     model_config_file: Optional[str] = typer.Option(None, help="TF Serving ModelServerConfig text file (several models, version policies, labels)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 opens the server to the network."),
     port: int = typer.Option(8500, help="gRPC port (0 = pick a free one)."),
-    rest_port: int = typer.Option(8501, help="REST port (0 = pick a free one, -1 = no REST)."),
+    rest_port: int = typer.Option(8501, help="REST port; 0 = no REST, as in tensorflow_model_server's --rest_api_port."),
     poll_seconds: float = typer.Option(1.0, help="How often to look for new versions."),
     enable_batching: bool = typer.Option(False, "--enable-batching", help="Batch concurrent Predict requests on the server."),
-    max_batch_size: int = typer.Option(64, help="Batching: largest batch run at once."),
-    batch_timeout_micros: int = typer.Option(2000, help="Batching: how long a batch waits to fill."),
-    max_enqueued_batches: int = typer.Option(64, help="Batching: queued batches before requests are turned away (UNAVAILABLE)."),
-    num_batch_threads: int = typer.Option(1, help="Batching: batches run in parallel."),
+    batching_parameters_file: Optional[str] = typer.Option(
+        None, help="With --enable-batching: TF Serving's text-format BatchingParameters file "
+                   "(e.g. serving/deploy/batching.config); fields it leaves out take TF's defaults."),
+    max_batch_size: Optional[int] = typer.Option(None, help="Batching: largest batch run at once (default: TF's 1000)."),
+    batch_timeout_micros: Optional[int] = typer.Option(None, help="Batching: how long a batch waits to fill (default: TF's 0)."),
+    max_enqueued_batches: Optional[int] = typer.Option(
+        None, help="Batching: queued batches before requests are turned away with UNAVAILABLE (default: TF's 10)."),
+    num_batch_threads: Optional[int] = typer.Option(None, help="Batching: batches run in parallel (default: TF's, the CPU count)."),
     max_request_elements: int = typer.Option(1_000_000, help="Largest total tensor element count a request may declare."),
     max_message_bytes: int = typer.Option(64 * 2**20, help="Largest gRPC message and REST body, in bytes."),
     max_concurrent_rpcs: int = typer.Option(256, help="gRPC calls served at once; more get RESOURCE_EXHAUSTED."),
@@ -182,10 +196,15 @@ def serve(
     from serving import config as config_lib
 
     with user_errors():
+        if rest_port < 0:  # ServeConfig's FREE_PORT is for tests; the CLI follows TF Serving
+            raise ValueError(f"--rest-port must be 0..65535 (0 turns REST off), got {rest_port}")
+        if batching_parameters_file is not None and not enable_batching:
+            raise ValueError("--batching-parameters-file needs --enable-batching (as in tensorflow_model_server)")
         config = config_lib.ServeConfig(
             model_base_path=model_base_path, model_name=model_name, model_config_file=model_config_file, host=host,
             port=port, rest_port=rest_port, poll_seconds=poll_seconds, enable_batching=enable_batching,
-            max_batch_size=max_batch_size, batch_timeout_micros=batch_timeout_micros,
+            batching_parameters_file=batching_parameters_file, max_batch_size=max_batch_size,
+            batch_timeout_micros=batch_timeout_micros,
             max_enqueued_batches=max_enqueued_batches, num_batch_threads=num_batch_threads,
             max_request_elements=max_request_elements, max_message_bytes=max_message_bytes,
             max_concurrent_rpcs=max_concurrent_rpcs, max_concurrent_rest_requests=max_concurrent_rest_requests,
@@ -251,7 +270,8 @@ def generate(
     interpolate: bool = typer.Option(False, "--interpolate",
                                      help="Walk from one noise vector to another: --count steps per row, one row per digit."),
     compare_real: bool = typer.Option(False, "--compare-real",
-                                      help="PNG only: real MNIST test images (left) beside the generated ones (right), row by row."),
+                                      help="PNG only: real MNIST test images (left) beside the generated ones (right), row by row, "
+                                           "under a header that names each half."),
     data_dir: Optional[str] = typer.Option(None, help="--compare-real: TFDS data dir with MNIST."),
 ) -> None:
     """Ask a served model for digits over gRPC and write them as a PNG grid (or .npy)."""
@@ -273,14 +293,16 @@ def generate(
                                                      version=version, timeout=timeout)
         columns = count if digits or interpolate else None
         if compare_real:
-            _write_real_beside(out, images, digits, count, data_dir)
+            _write_real_beside(out, images, digits, count, data_dir, model_name)
         else:
             _write_images(out, images, output_format, columns=columns)
     typer.echo(f"Wrote {len(images)} image(s) from {model_name} version {served_version} to {out}")
 
 
-def _write_real_beside(out: Path, images, digits: Optional[list[int]], count: int, data_dir: Optional[str]) -> None:
-    """Real test images of the same digits (or the first ones, without --digit) left of the generated grid."""
+def _write_real_beside(out: Path, images, digits: Optional[list[int]], count: int, data_dir: Optional[str],
+                       model_name: str) -> None:
+    """Real test images of the same digits (or the first ones, without --digit) left of the generated grid,
+    under a header naming each half."""
     import numpy as np
 
     from common import files, images as image_grids
@@ -297,7 +319,8 @@ def _write_real_beside(out: Path, images, digits: Optional[list[int]], count: in
     columns = count if digits else None
     left = image_grids.tile(real.astype(np.float32) / 255.0, columns)
     right = image_grids.tile(images, columns)
-    files.write_bytes_atomic(out, image_grids.png_bytes(image_grids.side_by_side(left, right), scale=2))
+    picture = image_grids.labelled_side_by_side(left, right, "real (MNIST test)", f"generated ({model_name})")
+    files.write_bytes_atomic(out, image_grids.png_bytes(picture, scale=2))
 
 
 def _write_images(out: Path, images, output_format: str, columns: Optional[int]) -> None:
@@ -358,6 +381,22 @@ def status(
     for entry in versions:
         problem = f"  ({entry['error_code']}: {entry['error_message']})" if entry.get("error_message") else ""
         typer.echo(f"{model_name} version {entry['version']}: {entry['state']}{problem}")
+    if version is None:
+        typer.echo(served_summary(model_name, versions))
+
+
+def served_summary(model_name: str, versions: list[dict]) -> str:
+    """One line: which version a request without a version gets, and why that one."""
+    available = [int(entry["version"]) for entry in versions if entry["state"] == "AVAILABLE"]
+    if not available:
+        return f"serving: nothing yet (no version of {model_name} is AVAILABLE)"
+    served = max(available)
+    failed = sorted((int(entry["version"]) for entry in versions
+                     if int(entry["version"]) > served and entry.get("error_message")), reverse=True)
+    if failed:
+        return (f"serving: version {served}, the newest that loaded; newer version(s) {failed} failed "
+                f"(see above), so this server serves an older one where tensorflow_model_server would not")
+    return f"serving: version {served}, the newest available"
 
 
 @app.command()

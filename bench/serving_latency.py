@@ -7,7 +7,7 @@ like:
     (`tf.saved_model.load(...).signatures["serving_default"]`) and through the TF1 Session path the
     server itself uses (`serving.models.LoadedVersion`), 1 and 64 images per call;
   * gRPC Predict to the project's server running in a *subprocess* (so the client's Python does
-    not share a GIL with the server; the same as `python cli.py serve --port 0 --rest-port -1`),
+    not share a GIL with the server; the same as `python cli.py serve --port 0 --rest-port 0`),
     1 and 64 images per request, 1 client (a blocking stub) and 16 concurrent clients
     (serving.loadtest's asyncio clients), batching off and on;
   * the transport floor: the same 1 and 16 clients against a server that runs no model and
@@ -44,7 +44,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from common import quiet  # noqa: E402
+
+if __name__ == "__main__":
+    quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
@@ -193,7 +196,7 @@ class ServerProcess:
         extra = "".join(f", {name}={value}" for name, value in deploy_batching_parameters().items()) \
             if batching else ""
         code = ("import sys; from serving.config import ServeConfig; from serving.server import run_server; "
-                f"sys.exit(run_server(ServeConfig(model_base_path={base_path!r}, port=0, rest_port=-1, "
+                f"sys.exit(run_server(ServeConfig(model_base_path={base_path!r}, port=0, rest_port=0, "
                 f"poll_seconds=0, enable_batching={batching!r}{extra})))")
         self.process = subprocess.Popen([sys.executable, "-c", code], cwd=str(ROOT), stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL, text=True)
@@ -382,7 +385,7 @@ def main() -> None:
           f"TF {tf.__version__}, grpcio {grpc.__version__}, Python {platform.python_version()}")
     print(f"bundle: {description}; latent {latent}")
     mode = f"{args.requests} requests" if args.requests else f"{args.seconds:g} s"
-    print(f"server: subprocess, run_server(ServeConfig(port=0, rest_port=-1)); batching on = "
+    print(f"server: subprocess, run_server(ServeConfig(port=0, rest_port=0)); batching on = "
           f"serving/deploy/batching.config {deploy_batching_parameters()}")
     print(f"each cell: {mode} after warm-up; p50/p99 in ms; rps = requests/s; ips = images/s\n")
 

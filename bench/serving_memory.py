@@ -39,7 +39,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from common import quiet  # noqa: E402
+
+if __name__ == "__main__":
+    quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
 
 import grpc  # noqa: E402
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc  # noqa: E402
@@ -50,7 +53,7 @@ from serving_latency import MODEL_NAME, find_or_build_bundle  # noqa: E402
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 END = get_model_status_pb2.ModelVersionStatus.END
 SERVER_CODE = ("import sys; from serving.config import ServeConfig; from serving.server import run_server; "
-               "sys.exit(run_server(ServeConfig(model_base_path=sys.argv[1], port=0, rest_port=-1)))")
+               "sys.exit(run_server(ServeConfig(model_base_path=sys.argv[1], port=0, rest_port=0)))")
 
 
 # ---------------- /proc ----------------
@@ -242,7 +245,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     print(f"bundle: {description}; {sum(f.stat().st_size for f in source.rglob('*') if f.is_file()) / 2**20:.1f} "
           f"MiB on disk")
-    print("server: subprocess, run_server(ServeConfig(port=0, rest_port=-1)), poll every 1 s; "
+    print("server: subprocess, run_server(ServeConfig(port=0, rest_port=0)), poll every 1 s; "
           f"{args.clients} clients send 1-image Predict requests throughout\n")
     if args.compare_storage:
         compare_storage(workdir, args.clients)

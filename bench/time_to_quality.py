@@ -30,8 +30,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import quiet  # noqa: E402
+
+if __name__ == "__main__":
+    quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
 
 from quality import judge as judge_lib, sources  # noqa: E402
 from trainer import data, loop  # noqa: E402

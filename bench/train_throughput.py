@@ -39,8 +39,11 @@ import time
 import typing
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import quiet  # noqa: E402
+
+if __name__ == "__main__":
+    quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -9,7 +9,7 @@ import math
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from common import files
 
@@ -80,3 +80,34 @@ def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 8) -> np.ndarra
     canvas[:left.shape[0], :left.shape[1]] = left
     canvas[:right.shape[0], left.shape[1] + gap:] = right
     return canvas
+
+
+HEADER_HEIGHT = 14  # rows above a labelled picture: PIL's default bitmap font is about 11 pixels high
+
+
+def labelled_side_by_side(left: np.ndarray, right: np.ndarray, left_label: str, right_label: str,
+                          gap: int = 8) -> np.ndarray:
+    """`side_by_side` under a header row naming each half, e.g. "real" over the left one.
+
+    Each half is widened (mid-grey) where its label is wider than it, so no label is cut.
+    """
+    font = ImageFont.load_default()
+    widths = [max(picture.shape[1], _text_width(font, label) + 4) for picture, label in ((left, left_label), (right, right_label))]
+    left, right = (_pad_width(picture, width) for picture, width in zip((left, right), widths))
+    body = side_by_side(left, right, gap)
+    header = Image.new("L", (body.shape[1], HEADER_HEIGHT), 0)
+    draw = ImageDraw.Draw(header)
+    for label, start, width in ((left_label, 0, widths[0]), (right_label, widths[0] + gap, widths[1])):
+        draw.text((start + (width - _text_width(font, label)) // 2, 1), label, fill=255, font=font)
+    return np.concatenate([np.asarray(header, np.uint8), body])
+
+
+def _text_width(font, text: str) -> int:
+    left, _, right, _ = font.getbbox(text)
+    return right - left
+
+
+def _pad_width(picture: np.ndarray, width: int) -> np.ndarray:
+    if picture.shape[1] >= width:
+        return picture
+    return np.pad(picture, ((0, 0), (0, width - picture.shape[1])), constant_values=128)

@@ -7,21 +7,125 @@ SharedBatchScheduler: a task larger than `max_batch_size` is INVALID_ARGUMENT, a
 queue (more than `max_enqueued_batches` waiting batches) is UNAVAILABLE. As in TF's
 BatchingSession, a task whose caller's deadline passed while it waited is not run; it fails
 with RESOURCE_EXHAUSTED "Run() timeout exceeded while waiting in batching queue".
+
+The knobs come from a text-format `BatchingParameters` file (TF Serving's
+`--batching_parameters_file`, read here with the message rebuilt from its .proto, because the
+tensorflow-serving-api package ships no `session_bundle_config_pb2`) or from ServeConfig; a knob
+set nowhere takes TF's own default (`TF_DEFAULTS`), as `tensorflow_model_server
+--enable_batching` without a file does.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
+import os
 import threading
 import time
 
 import grpc
 import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
 
 from serving.inference import run_signature
 from serving.tensors import ServingError, invalid_argument
 
 EXPIRED_IN_QUEUE = "Run() timeout exceeded while waiting in batching queue"  # TF's BatchingSession text
+
+
+# TF's SharedBatchScheduler defaults (QueueOptions: input_batch_size_limit 1000,
+# batch_timeout_micros 0, max_enqueued_batches 10; Options: num_batch_threads =
+# port::MaxParallelism(), the CPU count), used for every field a BatchingParameters leaves unset.
+TF_DEFAULTS = {"max_batch_size": 1000, "batch_timeout_micros": 0, "max_enqueued_batches": 10,
+               "num_batch_threads": os.cpu_count() or 1}
+KNOBS = tuple(TF_DEFAULTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingOptions:
+    """The four scheduler knobs the Batcher runs with (all resolved, none None)."""
+
+    max_batch_size: int
+    batch_timeout_micros: int
+    max_enqueued_batches: int
+    num_batch_threads: int
+
+
+@functools.lru_cache(maxsize=None)
+def batching_parameters_class():
+    """tensorflow.serving.BatchingParameters (session_bundle_config.proto), built from its fields.
+
+    Field names, numbers and types follow the .proto; a file naming any other field fails to
+    parse, as it would in tensorflow_model_server.
+    """
+    file_proto = descriptor_pb2.FileDescriptorProto(
+        name="digitgan/session_bundle_config.proto", package="tensorflow.serving", syntax="proto3",
+        dependency=["google/protobuf/wrappers.proto"])
+    message = file_proto.message_type.add(name="BatchingParameters")
+    field = descriptor_pb2.FieldDescriptorProto
+    for name, number, wrapper in (("max_batch_size", 1, "Int64Value"), ("batch_timeout_micros", 2, "Int64Value"),
+                                  ("max_enqueued_batches", 3, "Int64Value"), ("num_batch_threads", 4, "Int64Value"),
+                                  ("thread_pool_name", 5, "StringValue"),
+                                  ("enable_large_batch_splitting", 8, "BoolValue"),
+                                  ("max_execution_batch_size", 9, "Int64Value")):
+        message.field.add(name=name, number=number, label=field.LABEL_OPTIONAL, type=field.TYPE_MESSAGE,
+                          type_name=f".google.protobuf.{wrapper}")
+    message.field.add(name="allowed_batch_sizes", number=6, label=field.LABEL_REPEATED, type=field.TYPE_INT64)
+    message.field.add(name="pad_variable_length_inputs", number=7, label=field.LABEL_OPTIONAL, type=field.TYPE_BOOL)
+    pool = descriptor_pool.DescriptorPool()  # our own pool: nothing else can clash with these names
+    wrappers = descriptor_pb2.FileDescriptorProto()
+    wrappers_pb2.DESCRIPTOR.CopyToProto(wrappers)
+    pool.Add(wrappers)
+    pool.Add(file_proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))
+
+
+def read_batching_parameters_file(path: str) -> dict[str, int]:
+    """The knobs a text-format BatchingParameters file sets (unset ones are left out).
+
+    Raises ValueError naming the file for an unreadable file, a parse error, or values TF would
+    refuse (a non-positive size or thread count, a negative timeout, allowed_batch_sizes whose
+    last entry is not max_batch_size).
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        raise ValueError(f"cannot read batching_parameters_file {path!r}: {error.strerror or error}") from None
+    try:
+        parameters = text_format.Parse(text, batching_parameters_class()())
+    except text_format.ParseError as error:
+        raise ValueError(f"Invalid protobuf file: {path!r}: not a text-format "
+                         f"tensorflow.serving.BatchingParameters: {error}") from None
+    values = {name: getattr(parameters, name).value for name in KNOBS if parameters.HasField(name)}
+    for name, value in values.items():
+        lowest = 0 if name == "batch_timeout_micros" else 1
+        if value < lowest:
+            raise ValueError(f"{name} in {path!r} must be >= {lowest}, got {value}")
+    if parameters.allowed_batch_sizes:
+        expected = values.get("max_batch_size", TF_DEFAULTS["max_batch_size"])
+        if parameters.allowed_batch_sizes[-1] != expected:
+            raise ValueError(f"{path!r}: Last entry in allowed_batch_sizes must match max_batch_size; last entry "
+                             f"was {parameters.allowed_batch_sizes[-1]}; expected {expected}")
+    return values
+
+
+def resolve_options(file_path: str | None = None, **explicit: int | None) -> BatchingOptions:
+    """The knobs to run with: the file's, then the explicit (non-None) ones, then TF's defaults."""
+    values = dict(TF_DEFAULTS)
+    if file_path is not None:
+        values.update(read_batching_parameters_file(file_path))
+    values.update({name: value for name, value in explicit.items() if value is not None})
+    return BatchingOptions(**values)
+
+
+def batching_parameters_text(values: dict[str, int]) -> str:
+    """Text-format BatchingParameters setting exactly the given knobs (for tensorflow_model_server)."""
+    message = batching_parameters_class()()
+    for name, value in values.items():
+        getattr(message, name).value = value
+    return text_format.MessageToString(message)
 
 
 class _Task:
@@ -49,8 +153,10 @@ class _Batch:
 class Batcher:
     """Groups compatible Predict runs; use `run` as the runner passed to inference.predict."""
 
-    def __init__(self, max_batch_size: int = 64, batch_timeout_micros: int = 2000,
-                 max_enqueued_batches: int = 64, num_batch_threads: int = 1):
+    def __init__(self, max_batch_size: int = TF_DEFAULTS["max_batch_size"],
+                 batch_timeout_micros: int = TF_DEFAULTS["batch_timeout_micros"],
+                 max_enqueued_batches: int = TF_DEFAULTS["max_enqueued_batches"],
+                 num_batch_threads: int = TF_DEFAULTS["num_batch_threads"]):
         self.max_batch_size = max_batch_size
         self.timeout = batch_timeout_micros / 1e6
         self.max_enqueued_batches = max_enqueued_batches

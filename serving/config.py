@@ -10,6 +10,10 @@ import dataclasses
 
 MEBIBYTE = 1024 * 1024
 ENGINES = ("builtin", "tfserving")
+# rest_port=FREE_PORT asks the operating system for a free REST port (tests, benches); the CLI
+# does not offer it, because `--rest_api_port=0` means "no REST" in tensorflow_model_server.
+FREE_PORT = -1
+BATCHING_KNOBS = ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,14 +28,20 @@ class ServeConfig:
             (`--model_config_file`); when set, `model_base_path` and `model_name` are ignored.
         host: interface to bind; loopback by default, "0.0.0.0" exposes the server.
         port: gRPC port; 0 picks a free port (see `ModelServer.grpc_port`).
-        rest_port: REST port; 0 picks a free port, -1 turns REST off.
+        rest_port: REST port; 0 turns REST off (TF Serving's `--rest_api_port=0`), FREE_PORT
+            (-1, for tests) picks a free port (see `ModelServer.rest_port`).
         poll_seconds: how often the version directories are re-scanned
             (`--file_system_poll_wait_seconds`); 0 scans once at start.
         enable_batching: turn on server-side batching of concurrent Predict calls.
+        batching_parameters_file: text-format `BatchingParameters` file
+            (`--batching_parameters_file`); only with enable_batching, as in TF Serving.
         max_batch_size: largest batch (in examples along dim 0) a batch may hold.
         batch_timeout_micros: how long a partial batch waits for more requests.
         max_enqueued_batches: batches that may wait per queue before UNAVAILABLE.
         num_batch_threads: threads running batches in parallel.
+            These four are None unless set here (not with batching_parameters_file): unset, each
+            takes the file's value or TF's default (`serving.batching.TF_DEFAULTS`: 1000, 0, 10,
+            the CPU count).
         max_request_elements: total tensor elements allowed in one request; checked before
             any array is allocated.
         max_message_bytes: gRPC send/receive message limit and REST body limit, in bytes.
@@ -54,10 +64,11 @@ class ServeConfig:
     rest_port: int = 8501
     poll_seconds: float = 1.0
     enable_batching: bool = False
-    max_batch_size: int = 64
-    batch_timeout_micros: int = 2000
-    max_enqueued_batches: int = 64
-    num_batch_threads: int = 1
+    batching_parameters_file: str | None = None
+    max_batch_size: int | None = None
+    batch_timeout_micros: int | None = None
+    max_enqueued_batches: int | None = None
+    num_batch_threads: int | None = None
     max_request_elements: int = 1_000_000
     max_message_bytes: int = 64 * MEBIBYTE
     max_concurrent_rpcs: int = 256
@@ -78,19 +89,14 @@ class ServeConfig:
             raise ValueError(f"host must not be empty, got {self.host!r}")
         _check_port("port", self.port, allow_off=False)
         _check_port("rest_port", self.rest_port, allow_off=True)
-        if self.port != 0 and self.port == self.rest_port:
+        if self.port > 0 and self.port == self.rest_port:
             raise ValueError(f"rest_port must differ from port, both are {self.port!r}")
         if not self.poll_seconds >= 0:
             raise ValueError(f"poll_seconds must be >= 0, got {self.poll_seconds!r}")
-        for name in ("max_batch_size", "max_enqueued_batches", "num_batch_threads",
-                     "max_request_elements", "max_message_bytes", "max_concurrent_rpcs",
+        for name in ("max_request_elements", "max_message_bytes", "max_concurrent_rpcs",
                      "max_concurrent_rest_requests"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.batch_timeout_micros, bool) or not isinstance(self.batch_timeout_micros, int) \
-                or self.batch_timeout_micros < 0:
-            raise ValueError(f"batch_timeout_micros must be an integer >= 0, got {self.batch_timeout_micros!r}")
+            _check_integer(name, getattr(self, name), lowest=1)
+        self._check_batching()
         if self.max_message_bytes > 2**31 - 1:
             raise ValueError(f"max_message_bytes must be below 2 GiB, got {self.max_message_bytes!r}")
         if not self.grace_seconds >= 0:
@@ -101,8 +107,37 @@ class ServeConfig:
             raise ValueError(f"monitoring_config_file must be a path or None, got {self.monitoring_config_file!r}")
 
 
+    def _check_batching(self) -> None:
+        for name in BATCHING_KNOBS:
+            value = getattr(self, name)
+            if value is not None:
+                _check_integer(name, value, lowest=0 if name == "batch_timeout_micros" else 1)
+        if self.batching_parameters_file is not None:
+            if not self.enable_batching:
+                # tensorflow_model_server refuses this combination too (server.cc).
+                raise ValueError("batching_parameters_file is set without setting enable_batching to true")
+            if not self.batching_parameters_file:
+                raise ValueError(f"batching_parameters_file must be a path or None, got {self.batching_parameters_file!r}")
+            given = [name for name in BATCHING_KNOBS if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"give the batching knobs either in batching_parameters_file or as settings, "
+                                 f"not both (also set: {', '.join(given)})")
+
+    def batching_knobs(self) -> dict[str, int]:
+        """The batching knobs set in this config (not the file's, not TF's defaults)."""
+        return {name: getattr(self, name) for name in BATCHING_KNOBS if getattr(self, name) is not None}
+
+
+def _check_integer(name: str, value, lowest: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        kind = "a positive integer" if lowest == 1 else f"an integer >= {lowest}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
 def _check_port(name: str, value: int, allow_off: bool) -> None:
-    lowest = -1 if allow_off else 0
-    if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= 65535:
-        extra = ", or -1 to turn it off" if allow_off else ""
-        raise ValueError(f"{name} must be 0..65535 (0 picks a free port{extra}), got {value!r}")
+    if allow_off:  # REST: 0 is off, FREE_PORT picks one
+        if isinstance(value, bool) or not isinstance(value, int) or not FREE_PORT <= value <= 65535:
+            raise ValueError(f"{name} must be 0..65535 (0 turns REST off), or FREE_PORT ({FREE_PORT}) to pick "
+                             f"a free port, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError(f"{name} must be 0..65535 (0 picks a free port), got {value!r}")

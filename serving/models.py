@@ -4,8 +4,13 @@ Each model has a base path whose int64-named children are versions (TF Serving's
 FileSystemStoragePathSource). A background thread rescans every `poll_seconds`, loads new
 versions into their own TF1 Graph + Session (which loads TF1 and TF2 SavedModels alike, as
 TF Serving's C++ does), replays the warmup file, and only then lets the version take
-traffic and unloads the versions it replaces. A version that fails is reported and
-retried only when its directory changes.
+traffic and unloads the versions it replaces. A version that fails is reported (state END
+with its error in GetModelStatus) and retried only when its directory changes.
+
+A failed version is skipped: the policy then picks among the versions that load, so with
+`latest {1}` and a broken newest version the newest version that loads is served (logged as a
+warning). tensorflow_model_server keeps aspiring the broken one instead and, on a fresh start,
+serves nothing until it loads; docs/serving.md lists this difference.
 """
 
 from __future__ import annotations
@@ -108,6 +113,7 @@ class ModelEntry:
         self.loaded: dict[int, LoadedVersion] = {}
         self.status: dict[int, VersionStatus] = {}
         self.failed_fingerprints: dict[int, tuple] = {}
+        self.fallback_note = ""  # the last "serving an older version" warning, so it is logged once
 
 
 def discover_versions(base_path: str) -> dict[int, str]:
@@ -253,10 +259,24 @@ class ModelManager:
         # Recompute: a version that just failed must not push out a working one.
         candidates = [v for v, path in found.items() if not self._still_failed(entry, v, path)]
         wanted = select_versions(entry.config.model_version_policy, candidates)
+        self._note_fallback(entry, wanted, select_versions(entry.config.model_version_policy, list(found)))
         if not wanted & set(entry.loaded):
             return  # keep serving what we have rather than nothing
         for version in sorted(set(entry.loaded) - wanted):
             self._unload_version(entry, version)
+
+    @staticmethod
+    def _note_fallback(entry: ModelEntry, wanted: set[int], policy_choice: set[int]) -> None:
+        """Log once when failed versions make us serve others than the policy names."""
+        failed = sorted(policy_choice - wanted, reverse=True)
+        note = ""
+        if failed and wanted:
+            note = (f"serving {entry.config.name} version(s) {sorted(wanted, reverse=True)} in place of "
+                    f"version(s) {failed}, which failed to load (GetModelStatus has the error; a changed "
+                    f"version folder is tried again)")
+        if note and note != entry.fallback_note:
+            LOG.warning("%s", note)
+        entry.fallback_note = note
 
     def _still_failed(self, entry: ModelEntry, version: int, path: str) -> bool:
         if version not in entry.failed_fingerprints:
@@ -391,6 +411,11 @@ class ModelManager:
             if number == version:
                 return [(number, status)]
         raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find version {version} of model {name}")
+
+    def base_paths(self) -> dict[str, str]:
+        """Each configured model's base path."""
+        with self._lock:
+            return {name: entry.config.base_path for name, entry in self._models.items()}
 
     def available_models(self) -> dict[str, list[int]]:
         with self._lock:

@@ -25,9 +25,9 @@ from tensorflow_serving.apis import (model_service_pb2, model_service_pb2_grpc, 
                                      prediction_service_pb2_grpc)
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import inference, models, prediction, rest
+from serving import batching, inference, models, prediction, rest
 from serving.batching import Batcher
-from serving.config import ServeConfig
+from serving.config import FREE_PORT, ServeConfig
 from serving.metrics import Metrics, prometheus_path
 
 LOG = logging.getLogger("serving.server")
@@ -155,17 +155,19 @@ class ModelServer:
             on_change=self._models_changed)
         self.batcher = None
         if config.enable_batching:
-            self.batcher = Batcher(config.max_batch_size, config.batch_timeout_micros,
-                                   config.max_enqueued_batches, config.num_batch_threads)
+            options = batching.resolve_options(config.batching_parameters_file, **config.batching_knobs())
+            self.batcher = Batcher(options.max_batch_size, options.batch_timeout_micros,
+                                   options.max_enqueued_batches, options.num_batch_threads)
         self._grpc_server = self._build_grpc_server()
         self._grpc_port = self._grpc_server.add_insecure_port(f"{_host_for_grpc(config.host)}:{config.port}")
         if self._grpc_port == 0:
             raise ValueError(f"cannot bind gRPC to {config.host}:{config.port}")
         self._rest_server = None
-        if config.rest_port >= 0:
+        if config.rest_port != 0:  # 0: no REST, as tensorflow_model_server's --rest_api_port=0
             api = rest.RestApi(self.manager, self.metrics, config.max_request_elements, self.batcher,
                                self.prometheus_path)
-            self._rest_server = rest.RestServer(api, config.host, config.rest_port, config.max_message_bytes,
+            rest_port = 0 if config.rest_port == FREE_PORT else config.rest_port
+            self._rest_server = rest.RestServer(api, config.host, rest_port, config.max_message_bytes,
                                                 config.max_concurrent_rest_requests)
 
     def _build_grpc_server(self) -> grpc.Server:
@@ -265,6 +267,8 @@ def run_server(config: ServeConfig) -> int:
         print(f"REST listening on {config.host}:{server.rest_port}", flush=True)
         if server.prometheus_path is not None:
             print(f"Prometheus metrics at {server.prometheus_path} on the REST port", flush=True)
+    for line in missing_version_lines(server.manager.base_paths()):
+        print(line, flush=True)
     stop_requested = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop_requested.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -283,6 +287,22 @@ def run_server(config: ServeConfig) -> int:
     return 0
 
 
+def missing_version_lines(base_paths: dict[str, str]) -> list[str]:
+    """One line per model whose base path holds no version yet: where we look, how to make one.
+
+    The server waits for a version as tensorflow_model_server does ("No versions of servable
+    ... found under base path ..."); this says what to do about it.
+    """
+    lines = []
+    for name, base_path in base_paths.items():
+        if not models.discover_versions(base_path):
+            lines.append(f"model {name}: no version under {base_path} yet (a version is a numeric folder such as "
+                         f"{os.path.join(base_path, '1')}); waiting for one. Make one with `python cli.py export "
+                         f"--model-base-path {base_path}`, or serve the published weights with "
+                         f"`python cli.py serve --pretrained`.")
+    return lines
+
+
 # ---------------- the real tensorflow_model_server ----------------
 def tfserving_command(config: ServeConfig, batching_file: str | None = None) -> list[str]:
     """tensorflow_model_server flags equivalent to `config`."""
@@ -291,10 +311,10 @@ def tfserving_command(config: ServeConfig, batching_file: str | None = None) -> 
         raise ValueError("tensorflow_model_server is not on PATH; install TensorFlow Serving "
                          "(apt package tensorflow-model-server or the tensorflow/serving Docker image) "
                          "or use engine 'builtin'")
-    if config.port == 0 or config.rest_port == 0:
+    if config.port == 0 or config.rest_port == FREE_PORT:
         raise ValueError("engine 'tfserving' cannot pick free ports: give explicit port and rest_port")
     command = [binary, f"--port={config.port}",
-               f"--rest_api_port={max(config.rest_port, 0)}",  # TF Serving: 0 means REST off
+               f"--rest_api_port={config.rest_port}",  # 0 means REST off in both servers
                f"--file_system_poll_wait_seconds={int(round(config.poll_seconds))}"]
     if config.model_config_file is not None:
         command.append(f"--model_config_file={os.path.abspath(config.model_config_file)}")
@@ -302,24 +322,26 @@ def tfserving_command(config: ServeConfig, batching_file: str | None = None) -> 
         command += [f"--model_name={config.model_name}",
                     f"--model_base_path={os.path.abspath(config.model_base_path)}"]
     if config.enable_batching:
-        command += ["--enable_batching=true", f"--batching_parameters_file={batching_file}"]
+        command.append("--enable_batching=true")
+        if batching_file is not None:
+            command.append(f"--batching_parameters_file={batching_file}")
     if config.monitoring_config_file is not None:
         command.append(f"--monitoring_config_file={os.path.abspath(config.monitoring_config_file)}")
     return command
 
 
 def batching_parameters_text(config: ServeConfig) -> str:
-    """A text-format BatchingParameters for --batching_parameters_file."""
-    return (f"max_batch_size {{ value: {config.max_batch_size} }}\n"
-            f"batch_timeout_micros {{ value: {config.batch_timeout_micros} }}\n"
-            f"max_enqueued_batches {{ value: {config.max_enqueued_batches} }}\n"
-            f"num_batch_threads {{ value: {config.num_batch_threads} }}\n")
+    """A text-format BatchingParameters with the knobs `config` sets (one `name { value: N }` a line)."""
+    return "".join(f"{name} {{ value: {value} }}\n" for name, value in config.batching_knobs().items())
 
 
 def exec_tfserving(config: ServeConfig) -> None:
     """Replace this process with tensorflow_model_server (never returns on success)."""
     batching_file = None
-    if config.enable_batching:
+    if config.batching_parameters_file is not None:
+        batching.read_batching_parameters_file(config.batching_parameters_file)  # a bad file: our clear error
+        batching_file = os.path.abspath(config.batching_parameters_file)
+    elif config.enable_batching and config.batching_knobs():
         handle, batching_file = tempfile.mkstemp(prefix="batching_parameters_", suffix=".txt")
         with os.fdopen(handle, "w") as file:
             file.write(batching_parameters_text(config))

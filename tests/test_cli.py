@@ -61,12 +61,32 @@ def test_xla_on_two_replicas_exits_2_before_writing_anything(tmp_path):
     (["generate", "--digit", "x7"], "--digit takes digits 0-9"),
     (["generate", "--server", "127.0.0.1:1", "--timeout", "2"], "cannot reach digitgan server"),
     (["status", "--server", "127.0.0.1:1"], "cannot reach digitgan server"),
+    (["serve", "--rest-port", "-1"], "--rest-port must be 0..65535 (0 turns REST off)"),
+    (["serve", "--batching-parameters-file", "serving/deploy/batching.config"],
+     "--batching-parameters-file needs --enable-batching"),
+    (["serve", "--enable-batching", "--batching-parameters-file", "/nonexistent.config"],
+     "cannot read batching_parameters_file '/nonexistent.config'"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(arguments, message):
     result = runner.invoke(cli.app, arguments)
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_serve_refuses_a_batching_file_that_is_not_batching_parameters(tmp_path):
+    bad = tmp_path / "batching.config"
+    bad.write_text("max_batch_size: 64\n")
+    result = runner.invoke(cli.app, ["serve", "--enable-batching", "--batching-parameters-file", str(bad),
+                                     "--port", "0"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: Invalid protobuf file") and result.output.count("\n") == 1
+    assert "tensorflow.serving.BatchingParameters" in result.output
+
+
+def test_serve_help_says_rest_port_zero_turns_rest_off():
+    result = runner.invoke(cli.app, ["serve", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert "0 = no REST" in _plain(result.output) and "--batching-parameters-file" in _plain(result.output)
 
 
 def test_export_serve_generate_end_to_end(tiny_runs, mnist_data_dir, tmp_path):
@@ -76,7 +96,7 @@ def test_export_serve_generate_end_to_end(tiny_runs, mnist_data_dir, tmp_path):
     exported = runner.invoke(cli.app, ["export", "--run-dir", tiny_runs["conditional"], "--model-base-path", str(base)])
     assert exported.exit_code == 0, exported.output
     assert "version 1" in exported.output and "sample(digit: int32 [-1], seed: int64 [-1])" in exported.output
-    server = server_lib.create_server(serve_config.ServeConfig(model_base_path=str(base), port=0, rest_port=-1,
+    server = server_lib.create_server(serve_config.ServeConfig(model_base_path=str(base), port=0, rest_port=0,
                                                                poll_seconds=0.2))
     server.start()
     try:
@@ -124,8 +144,13 @@ def _pictures(address, mnist_data_dir, tmp_path):
     result = runner.invoke(cli.app, ["generate", "--digit", "0123456789", "--count", "4", "--compare-real",
                                      "--data-dir", mnist_data_dir, "--server", address, "--out", str(compare)])
     assert result.exit_code == 0, result.output
-    picture = Image.open(compare)
-    assert picture.size[0] > 2 * picture.size[1] * 4 / 10  # two 4-wide grids of 10 rows, side by side
+    picture = np.asarray(Image.open(compare))
+    grid = 2 * (10 * 30 + 2)  # 10 rows of 28-pixel digits with 2-pixel padding, PNG scaled 2x
+    assert picture.shape[1] > 2 * grid * 4 / 10  # two 4-wide grids of 10 rows, side by side
+    assert picture.shape[0] > grid  # a header row above the grids...
+    header = picture[:picture.shape[0] - grid]
+    half = picture.shape[1] // 2
+    assert header[:, :half].max() > 200 and header[:, half:].max() > 200  # ...with a caption over each half (white text)
     refused = runner.invoke(cli.app, ["generate", "--compare-real", "--format", "npy", "--server", address])
     assert refused.exit_code == 2 and "--compare-real" in refused.output
 
@@ -150,7 +175,7 @@ def _requests_spread_over_a_server_list(first, base, tmp_path):
     """`--server a,b` shares one generate's requests between both servers and skips a dead one."""
     from serving import config as serve_config, server as server_lib
 
-    second = server_lib.create_server(serve_config.ServeConfig(model_base_path=str(base), port=0, rest_port=-1))
+    second = server_lib.create_server(serve_config.ServeConfig(model_base_path=str(base), port=0, rest_port=0))
     second.start()
     try:
         assert second.wait_until_ready(timeout=60)

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from serving.config import ServeConfig
+from serving.config import FREE_PORT, ServeConfig
 from serving.server import create_server
 import serving_test_models as model_builders
 
@@ -34,7 +34,7 @@ model_config_list {{
 """)
     monitoring_file = config_file.parent / "monitoring.config"
     monitoring_file.write_text('prometheus_config { enable: true path: "/monitoring/prometheus/metrics" }\n')
-    config = ServeConfig(model_config_file=str(config_file), port=0, rest_port=0, poll_seconds=1.0,
+    config = ServeConfig(model_config_file=str(config_file), port=0, rest_port=FREE_PORT, poll_seconds=1.0,
                          max_request_elements=1_000_000, grace_seconds=1.0,
                          monitoring_config_file=str(monitoring_file))
     model_server = create_server(config)

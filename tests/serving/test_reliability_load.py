@@ -50,9 +50,9 @@ END = get_model_status_pb2.ModelVersionStatus.END
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_SCRIPT = """
 import sys
-from serving.config import ServeConfig
+from serving.config import FREE_PORT, ServeConfig
 from serving.server import run_server
-sys.exit(run_server(ServeConfig(model_base_path=sys.argv[1], port=0, rest_port=0,
+sys.exit(run_server(ServeConfig(model_base_path=sys.argv[1], port=0, rest_port=FREE_PORT,
                                 grace_seconds=float(sys.argv[2]))))
 """
 # Why a request may be refused after SIGTERM: our drain, or nobody listening any more.
@@ -73,7 +73,7 @@ def load_server(tmp_path):
     """A fresh in-process server on port 0 serving a small real generator as version 1."""
     base = tmp_path / "digitgan"
     models.build_generator(str(base / "1"))
-    server = create_server(ServeConfig(model_base_path=str(base), port=0, rest_port=-1, poll_seconds=0.2,
+    server = create_server(ServeConfig(model_base_path=str(base), port=0, rest_port=0, poll_seconds=0.2,
                                        grace_seconds=2.0))
     server.start()
     assert server.wait_until_ready(WAIT_SECONDS)

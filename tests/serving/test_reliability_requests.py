@@ -41,7 +41,7 @@ from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_p
 import serving_test_models as models
 from serving_test_models import wait_for
 from serving import inference, prediction, rest
-from serving.config import ServeConfig
+from serving.config import FREE_PORT, ServeConfig
 from serving.metrics import Metrics
 from serving.server import create_server
 from serving.tensors import ServingError
@@ -707,7 +707,7 @@ def start_gate_server(gate_base):
     servers = []
 
     def start(**overrides):
-        options = dict(model_base_path=str(gate_base), model_name="gate", port=0, rest_port=0,
+        options = dict(model_base_path=str(gate_base), model_name="gate", port=0, rest_port=FREE_PORT,
                        poll_seconds=0, grace_seconds=1.0)
         options.update(overrides)
         server = create_server(ServeConfig(**options))
@@ -726,7 +726,7 @@ def start_gate_server(gate_base):
 def test_expired_deadline_in_batching_queue_is_not_computed(start_gate_server):
     """Regression: a batched request whose deadline passed in the queue used to be run anyway."""
     server = start_gate_server(enable_batching=True, max_batch_size=1, num_batch_threads=1,
-                               batch_timeout_micros=0, rest_port=-1)
+                               batch_timeout_micros=0, rest_port=0)
     gate = Gate(server)
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -746,7 +746,7 @@ def test_expired_deadline_in_batching_queue_is_not_computed(start_gate_server):
 def test_expired_deadline_skips_the_graph(start_gate_server):
     """The servicer's own check (test_serving_grpc.py has it with a stub work function) with
     the real Predict, model and counters: a spent deadline means no graph run."""
-    server = start_gate_server(rest_port=-1)
+    server = start_gate_server(rest_port=0)
     gate = Gate(server)
     gate.release(1)  # if the graph ran, it would pass the gate and count an arrival
 

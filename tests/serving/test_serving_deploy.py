@@ -10,6 +10,7 @@ over gRPC, and the compose healthcheck command itself, run with bash, passes aga
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -23,9 +24,12 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.config import ServeConfig
+from serving import batching
+from serving.config import FREE_PORT, ServeConfig
 from serving.server import batching_parameters_text, create_server
+from serving.tensors import ServingError
 import serving_test_models as model_builders
+from serving_test_models import wait_for
 
 DEPLOY = Path(__file__).resolve().parents[2] / "serving" / "deploy"
 BATCHING_FIELDS = ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads")
@@ -38,18 +42,9 @@ def parse_model_config(text: str) -> model_server_config_pb2.ModelServerConfig:
 
 
 def parse_batching_parameters(text: str) -> dict[str, int]:
-    """The `name { value: N }` fields of a BatchingParameters text proto (no pip proto exists)."""
-    values = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        match = re.fullmatch(r"(\w+)\s*\{\s*value:\s*(\d+)\s*\}", line)
-        assert match, f"line {number} is not `field {{ value: N }}`: {line!r}"
-        name, value = match.group(1), int(match.group(2))
-        assert name in BATCHING_FIELDS, f"unexpected BatchingParameters field {name!r}"
-        assert name not in values, f"{name} given twice"
-        values[name] = value
+    """The knobs of a BatchingParameters text proto, parsed as tensorflow.serving.BatchingParameters."""
+    message = text_format.Parse(text, batching.batching_parameters_class()())
+    values = {name: getattr(message, name).value for name in BATCHING_FIELDS if message.HasField(name)}
     assert set(values) == set(BATCHING_FIELDS), f"missing fields: {set(BATCHING_FIELDS) - set(values)}"
     return values
 
@@ -152,9 +147,13 @@ def test_kubernetes_manifests_deployment_service_and_autoscaler():
     check_server_flags(flags(container["args"]))
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"grpc": 8500, "http": 8501}
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"]["path"] == "/v1/models/digitgan"
-        assert container[probe]["httpGet"]["port"] in ("http", 8501)
+    # Ready (and started) only once a version is AVAILABLE: the status URL answers 200 while it is
+    # LOADING, so these probes read the state; they run the compose healthcheck's own command.
+    for probe in ("readinessProbe", "startupProbe"):
+        assert container[probe]["exec"]["command"] == ["bash", "-c", compose_healthcheck_command()[3]]
+        assert container[probe]["timeoutSeconds"] > 5  # the command's own `timeout 5` ends first
+    assert container["livenessProbe"]["httpGet"]["path"] == "/monitoring/prometheus/metrics"
+    assert container["livenessProbe"]["httpGet"]["port"] in ("http", 8501)
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(container["resources"][kind])
     mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
@@ -201,9 +200,9 @@ def deploy_server(model_root, tmp_path_factory):
     config.model_config_list.config[0].base_path = str(model_root / "digitgan")
     config_file = tmp_path_factory.mktemp("deploy") / "models.config"
     config_file.write_text(text_format.MessageToString(config))
-    batching = parse_batching_parameters((DEPLOY / "batching.config").read_text())
-    server = create_server(ServeConfig(model_config_file=str(config_file), port=0, rest_port=0,
-                                       enable_batching=True, grace_seconds=1.0, **batching))
+    server = create_server(ServeConfig(model_config_file=str(config_file), port=0, rest_port=FREE_PORT,
+                                       enable_batching=True, batching_parameters_file=str(DEPLOY / "batching.config"),
+                                       grace_seconds=1.0))
     server.start()
     try:
         assert server.wait_until_ready(60)
@@ -238,3 +237,37 @@ def test_compose_healthcheck_command_passes_against_a_serving_rest_port(deploy_s
                               .replace("/v1/models/digitgan", "/v1/models/nosuchmodel")],
                              capture_output=True, timeout=30)
     assert unknown.returncode != 0
+
+
+def run_healthcheck(rest_port: int, model_name: str = "digitgan") -> int:
+    """Exit code of the compose healthcheck (= the Kubernetes readiness command) against a REST port."""
+    script = compose_healthcheck_command()[3].replace("/8501", f"/{rest_port}")
+    script = script.replace("/v1/models/digitgan", f"/v1/models/{model_name}")
+    return subprocess.run(["bash", "-c", script], capture_output=True, timeout=30).returncode
+
+
+def failed_versions(server) -> list[int]:
+    try:
+        return [version for version, status in server.manager.version_statuses("digitgan") if status.error_message]
+    except ServingError:  # no version seen yet
+        return []
+
+
+def test_readiness_command_fails_until_a_version_is_available(model_root, tmp_path):
+    """No version yet (404), then only a broken version (200, state END): not ready; a good one: ready."""
+    base = tmp_path / "digitgan"
+    base.mkdir()
+    server = create_server(ServeConfig(model_base_path=str(base), port=0, rest_port=FREE_PORT, poll_seconds=0.1,
+                                       grace_seconds=1.0))
+    server.start()
+    try:
+        assert run_healthcheck(server.rest_port) != 0
+        (base / "2").mkdir()  # a version folder without a SavedModel: its load fails
+        assert wait_for(lambda: failed_versions(server) == [2], timeout=30)
+        assert run_healthcheck(server.rest_port) != 0
+        shutil.copytree(model_root / "digitgan" / "1", tmp_path / "staging")
+        os.rename(tmp_path / "staging", base / "3")
+        assert server.wait_until_ready(60)
+        assert run_healthcheck(server.rest_port) == 0
+    finally:
+        server.stop(1.0)

@@ -1,5 +1,6 @@
 """Hot swap, broken versions, config reload, health, batching and the client library."""
 
+import logging
 import os
 import shutil
 import threading
@@ -14,6 +15,7 @@ from tensorflow_serving.apis import (get_model_status_pb2, model_management_pb2,
                                      predict_pb2, prediction_service_pb2_grpc)
 from tensorflow_serving.config import model_server_config_pb2
 
+import cli
 import serving_test_models as models
 from serving_test_models import wait_for
 from serving import client
@@ -41,7 +43,7 @@ def fresh_server(tmp_path, generator_v1):
     servers = []
 
     def start(**overrides):
-        options = dict(model_base_path=str(base), port=0, rest_port=-1, poll_seconds=0.2, grace_seconds=1.0)
+        options = dict(model_base_path=str(base), port=0, rest_port=0, poll_seconds=0.2, grace_seconds=1.0)
         options.update(overrides)
         server = create_server(ServeConfig(**options))
         server.start()
@@ -108,20 +110,56 @@ def test_hot_add_version_without_failures(fresh_server, generator_v2):
                                models.expected_images(np.ones([1, 100]), scale=2.0), atol=1e-6)
 
 
-def test_broken_version_never_replaces_working_one(fresh_server):
-    server, base = fresh_server()
-    broken = base / "7"
+def write_broken_version(base, version):
+    broken = base / str(version)
     os.makedirs(broken / "variables")
     (broken / "saved_model.pb").write_bytes(b"this is not a protobuf")
+
+
+def loads_of(caplog, version):
+    return sum(record.getMessage().startswith(f"loading digitgan version {version} ") for record in caplog.records)
+
+
+def test_broken_version_never_replaces_working_one(fresh_server, caplog):
+    caplog.set_level(logging.INFO, logger="serving.models")
+    server, base = fresh_server()
+    write_broken_version(base, 7)
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         assert wait_for(lambda: statuses(channel)[0][:2] == (7, END))
         version, state, code = statuses(channel)[0]
         assert code != 0
         assert statuses(channel)[1] == (1, AVAILABLE, 0)
-        time.sleep(0.5)  # several polls: it is not retried while unchanged
+        server.manager.poll_once()  # two more full scans, run here: an unchanged broken folder is not retried
+        server.manager.poll_once()
+        assert loads_of(caplog, 7) == 1
         response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(noise_request(), 10)
         assert response.model_spec.version.value == 1
-    assert [row["state"] for row in client.get_status(f"127.0.0.1:{server.grpc_port}")] == ["END", "AVAILABLE"]
+    rows = client.get_status(f"127.0.0.1:{server.grpc_port}")
+    assert [row["state"] for row in rows] == ["END", "AVAILABLE"]
+    assert cli.served_summary("digitgan", rows).startswith("serving: version 1, the newest that loaded; newer "
+                                                           "version(s) [7] failed")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["serving digitgan version(s) [1] in place of version(s) [7], which failed to load "
+                        "(GetModelStatus has the error; a changed version folder is tried again)"]  # once
+
+
+def test_broken_newest_version_at_start_serves_the_newest_that_loads(tmp_path, generator_v1, caplog):
+    """The deliberate difference: tensorflow_model_server would serve nothing here until 7 loads."""
+    caplog.set_level(logging.INFO, logger="serving.models")
+    base = tmp_path / "digitgan"
+    shutil.copytree(generator_v1, base / "1")
+    write_broken_version(base, 7)
+    server = create_server(ServeConfig(model_base_path=str(base), port=0, rest_port=0, poll_seconds=0.2,
+                                       grace_seconds=1.0))
+    server.start()
+    try:
+        assert server.wait_until_ready(60)
+        rows = client.get_status(f"127.0.0.1:{server.grpc_port}")
+        assert [(row["version"], row["state"]) for row in rows] == [(7, "END"), (1, "AVAILABLE")]
+        assert "version 1, the newest that loaded" in cli.served_summary("digitgan", rows)
+        assert any("in place of version(s) [7]" in r.getMessage() for r in caplog.records)
+    finally:
+        server.stop(0.5)
 
 
 def test_failing_warmup_fails_the_load(fresh_server, generator_v1):
@@ -206,6 +244,32 @@ def test_batching_concurrent_requests(fresh_server):
         with pytest.raises(grpc.RpcError) as info:
             prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(noise_request(rows=9), 10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Task size 9 is larger than maximum input batch size 8" in info.value.details()
+
+
+def test_batching_without_knobs_uses_tf_defaults_and_takes_a_65_row_request(fresh_server):
+    """`--enable-batching` alone: TF's SharedBatchScheduler defaults (a batch of up to 1000 rows)."""
+    server, _ = fresh_server(enable_batching=True)
+    assert (server.batcher.max_batch_size, server.batcher.timeout, server.batcher.max_enqueued_batches) == (1000, 0, 10)
+    assert len(server.batcher._threads) == (os.cpu_count() or 1)
+    noise = np.random.default_rng(5).standard_normal((65, 100)).astype(np.float32)
+    request = noise_request()
+    request.inputs["noise"].CopyFrom(tf.make_tensor_proto(noise))
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, 30)
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["images"]), models.expected_images(noise),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_batching_parameters_file_sets_the_knobs_and_unset_ones_take_tf_defaults(fresh_server, tmp_path):
+    parameters = tmp_path / "batching.config"
+    parameters.write_text("# partial, as TF allows\nmax_batch_size { value: 8 }\nnum_batch_threads { value: 1 }\n")
+    server, _ = fresh_server(enable_batching=True, batching_parameters_file=str(parameters))
+    assert (server.batcher.max_batch_size, server.batcher.timeout, server.batcher.max_enqueued_batches) == (8, 0, 10)
+    assert len(server.batcher._threads) == 1
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(noise_request(rows=9), 10)
     assert "Task size 9 is larger than maximum input batch size 8" in info.value.details()
 
 

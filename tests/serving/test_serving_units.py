@@ -13,7 +13,8 @@ from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.config import file_system_storage_path_source_pb2
 
 from serving import models, server, tensors
-from serving.config import ServeConfig
+from serving import batching
+from serving.config import FREE_PORT, ServeConfig
 from serving.tensors import ServingError
 
 LIMIT = 10_000
@@ -130,6 +131,47 @@ def test_config_validation():
         assert repr(list(bad.values())[-1]) in str(info.value)
 
 
+def test_rest_port_zero_is_off_and_free_port_is_for_programs():
+    assert ServeConfig(rest_port=0).rest_port == 0 and ServeConfig(rest_port=FREE_PORT).rest_port == FREE_PORT
+    assert ServeConfig(port=0, rest_port=0).port == 0  # both 0: gRPC on a free port, no REST
+
+
+def test_batching_settings_validation(tmp_path):
+    with pytest.raises(ValueError, match="batching_parameters_file is set without setting enable_batching"):
+        ServeConfig(batching_parameters_file="serving/deploy/batching.config")
+    with pytest.raises(ValueError, match="not both.*max_batch_size"):
+        ServeConfig(enable_batching=True, batching_parameters_file="b.config", max_batch_size=8)
+    assert ServeConfig(enable_batching=True).batching_knobs() == {}
+    assert batching.resolve_options() == batching.BatchingOptions(1000, 0, 10, os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("max_batch_size: 8", "Invalid protobuf file"),                      # an Int64Value, not a scalar
+    ("max_batch_size { value: 8 } no_such_field { value: 1 }", "no_such_field"),
+    ("max_batch_size { value: 0 }", "max_batch_size .* must be >= 1, got 0"),
+    ("batch_timeout_micros { value: -1 }", "must be >= 0"),
+    ("max_batch_size { value: 8 } allowed_batch_sizes: 4 allowed_batch_sizes: 6",
+     "Last entry in allowed_batch_sizes must match max_batch_size; last entry was 6; expected 8"),
+])
+def test_bad_batching_parameters_files_are_clear_errors(tmp_path, text, message):
+    path = tmp_path / "batching.config"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        batching.read_batching_parameters_file(str(path))
+
+
+def test_batching_parameters_file_reads_every_tf_field(tmp_path):
+    path = tmp_path / "batching.config"
+    path.write_text("max_batch_size { value: 128 } batch_timeout_micros { value: 0 } max_enqueued_batches "
+                    "{ value: 1000000 } num_batch_threads { value: 8 } thread_pool_name { value: 'x' } "
+                    "allowed_batch_sizes: 64 allowed_batch_sizes: 128 pad_variable_length_inputs: true "
+                    "enable_large_batch_splitting { value: false } max_execution_batch_size { value: 64 }")
+    assert batching.read_batching_parameters_file(str(path)) == {
+        "max_batch_size": 128, "batch_timeout_micros": 0, "max_enqueued_batches": 1000000, "num_batch_threads": 8}
+    with pytest.raises(ValueError, match="cannot read batching_parameters_file"):
+        batching.read_batching_parameters_file(str(tmp_path / "missing.config"))
+
+
 def test_version_discovery_and_policies(tmp_path):
     for name in ("1", "00017", "3", "temp-4", "not_a_version"):
         os.makedirs(tmp_path / name)
@@ -158,4 +200,12 @@ def test_tfserving_engine(tmp_path, monkeypatch):
     assert command[1:] == ["--port=8500", "--rest_api_port=8501", "--file_system_poll_wait_seconds=1",
                            "--model_name=digitgan", f"--model_base_path={os.path.abspath('models/x')}",
                            "--enable_batching=true", "--batching_parameters_file=/tmp/batching.txt"]
-    assert "max_batch_size { value: 64 }" in server.batching_parameters_text(config)
+    # Without a file or knobs, TF's own defaults apply: no file at all.
+    assert server.tfserving_command(config)[-1] == "--enable_batching=true"
+    assert server.batching_parameters_text(config) == ""
+    knobs = ServeConfig(enable_batching=True, max_batch_size=64)
+    assert server.batching_parameters_text(knobs) == "max_batch_size { value: 64 }\n"
+    no_rest = ServeConfig(engine="tfserving", rest_port=0)
+    assert "--rest_api_port=0" in server.tfserving_command(no_rest)
+    with pytest.raises(ValueError, match="cannot pick free ports"):
+        server.tfserving_command(ServeConfig(engine="tfserving", rest_port=FREE_PORT))
