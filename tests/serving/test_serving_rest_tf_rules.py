@@ -20,7 +20,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving import metrics as metrics_lib
 from serving import rest
-from serving.config import ServeConfig
+from serving.config import FREE_PORT, ServeConfig
 from serving.server import create_server
 import serving_test_models as model_builders
 
@@ -34,7 +34,7 @@ def server(tmp_path_factory):
     model_builders.build_strings(str(root / "strings" / "1"))
     monitoring = root / "monitoring.config"
     monitoring.write_text(f'prometheus_config {{ enable: true, path: "{METRICS_PATH}" }}\n')
-    config = ServeConfig(model_base_path=str(root / "strings"), model_name="strings", port=0, rest_port=0,
+    config = ServeConfig(model_base_path=str(root / "strings"), model_name="strings", port=0, rest_port=FREE_PORT,
                          max_message_bytes=MAX_BODY, grace_seconds=1.0, monitoring_config_file=str(monitoring))
     model_server = create_server(config)
     model_server.start()
