@@ -24,6 +24,7 @@ app = typer.Typer(help="A class-conditional DCGAN on real MNIST: train it, expor
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 DEFAULT_SERVER = "localhost:8500"
+PRETRAINED_BASE_PATH = Path(__file__).resolve().parent / "pretrained" / "digitgan"  # `serve --pretrained`
 JUDGE_HELP = ("A judge written by `train-judge` (its folder) instead of the one shipped in quality/judge_weights/ "
               "(whose figures compare across machines).")
 DEFAULTS = train_config_lib.TrainConfig()  # `train`'s option defaults are the config's: one place to change the recipe
@@ -191,11 +192,16 @@ def serve(
     max_concurrent_rest_requests: int = typer.Option(256, help="REST inference POSTs served at once; more get HTTP 429."),
     engine: str = typer.Option("builtin", help="builtin (this project's server) or tfserving (exec tensorflow_model_server)."),
     monitoring_config_file: Optional[str] = typer.Option(None, help="TF Serving MonitoringConfig text file; Prometheus metrics are served on the REST port only when it has prometheus_config { enable: true } (at its path, default /monitoring/prometheus/metrics)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Serve the pretrained bundle that ships with the project "
+                                    "(pretrained/digitgan/, trained by the default recipe) instead of --model-base-path: "
+                                    "digits at once, no training and no network."),
 ) -> None:
     """Serve exported bundles over TF Serving's gRPC (and REST) API until Ctrl-C/SIGTERM."""
     from serving import config as config_lib
 
     with user_errors():
+        if pretrained:
+            model_base_path = pretrained_base_path(model_base_path, model_config_file)
         if rest_port < 0:  # ServeConfig's FREE_PORT is for tests; the CLI follows TF Serving
             raise ValueError(f"--rest-port must be 0..65535 (0 turns REST off), got {rest_port}")
         if batching_parameters_file is not None and not enable_batching:
@@ -213,6 +219,16 @@ def serve(
 
     with user_errors(OSError):
         raise typer.Exit(code=server.run_server(config))
+
+
+def pretrained_base_path(model_base_path: str, model_config_file: Optional[str]) -> str:
+    """The shipped bundle's base path for `serve --pretrained`; ValueError when it clashes or is missing."""
+    if model_config_file is not None or model_base_path != "models/digitgan":
+        raise ValueError("--pretrained serves the shipped bundle: leave out --model-base-path and --model-config-file")
+    if not any(entry.name.isdigit() for entry in PRETRAINED_BASE_PATH.glob("*")):
+        raise ValueError(f"no pretrained bundle in {PRETRAINED_BASE_PATH} (it ships in a clone of the repository); "
+                         "train and export your own: python cli.py train && python cli.py export")
+    return str(PRETRAINED_BASE_PATH)
 
 
 @app.command()
@@ -266,7 +282,7 @@ def generate(
     server: str = typer.Option(DEFAULT_SERVER, help="host:port of the gRPC server; a comma-separated list spreads requests."),
     model_name: str = typer.Option("digitgan", help="Model name on the server."),
     version: Optional[int] = typer.Option(None, help="Model version (default: the latest available)."),
-    timeout: float = typer.Option(30.0, help="Seconds to wait for the server."),
+    timeout: float = typer.Option(30.0, help="Seconds to wait for the server (one that is still starting is waited for) and for each request."),
     interpolate: bool = typer.Option(False, "--interpolate",
                                      help="Walk from one noise vector to another: --count steps per row, one row per digit."),
     compare_real: bool = typer.Option(False, "--compare-real",
@@ -285,6 +301,7 @@ def generate(
         if compare_real and (output_format != "png" or interpolate):
             raise ValueError("--compare-real makes a PNG of sampled digits; leave out --format npy and --interpolate")
         digits = parse_digits(digit)
+        client.wait_until_available(server, model_name, version, timeout)  # e.g. right after `serve ... &`
         if interpolate:
             images, served_version = client.interpolate(server, model_name, digits=digits, steps=count, seed=seed,
                                                         version=version, timeout=timeout)

@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import grpc
 import numpy as np
 
 DEFAULT_MODEL = "digitgan"
+POLL_SECONDS = 0.2  # wait_until_available: how often a starting server is asked again
+STARTUP_GRACE_SECONDS = 3.0  # wait_until_available: how long NOT_FOUND may mean "still listing its versions"
 _round_robin = itertools.count()
 _round_robin_lock = threading.Lock()
 
 
 class ClientError(Exception):
-    """A one-line, user-facing description of a failed request."""
+    """A one-line, user-facing description of a failed request; `code` is the gRPC status, if one came back."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 def _servers(server: str) -> list[str]:
@@ -49,8 +56,11 @@ def _describe(error: grpc.RpcError, address: str, model_name: str) -> str:
     return f"server error {code.name}: {detail}"
 
 
-def _call(server: str, model_name: str, method: str, request, timeout: float):
-    """Send to each server in round-robin order, moving on when one is UNAVAILABLE."""
+def _call(server: str, model_name: str, method: str, request, timeout: float, wait_for_ready: bool = False):
+    """Send to each server in round-robin order, moving on when one is UNAVAILABLE.
+
+    `wait_for_ready`: a server whose port is not open yet is waited for (within `timeout`), not refused.
+    """
     from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
     last_error = None
@@ -61,9 +71,9 @@ def _call(server: str, model_name: str, method: str, request, timeout: float):
             else:
                 stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
             try:
-                return getattr(stub, method)(request, timeout=timeout)
+                return getattr(stub, method)(request, timeout=timeout, wait_for_ready=wait_for_ready)
             except grpc.RpcError as error:
-                last_error = ClientError(_describe(error, address, model_name))
+                last_error = ClientError(_describe(error, address, model_name), error.code())
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise last_error from None
     raise last_error
@@ -164,14 +174,50 @@ def read_latent_dim(server: str, model_name: str, version: int | None, timeout: 
     return shape[1]
 
 
+def wait_until_available(server: str, model_name: str = DEFAULT_MODEL, version: int | None = None,
+                         timeout: float = 30.0) -> None:
+    """Returns once `model_name` (`version`, if given) is AVAILABLE; ClientError after `timeout` seconds.
+
+    A server that is still starting is waited for: its port not open yet, or its first version still
+    loading, so `serve ... &` followed at once by `generate` works. A model the server does not know
+    (NOT_FOUND) is an error at once, after a grace of STARTUP_GRACE_SECONDS from the server's first
+    answer (a server that has just opened its port may not have listed its versions yet).
+    """
+    deadline = time.monotonic() + timeout
+    first_answer = None
+    while True:
+        try:
+            versions = get_status(server, model_name, version, timeout=max(deadline - time.monotonic(), 0.1),
+                                  wait_for_ready=True)
+            if any(entry["state"] == "AVAILABLE" for entry in versions):
+                return
+            first_answer = first_answer or time.monotonic()
+            last = "state " + ", ".join(f"v{entry['version']} {entry['state']}" for entry in versions)
+        except ClientError as error:
+            if error.code == grpc.StatusCode.NOT_FOUND:
+                first_answer = first_answer or time.monotonic()
+                if time.monotonic() - first_answer > STARTUP_GRACE_SECONDS:
+                    raise
+            elif error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                error = ClientError(f"cannot reach digitgan server at {server} within {timeout:g} s "
+                                    "(is `python cli.py serve` running?)", error.code)
+            else:
+                raise
+            last = str(error)
+        if time.monotonic() >= deadline:
+            raise ClientError(last if first_answer is None else
+                              f"model {model_name!r} is not available on {server} after {timeout:g} s ({last})")
+        time.sleep(POLL_SECONDS)
+
+
 def get_status(server: str, model_name: str = DEFAULT_MODEL, version: int | None = None,
-               timeout: float = 10) -> list[dict]:
+               timeout: float = 10, wait_for_ready: bool = False) -> list[dict]:
     """One dict per version: version, state name, error code name, error message."""
     from tensorflow_serving.apis import get_model_status_pb2
 
     request = get_model_status_pb2.GetModelStatusRequest()
     _model_spec(request.model_spec, model_name, version)
-    response = _call(server, model_name, "GetModelStatus", request, timeout)
+    response = _call(server, model_name, "GetModelStatus", request, timeout, wait_for_ready)
     states = get_model_status_pb2.ModelVersionStatus.State
     return [{"version": item.version, "state": states.Name(item.state),
              "error_code": grpc.StatusCode.OK.name if item.status.error_code == 0 else _code_name(item.status.error_code),

@@ -1,0 +1,56 @@
+"""`generate` right after `serve ... &`: the client waits for a server that is still starting, and
+gives up with a clear ClientError when the model never becomes available."""
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from serving import client
+from serving.config import ServeConfig
+from serving.server import create_server
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_client_waits_for_a_server_that_starts_after_it_asked(model_root):
+    port = _free_port()
+    outcome = {}
+    asked = threading.Event()
+
+    def ask():
+        asked.set()
+        try:
+            client.wait_until_available(f"127.0.0.1:{port}", "digitgan", timeout=120)
+            outcome["images"] = client.generate(f"127.0.0.1:{port}", "digitgan", digits=[7], count=2)[0]
+        except client.ClientError as error:
+            outcome["error"] = error
+
+    waiter = threading.Thread(target=ask)
+    waiter.start()
+    assert asked.wait(10)
+    server = create_server(ServeConfig(model_base_path=str(model_root / "digitgan"), port=port, rest_port=0,
+                                       poll_seconds=0.2, grace_seconds=1.0))
+    server.start()
+    try:
+        waiter.join(150)
+        assert not waiter.is_alive()
+        assert "error" not in outcome, outcome
+        assert outcome["images"].shape == (2, 28, 28, 1)
+    finally:
+        server.stop(1.0)
+
+
+def test_a_model_the_server_does_not_know_is_reported_not_waited_for(server):
+    with pytest.raises(client.ClientError, match=r"model 'no_such_model' not found on .*: Could not find any versions"):
+        client.wait_until_available(f"127.0.0.1:{server.grpc_port}", "no_such_model", timeout=60)
+
+
+def test_nothing_listening_ends_the_wait_with_a_clear_error():
+    with pytest.raises(client.ClientError, match=r"cannot reach digitgan server at .* within 1 s"):
+        client.wait_until_available(f"127.0.0.1:{_free_port()}", "digitgan", timeout=1)
