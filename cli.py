@@ -81,6 +81,7 @@ def train(
         DEFAULTS.classifier_weight, help="Weight of the auxiliary classifier loss (AC-GAN: D also names the digit, G must make it "
                   "readable); 0 = off. Ignored (0) with --unconditional."),
     beta_1: float = typer.Option(DEFAULTS.beta_1, help="Adam beta_1 of G and D."),
+    beta_2: float = typer.Option(DEFAULTS.beta_2, help="Adam beta_2 of G and D."),
     latent_dim: int = typer.Option(DEFAULTS.latent_dim, help="Length of the generator's noise vector."),
     run_dir: str = typer.Option(DEFAULTS.run_dir, help="Checkpoints, TensorBoard logs, samples/ and config.json go here."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps in total (smoke runs)."),
@@ -113,7 +114,7 @@ def train(
     with user_errors():
         strategy_lib.set_worker_cluster(worker_hosts, task_index)
         config = train_config_lib.TrainConfig(
-            run_dir=run_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, beta_1=beta_1,
+            run_dir=run_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
             discriminator_learning_rate=discriminator_learning_rate, learning_rate_schedule=learning_rate_schedule,
             learning_rate_decay_start=learning_rate_decay_start, classifier_weight=classifier_weight,
             latent_dim=latent_dim, conditional=conditional, max_steps=max_steps, seed=seed, data_dir=data_dir,

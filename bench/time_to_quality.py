@@ -10,11 +10,15 @@ tf.function tracing each leg repeats);
 data preparation, model building and judging are excluded.
 
 - default: `TrainConfig()` as `python cli.py train` runs it (class-conditional);
+- previous_default: the default recipe until 2026-12-01 (docs/experiments.md, runs #17-#20), every
+  recipe field spelled out, so "half the training time of the old default" can be measured again;
 - tutorial: the tutorial's recipe on the same architecture: unconditional, batch 256, Adam(1e-4)
   with Keras's default beta_1 0.9 (tensorflow.org/tutorials/generative/dcgan).
 
 Usage:
     python bench/time_to_quality.py                       # 600 s each, judged every 150 s (about 35 min)
+    python bench/time_to_quality.py --recipes previous_default,default --budget 1200 --leg-seconds 1200
+                                  # both to their last epoch, judged once at the end: the time ratio
     python bench/time_to_quality.py --recipes default --set classifier_weight=1 --set epochs=8  # a variant
     python bench/time_to_quality.py --budget 60 --leg-seconds 30 --per-digit 50 --default-samples 500  # smoke
 Rounds run one recipe after the other; keep the machine otherwise idle, or the times mean little.
@@ -43,6 +47,11 @@ from trainer.config import TrainConfig  # noqa: E402
 RECIPES = {
     # Exactly `python cli.py train`: its epochs, its per-epoch judging (inside the budget), precision auto.
     "default": dict(),
+    # The default until 2026-12-01: tutorial widths (5x5 kernels) with conditional BatchNorm, batch 64, 8 epochs.
+    "previous_default": dict(epochs=8, batch_size=64, learning_rate=2e-4, discriminator_learning_rate=None,
+                             learning_rate_schedule="linear_decay", learning_rate_decay_start=0.5, beta_1=0.5,
+                             beta_2=0.999, latent_dim=100, conditional=True, classifier_weight=0.15, architecture="tutorial_cbn",
+                             generator_average_decay=0.999),
     # As the tutorial trains: float32, no schedule, no moving average, no judging; as many epochs as the budget allows.
     "tutorial": dict(conditional=False, batch_size=256, learning_rate=1e-4, beta_1=0.9, architecture="tutorial",
                      generator_average_decay=0.0, precision="float32", learning_rate_schedule="constant",
@@ -119,6 +128,9 @@ def main() -> None:
                    for name in arguments.recipes.split(",")}
     print("\nside by side (last judgement of each recipe):")
     print(judge_lib.format_reports([calibration] + [rows[-1][1] for rows in results.values()]))
+    if "default" in results and "previous_default" in results:
+        new, old = results["default"][-1][0], results["previous_default"][-1][0]
+        print(f"training seconds: default {new:.0f} s, previous_default {old:.0f} s: {new / old:.2f}x")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,12 @@ from common import files
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 LEARNING_RATE_SCHEDULES = ("constant", "linear_decay")
-ARCHITECTURES = ("tutorial", "compact", "tutorial_cbn")  # the keys of trainer.models.ARCHITECTURES
+ARCHITECTURES = ("tutorial", "compact", "tutorial_cbn", "cbn_k3", "cbn_k4", "cbn_slim", "cbn_slim_k3")  # the keys of trainer.models.ARCHITECTURES
 CONFIG_FILE = "config.json"
+# Fields that say where and how a run ran, not what it learns: two runs that differ only in these
+# follow the same recipe (precision is recorded resolved, so "auto" and what it chose compare equal).
+RUN_FIELDS = ("run_dir", "data_dir", "resume", "precision", "gpus", "cpu_replicas", "xla", "steps_per_call",
+              "checkpoint_every_steps", "keep_checkpoints", "evaluate_every_epoch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +38,8 @@ class TrainConfig:
     """With "linear_decay": the share of the run's steps (over all `epochs`) after which the decay begins."""
     beta_1: float = 0.5
     """Adam's first-moment decay; 0.5 is the DCGAN paper's value (the tutorial's 0.9 trains slower)."""
+    beta_2: float = 0.999
+    """Adam's second-moment decay (Keras's default 0.999; GANs often use 0.99, which adapts faster)."""
     latent_dim: int = 100
     """Length of the generator's noise vector."""
     conditional: bool = True
@@ -93,6 +99,7 @@ class TrainConfig:
         if not self.conditional:
             object.__setattr__(self, "classifier_weight", 0.0)  # frozen; config.json shows what ran
         _require(0 <= self.beta_1 < 1, "beta_1", self.beta_1, "in [0, 1)")
+        _require(0 < self.beta_2 < 1, "beta_2", self.beta_2, "in (0, 1)")
         _require(self.latent_dim >= 2, "latent_dim", self.latent_dim, "at least 2")
         _require(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "at least 1")
         _require(self.architecture in ARCHITECTURES, "architecture", self.architecture,
@@ -129,6 +136,11 @@ class TrainConfig:
             raise ValueError(f"'{path}' is not valid JSON: {error}") from None
         known = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
+
+
+def recipe(config: TrainConfig) -> dict:
+    """The fields of `config` that decide what the run learns (all but RUN_FIELDS)."""
+    return {key: value for key, value in dataclasses.asdict(config).items() if key not in RUN_FIELDS}
 
 
 def _require(condition: bool, name: str, value: object, expectation: str) -> None:

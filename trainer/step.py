@@ -109,7 +109,8 @@ def update_generator_average(state: GanState, decay: float) -> None:
 
 
 def _adam(config: TrainConfig, learning_rate: float) -> keras.optimizers.Optimizer:
-    optimizer = keras.optimizers.Adam(learning_rate_schedule(config, learning_rate), beta_1=config.beta_1)
+    optimizer = keras.optimizers.Adam(learning_rate_schedule(config, learning_rate), beta_1=config.beta_1,
+                                      beta_2=config.beta_2)
     if config.precision == "mixed_float16":
         # float16 gradients underflow without loss scaling; the wrapper scales the loss and
         # unscales (and skips non-finite) gradients inside apply_gradients.
