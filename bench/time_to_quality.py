@@ -33,8 +33,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quality import judge as judge_lib, sources  # noqa: E402
-from trainer import data, loop  # noqa: E402
+from quality import epochs, judge as judge_lib, sources  # noqa: E402
+from mnist_data import acquire  # noqa: E402
+from trainer import loop  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 
 RECIPES = {
@@ -75,7 +76,8 @@ def run_recipe(name: str, overrides: dict, arguments, run_root: Path) -> list[tu
     while spent < arguments.budget - 1:
         leg = min(arguments.leg_seconds, arguments.budget - spent)
         target = step + max(1, int(leg * rate / config.batch_size))
-        result = loop.train(dataclasses.replace(config, max_steps=target), report=lambda line: None, progress=False)
+        result = loop.train(dataclasses.replace(config, max_steps=target), report=lambda line: None, progress=False,
+                            epoch_judge=epochs.EpochQuality)  # as `cli.py train` plugs it in
         if result.step == step:  # the run's epochs ended before the budget did
             break
         spent += result.seconds
@@ -107,7 +109,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s); "
           f"budget {arguments.budget:.0f} s per recipe, judged every {arguments.leg_seconds:.0f} s; "
           f"default recipe overrides: {RECIPES['default'] or 'none'}")
-    mnist = data.load_mnist(arguments.data_dir, report=print)
+    mnist = acquire.load_mnist(arguments.data_dir, report=print)
     calibration = judge_lib.reference(judge_lib.load_judge(arguments.judge), mnist).calibration
     print(judge_lib.format_reports([calibration]))
     with tempfile.TemporaryDirectory(prefix="digitgan-time-to-quality-") as folder:

@@ -46,6 +46,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from common import precision  # noqa: E402
+from mnist_data import acquire  # noqa: E402
 from trainer import data, step as step_lib, strategy as strategy_lib  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 
@@ -94,12 +96,8 @@ def tutorial_step(batch_size: int, compiled: bool, jit_compile: bool = False):
 
 def tutorial_bfloat16_step(batch_size: int):
     """The tutorial's compiled step with its models built under mixed_bfloat16 (precision alone)."""
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
+    with precision.keras_policy("mixed_bfloat16"):
         return tutorial_step(batch_size, compiled=True)[0]
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
 
 class Convolution(typing.NamedTuple):
@@ -199,7 +197,7 @@ def time_tutorial_tfdata(step, iterator, steps: int) -> float:
 def ours(config: TrainConfig, mnist, synthetic: bool):
     """Our default-strategy state and compiled function plus an iterator over real or synthetic batches."""
     strategy = strategy_lib.create_strategy(config.gpus, config.cpu_replicas)
-    state = step_lib.build_state(config, strategy)
+    state = step_lib.set_globals_and_build_state(config, strategy)
     train = step_lib.make_train_function(strategy, state, config, config.batch_size)
     if synthetic:
         first = (tf.constant(mnist.train_images[:config.batch_size]),
@@ -231,7 +229,7 @@ def main() -> None:
     parser.add_argument("--skip-eager", action="store_true", help="leave out the slow eager loop")
     arguments = parser.parse_args()
     batch = arguments.batch_size
-    mnist = data.load_mnist(arguments.data_dir)
+    mnist = acquire.load_mnist(arguments.data_dir)
     tutorial_images = (mnist.train_images[: batch * 4].astype(np.float32) / 127.5 - 1.0).reshape(4, batch, 28, 28, 1)
 
     keras.mixed_precision.set_global_policy(arguments.precision)

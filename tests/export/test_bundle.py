@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
+from common import precision
 from export import bundle
 
 
@@ -176,11 +177,7 @@ def test_a_bundle_computes_in_float32_even_after_a_bfloat16_run_in_the_same_proc
     from trainer.config import TrainConfig
 
     checkpoint = bundle.find_checkpoint(tiny_runs["conditional"])
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # what a bf16 training run leaves behind
-    try:
+    with precision.keras_policy("mixed_bfloat16"):  # what a bf16 training run leaves behind
         generator, _ = bundle.restore_generator(checkpoint, TrainConfig.load(tiny_runs["conditional"]))
         assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"  # left as it was
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     assert {layer.dtype_policy.compute_dtype for layer in generator.layers if layer.weights} == {"float32"}

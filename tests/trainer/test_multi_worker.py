@@ -27,7 +27,7 @@ from trainer.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT_S = 240
-COMMON = ["--batch-size", "16", "--steps-per-call", "2", "--checkpoint-every", "2", "--gpus", "0"]
+COMMON = ["--batch-size", "16", "--steps-per-call", "2", "--checkpoint-every-steps", "2", "--gpus", "0"]
 
 
 # --- TF_CONFIG from --worker-hosts / --task-index (pure) -------------------------------------------
