@@ -33,8 +33,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quality import epochs, judge as judge_lib, sources  # noqa: E402
 from mnist_data import acquire  # noqa: E402
+from quality import epochs, judge as judge_lib, sources  # noqa: E402
 from trainer import loop  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 
@@ -118,6 +118,10 @@ def main() -> None:
                    for name in arguments.recipes.split(",")}
     print("\nside by side (last judgement of each recipe):")
     print(judge_lib.format_reports([calibration] + [rows[-1][1] for rows in results.values()]))
+    # The same figures as one JSON line, for scripts: every judgement of every recipe.
+    print(json.dumps({"bench": "time_to_quality", "budget_seconds": arguments.budget, "calibration": calibration.to_dict(),
+                      "recipes": {name: [dict(row.to_dict(), training_seconds=round(seconds, 1)) for seconds, row in rows]
+                                  for name, rows in results.items()}}))
 
 
 if __name__ == "__main__":

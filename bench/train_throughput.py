@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import sys
@@ -306,6 +307,13 @@ def main() -> None:
               f"tutorial's {fastest} step here takes {(tutorial_steps[fastest] - convolutions[fastest]) * 1000:.0f} ms more")
     if not native_bfloat16:
         print("(no native bfloat16 on this CPU: bfloat16 columns and variants left out)")
+    # The same figures as one JSON line, for scripts.
+    print(json.dumps({"bench": "train_throughput", "batch_size": batch, "precision": arguments.precision,
+                      "default_precision": default_precision,
+                      "variants": {name: {"ms_per_step": round(seconds * 1000, 2), "images_per_s": round(batch / seconds, 1),
+                                          "vs_tutorial_tf_function": round(baseline / seconds, 3)}
+                                   for name, seconds in best.items()},
+                      "kernel_bound_ms_per_step": {p: round(value * 1000, 2) for p, value in convolutions.items()}}))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import functools
 import keras
 import tensorflow as tf
 
+from mnist_data import acquire
 from trainer import data, losses, models, strategy as strategy_lib
 from trainer.config import TrainConfig
 
@@ -132,7 +133,7 @@ def learning_rate_schedule(config: TrainConfig, learning_rate: float):
     """
     if config.learning_rate_schedule == "constant":
         return learning_rate
-    total_steps = config.epochs * data.steps_per_epoch(data.TRAIN_SIZE, config.batch_size)
+    total_steps = config.epochs * data.steps_per_epoch(acquire.TRAIN_SIZE, config.batch_size)
     hold_steps = int(total_steps * config.learning_rate_decay_start)
     return HoldThenLinearDecay(learning_rate, hold_steps=hold_steps, total_steps=total_steps)
 

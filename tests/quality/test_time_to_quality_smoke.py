@@ -5,6 +5,7 @@ tiny budget and small judging samples, so a change that breaks the bench fails h
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -28,4 +29,8 @@ def test_time_to_quality_smoke_prints_both_recipes_side_by_side(mnist_data_dir, 
         assert 1.0 <= float(row.group(4)) <= 10.0, f"{name}'s MNIST score is out of range"
     assert rows["default"].group(7).endswith("%")  # conditional: accuracy measured
     assert rows["tutorial"].group(7) == "-"  # unconditional: no digit to ask for
+    figures = json.loads(result.stdout.strip().splitlines()[-1])  # the same figures for scripts
+    assert figures["bench"] == "time_to_quality" and set(figures["recipes"]) == {"default", "tutorial"}
+    assert figures["recipes"]["default"][-1]["conditional_accuracy"] is not None
+    assert figures["recipes"]["tutorial"][-1]["conditional_accuracy"] is None
     assert (tmp_path / "default" / "config.json").exists() and (tmp_path / "tutorial" / "config.json").exists()

@@ -21,7 +21,7 @@ def _two_replicas():
 
 
 def _real_batches(mnist_data_dir, count=4):
-    mnist = data.load_mnist(mnist_data_dir)
+    mnist = acquire.load_mnist(mnist_data_dir)
     return mnist.train_images[: GLOBAL_BATCH * count], mnist.train_labels[: GLOBAL_BATCH * count]
 
 
