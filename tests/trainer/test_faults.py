@@ -10,7 +10,7 @@
 - a real NaN (float16 overflow at an absurd learning rate) stops the run with one line and exit
   code 2, and the last good checkpoint stays restorable and finite.
 
-Training on CPU is deterministic for a seed, and resuming is exact (trainer/loop.py): that is what
+Training on CPU is deterministic for a seed, and resuming is exact (trainer/checkpoints.py): that is what
 lets an interrupted run be compared bit for bit with an uninterrupted one.
 """
 from __future__ import annotations
