@@ -24,6 +24,14 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA_DIR = Path(os.environ.get("DIGITGAN_TEST_DATA_DIR", REPO / ".test-data" / "tensorflow_datasets"))
 
 
+def pytest_collection_modifyitems(items):
+    """A soak test is slow too, so the fast lane (`-m "not slow"`, which replaces pyproject's
+    `-m "not soak"`) never picks one up."""
+    for item in items:
+        if item.get_closest_marker("soak") is not None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def float32_keras_policy():
     """Every test starts under Keras's float32 policy, and what it sets (a bfloat16 training run does)

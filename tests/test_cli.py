@@ -91,6 +91,7 @@ def test_bad_input_is_one_line_and_exit_code_2(arguments, message):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_export_serve_generate_end_to_end(tiny_runs, mnist_data_dir, tmp_path):
     from serving import config as serve_config, server as server_lib
 

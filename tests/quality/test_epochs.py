@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from mnist_data import acquire
@@ -23,6 +24,7 @@ def _real_digits(mnist: acquire.Mnist):
     return generate
 
 
+@pytest.mark.slow
 def test_epoch_quality_logs_the_judges_figures(tmp_path, mnist_data_dir):
     """The per-epoch hook judges a fixed sample of 1,000 and writes quality/* scalars."""
     mnist = acquire.load_mnist(mnist_data_dir)

@@ -11,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_time_to_quality_smoke_prints_both_recipes_side_by_side(mnist_data_dir, tmp_path):
     command = [sys.executable, str(REPO / "bench" / "time_to_quality.py"), "--budget", "4", "--leg-seconds", "4",
                "--per-digit", "20", "--default-samples", "200", "--data-dir", mnist_data_dir,

@@ -305,6 +305,7 @@ def test_no_usable_checkpoint_stops_with_one_line_and_touches_nothing(tmp_path, 
     assert {path.name: path.read_bytes() for path in checkpoint_dir.iterdir()} == before  # nothing trained or saved
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, mnist_data_dir):
     # An absurd learning rate, no momentum and float16: activations overflow within a few dozen steps.
     diverging = ["--precision", "mixed_float16", "--learning-rate", "0.99", "--beta-1", "0", "--max-steps", "200"]

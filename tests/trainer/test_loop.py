@@ -23,6 +23,7 @@ def _config(run_dir, data_dir, **overrides) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_saved_step(tmp_path, mnist_data_dir):
     lines = []
     first = loop.train(_config(tmp_path, mnist_data_dir, max_steps=4), report=lines.append, progress=False)
@@ -39,12 +40,14 @@ def test_resume_continues_at_the_saved_step(tmp_path, mnist_data_dir):
     assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_no_resume_refuses_to_touch_existing_checkpoints(tmp_path, mnist_data_dir):
     loop.train(_config(tmp_path, mnist_data_dir, max_steps=2), report=lambda line: None, progress=False)
     with pytest.raises(ValueError, match="already holds checkpoints"):
         loop.train(_config(tmp_path, mnist_data_dir, max_steps=4, resume=False), report=lambda line: None, progress=False)
 
 
+@pytest.mark.slow
 def test_other_architecture_checkpoint_is_refused(tmp_path, mnist_data_dir):
     loop.train(_config(tmp_path, mnist_data_dir, max_steps=2), report=lambda line: None, progress=False)
     with pytest.raises(ValueError, match="does not match this model"):
@@ -70,6 +73,7 @@ def _wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, minimum_step:
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_sigkill_loses_only_unsaved_steps(tmp_path, mnist_data_dir):
     process = _start_training(tmp_path, mnist_data_dir)
     _wait_for_checkpoint(tmp_path, process, minimum_step=3)

@@ -32,6 +32,7 @@ def _train_function(strategy, state, config, images, labels):
     return step_lib.make_train_function(strategy, state, config, GLOBAL_BATCH), iterator
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["tutorial", "tutorial_cbn"])
 def test_two_replica_steps_train_and_keep_replicas_identical(mnist_data_dir, architecture):
     strategy = _two_replicas()
@@ -49,6 +50,7 @@ def test_two_replica_steps_train_and_keep_replicas_identical(mnist_data_dir, arc
         np.testing.assert_array_equal(copies[0], copies[1], err_msg=variable.path)
 
 
+@pytest.mark.slow
 def test_xla_step_trains_on_one_device_like_the_plain_step(mnist_data_dir):
     """Same seed, same data: the XLA-compiled pass trains, and its first losses match the plain step's
     (float32; the dropout masks differ, as XLA draws its own random numbers, hence the tolerance)."""
@@ -177,6 +179,7 @@ def test_dropout_masks_differ_per_replica_and_their_seeds_are_checkpointed(tmp_p
     assert sum(name.startswith("seed_states/") for name in saved) == 2  # D's two dropout layers
 
 
+@pytest.mark.slow
 def test_generator_average_follows_its_formula_on_every_replica(mnist_data_dir, tmp_path):
     """average <- d * average + (1 - d) * G after each step, d = min(decay, (1 + step) / (10 + step)),
     written identically to both replicas' copies; the checkpoint holds it and export restores it."""
