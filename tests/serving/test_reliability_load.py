@@ -38,6 +38,8 @@ from serving import loadtest
 from serving.config import ServeConfig
 from serving.server import create_server
 
+pytestmark = pytest.mark.slow  # 64 clients for seconds each, servers in subprocesses
+
 CLIENTS = 64
 LOAD_SECONDS = 8.0
 SOAK_SECONDS = float(os.environ.get("DIGITGAN_SOAK_SECONDS", "300"))

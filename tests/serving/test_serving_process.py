@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import grpc
+import pytest
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
 SCRIPT = """
@@ -17,6 +18,7 @@ sys.exit(run_server(ServeConfig(model_base_path=sys.argv[1], port=0, rest_port=0
 """
 
 
+@pytest.mark.slow  # a server in a subprocess (TensorFlow start-up included)
 def test_run_server_sigterm(model_root):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     process = subprocess.Popen([sys.executable, "-c", SCRIPT, str(model_root / "digitgan")], cwd=root,
