@@ -9,7 +9,7 @@ imported), verify its sha256, and write it into the TFDS data dir as the `mnist`
 later `tfds.load("mnist", data_dir=...)` then works offline.
 
 Images leave this module as uint8 [N, 28, 28, 1] and labels as int64 [N]. The trainer
-(`trainer/data.py` scales them to [-1, 1] in its `tf.data` pipeline), the judge (`quality/`) and
+(its step scales them to [-1, 1] inside the compiled graph), the judge (`quality/`) and
 the CLI (`generate --compare-real`, `train-judge`) all take MNIST from here.
 """
 from __future__ import annotations
