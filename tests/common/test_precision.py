@@ -12,7 +12,7 @@ def test_keras_policy_scopes_the_global_policy_and_restores_it_after_an_error():
     with pytest.raises(RuntimeError):
         with precision.keras_policy("mixed_bfloat16"):
             assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
-            keras.mixed_precision.set_global_policy("mixed_float16")  # as a training run's build_state does
+            keras.mixed_precision.set_global_policy("mixed_float16")  # as step.set_globals_and_build_state does
             raise RuntimeError("inside")
     assert keras.mixed_precision.global_policy().name == "float32"
     with precision.keras_policy("mixed_bfloat16"), precision.float32_policy():
