@@ -67,3 +67,12 @@ def test_train_throughput_smoke_prints_every_variant_and_the_kernel_bound(mnist_
                      output, re.M), output[-2000:]
     figures = json_figures(output, "train_throughput")
     assert figures["variants"]["ours_default"]["images_per_s"] > 0 and figures["kernel_bound_ms_per_step"]["float32"] > 0
+
+
+def test_serving_memory_smoke_prints_the_switch_and_its_json_line():
+    output = run_bench(str(REPO / "bench" / "serving_memory.py"), "--switches", "1", "--clients", "1")
+    assert re.search(rf"^switch v1 -> v2: before\s+{NUMBER}\s+peak\s+{NUMBER}", output, re.M), output[-2000:]
+    assert re.search(r"peak during a switch / one version: +[\d.]+x .* target < 2x: (met|NOT met)", output), output[-2000:]
+    figures = json_figures(output, "serving_memory")
+    assert len(figures["switch_peaks_mib"]) == 1 and figures["one_version_mib"] > 0 and figures["runtime_mib"] > 0
+    assert figures["requests"] > 0
