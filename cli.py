@@ -90,7 +90,10 @@ def train(
                                      help="Class-conditional GAN (ask for a digit) or the tutorial's unconditional one."),
     data_dir: Optional[str] = typer.Option(None, help="TFDS data dir for MNIST (default: ~/tensorflow_datasets)."),
     architecture: str = typer.Option(DEFAULTS.architecture, help="Layer widths of G and D: tutorial (TensorFlow's DCGAN tutorial), compact (about 1.8x the images/s on 2 CPU cores) or tutorial_cbn (tutorial, with the digit also conditioning G's BatchNorm)."),
-    generator_average: float = typer.Option(DEFAULTS.generator_average_decay, help="Decay of the moving average of G's weights that samples and exports use (0 = off)."),
+    generator_average_decay: float = typer.Option(
+        DEFAULTS.generator_average_decay, "--generator-average-decay", "--generator-average",
+        help="Decay of the moving average of G's weights that samples and exports use (0 = off). "
+             "--generator-average is the old spelling, kept for one release."),
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="Continue from the run dir's newest checkpoint; --no-resume refuses to touch a run dir that has one."),
     precision: str = typer.Option(DEFAULTS.precision, help="auto (mixed_bfloat16 on a CPU with AVX512-BF16/AMX, else float32), float32, "
@@ -100,13 +103,17 @@ def train(
     steps_per_call: int = typer.Option(DEFAULTS.steps_per_call, help="Training steps per compiled tf.function call."),
     xla: bool = typer.Option(DEFAULTS.xla, "--xla/--no-xla",
                              help="Compile the step's forward and backward pass with XLA; one device only (for a GPU; slower on the CPUs measured)."),
-    checkpoint_every: int = typer.Option(DEFAULTS.checkpoint_every_steps, help="Save a checkpoint at least every N steps (also each epoch and on Ctrl-C)."),
+    checkpoint_every_steps: int = typer.Option(
+        DEFAULTS.checkpoint_every_steps, "--checkpoint-every-steps", "--checkpoint-every",
+        help="Save a checkpoint at least every N steps (also at the end and on Ctrl-C). "
+             "--checkpoint-every is the old spelling, kept for one release."),
     worker_hosts: Optional[str] = typer.Option(None, help="Multi-worker: every worker's host:port, comma-separated, "
                                                           "the same list on each worker (builds TF_CONFIG; worker 0 is the chief)."),
     task_index: Optional[int] = typer.Option(None, help="Multi-worker: this worker's index in --worker-hosts."),
-    evaluate_every_epoch: bool = typer.Option(DEFAULTS.evaluate_every_epoch, "--evaluate/--no-evaluate",
-                                              help="Judge a fixed sample with the shipped MNIST judge after every epoch "
-                                                   "(TensorBoard quality/*)."),
+    evaluate_every_epoch: bool = typer.Option(
+        DEFAULTS.evaluate_every_epoch, "--evaluate-every-epoch/--no-evaluate-every-epoch", "--evaluate/--no-evaluate",
+        help="Judge a fixed sample with the shipped MNIST judge after every epoch (TensorBoard quality/*). "
+             "--evaluate/--no-evaluate are the old spellings, kept for one release."),
 ) -> None:
     """Train the GAN on MNIST (MirroredStrategy; MultiWorkerMirroredStrategy with TF_CONFIG or --worker-hosts)."""
     from trainer import strategy as strategy_lib
@@ -118,13 +125,15 @@ def train(
             discriminator_learning_rate=discriminator_learning_rate, learning_rate_schedule=learning_rate_schedule,
             learning_rate_decay_start=learning_rate_decay_start, classifier_weight=classifier_weight,
             latent_dim=latent_dim, conditional=conditional, max_steps=max_steps, seed=seed, data_dir=data_dir,
-            architecture=architecture, generator_average_decay=generator_average,
+            architecture=architecture, generator_average_decay=generator_average_decay,
             resume=resume, precision=precision, gpus=gpus, cpu_replicas=cpu_replicas, steps_per_call=steps_per_call,
-            xla=xla, checkpoint_every_steps=checkpoint_every, evaluate_every_epoch=evaluate_every_epoch)
+            xla=xla, checkpoint_every_steps=checkpoint_every_steps, evaluate_every_epoch=evaluate_every_epoch)
+    from quality import epochs
     from trainer import loop
 
     with user_errors(loop.NonFiniteLossError):
-        result = loop.train(config, report=typer.echo)
+        # The per-epoch judge is plugged in here, so the trainer never imports quality/ (as export's gate).
+        result = loop.train(config, report=typer.echo, epoch_judge=epochs.EpochQuality)
     if result.interrupted_by is not None:
         raise typer.Exit(code=128 + result.interrupted_by)
 
@@ -324,9 +333,9 @@ def _write_real_beside(out: Path, images, digits: Optional[list[int]], count: in
     import numpy as np
 
     from common import files, images as image_grids
-    from trainer import data
+    from mnist_data import acquire
 
-    mnist = data.load_mnist(data_dir, report=lambda line: typer.echo(line, err=True))
+    mnist = acquire.load_mnist(data_dir, report=lambda line: typer.echo(line, err=True))
     if digits:
         fewest = min(int(np.sum(mnist.test_labels == digit)) for digit in digits)
         if count > fewest:
@@ -367,11 +376,11 @@ def train_judge(
     Figures use the shipped judge unless a command is given `--judge FOLDER`; a judge trained here
     is never picked up silently.
     """
+    from mnist_data import acquire
     from quality import judge
-    from trainer import data
 
     with user_errors():
-        mnist = data.load_mnist(data_dir, report=typer.echo)
+        mnist = acquire.load_mnist(data_dir, report=typer.echo)
         command = f"python cli.py train-judge --out {out}"
         manifest = judge.train_judge(mnist, out, command, report=typer.echo)
     calibration = manifest["calibration"]

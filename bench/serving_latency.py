@@ -31,6 +31,7 @@ No timing is asserted; targets are reported as met / NOT met with the figures.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -154,7 +155,7 @@ def bench_in_process(version_dir: str, latent: int, args) -> dict:
     for size in (1, 16, 64):
         noise = rng.standard_normal((size, latent)).astype(np.float32)
         results[("tf1x2", size)] = run_threads(lambda: tf1.run({feed_name: noise}, [fetch_name]), 2, size, args)
-    tf1._close() if hasattr(tf1, "_close") else None
+    tf1.retire()  # nothing holds it: its session closes now
     return results
 
 
@@ -483,6 +484,23 @@ def main() -> None:
     print(f"  batched >= 70% of in-process batched throughput:      {verdict(ratio_peak >= 0.7)} "
           f"({ratio_peak:.0%}; {bound16 / tf1_64['ips']:.0%} at the bound)")
     print(f"\ntotal time {time.perf_counter() - started:.0f} s")
+    # The same figures as one JSON line, for scripts (each cell: p50/p99/mean in ms, rps, ips, n).
+    cells = {f"in-process {labels[kind]}, {size} img": row for (kind, size), row in local.items()}
+    cells.update({f"gRPC batching {'on' if batching else 'off'}, {size} img, {clients} clients": row
+                  for (batching, size, clients), row in remote.items()})
+    cells.update({f"gRPC, no model (transport floor), 1 img, {clients} clients": row for clients, row in floors.items()})
+    print(json.dumps({"bench": "serving_latency", "cells": _rounded(cells), "encoding": _rounded(encoding),
+                      "bounds_requests_per_s": _rounded({"unbatched": bound1, "batched": bound16}),
+                      "targets": {"grpc_p50_within_in_process_plus_1ms": extra <= 1.0,
+                                  "batched_at_least_3x_unbatched": ratio_batch >= 3,
+                                  "batched_at_least_70pct_of_in_process": ratio_peak >= 0.7}}))
+
+
+def _rounded(value):
+    """`value` with every float rounded to 4 decimals (JSON for people and scripts alike)."""
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    return round(value, 4) if isinstance(value, float) else value
 
 
 if __name__ == "__main__":

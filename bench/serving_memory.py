@@ -26,6 +26,7 @@ keras-team/keras#23553), with the values each stores and the VmRSS each costs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -292,6 +293,11 @@ def main() -> None:
               f"(+{max(extras):.1f} MiB over the RSS before the switch vs {model_one:.1f} MiB for v1)")
     print(f"after the last switch / one version:        {afters[-1] / one_version:.2f}x  "
           f"(growth over {len(afters)} switches: {afters[-1] - one_version:+.1f} MiB)")
+    print(json.dumps({"bench": "serving_memory", "runtime_mib": round(runtime, 1), "one_version_mib": round(one_version, 1),
+                      "switch_peaks_mib": [round(peak, 1) for peak in peaks],
+                      "after_switch_mib": [round(after, 1) for after in afters],
+                      "peak_over_one_version": round(worst / one_version, 3), "target_below_2x": worst < 2 * one_version,
+                      "requests": result.requests, "failures": result.failures}, default=str))
     shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -40,8 +40,9 @@ from common import quiet  # noqa: E402
 if __name__ == "__main__":
     quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
 
-from quality import judge as judge_lib, sources  # noqa: E402
-from trainer import data, loop  # noqa: E402
+from mnist_data import acquire  # noqa: E402
+from quality import epochs, judge as judge_lib, sources  # noqa: E402
+from trainer import loop  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 
 RECIPES = {
@@ -87,7 +88,8 @@ def run_recipe(name: str, overrides: dict, arguments, run_root: Path) -> list[tu
     while spent < arguments.budget - 1:
         leg = min(arguments.leg_seconds, arguments.budget - spent)
         target = step + max(1, int(leg * rate / config.batch_size))
-        result = loop.train(dataclasses.replace(config, max_steps=target), report=lambda line: None, progress=False)
+        result = loop.train(dataclasses.replace(config, max_steps=target), report=lambda line: None, progress=False,
+                            epoch_judge=epochs.EpochQuality)  # as `cli.py train` plugs it in
         if result.step == step:  # the run's epochs ended before the budget did
             break
         spent += result.seconds
@@ -119,7 +121,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s); "
           f"budget {arguments.budget:.0f} s per recipe, judged every {arguments.leg_seconds:.0f} s; "
           f"default recipe overrides: {RECIPES['default'] or 'none'}")
-    mnist = data.load_mnist(arguments.data_dir, report=print)
+    mnist = acquire.load_mnist(arguments.data_dir, report=print)
     calibration = judge_lib.reference(judge_lib.load_judge(arguments.judge), mnist).calibration
     print(judge_lib.format_reports([calibration]))
     with tempfile.TemporaryDirectory(prefix="digitgan-time-to-quality-") as folder:
@@ -131,6 +133,10 @@ def main() -> None:
     if "default" in results and "previous_default" in results:
         new, old = results["default"][-1][0], results["previous_default"][-1][0]
         print(f"training seconds: default {new:.0f} s, previous_default {old:.0f} s: {new / old:.2f}x")
+    # The same figures as one JSON line, for scripts: every judgement of every recipe.
+    print(json.dumps({"bench": "time_to_quality", "budget_seconds": arguments.budget, "calibration": calibration.to_dict(),
+                      "recipes": {name: [dict(row.to_dict(), training_seconds=round(seconds, 1)) for seconds, row in rows]
+                                  for name, rows in results.items()}}))
 
 
 if __name__ == "__main__":

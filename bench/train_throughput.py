@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import sys
@@ -49,6 +50,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from common import precision  # noqa: E402
+from mnist_data import acquire  # noqa: E402
 from trainer import data, step as step_lib, strategy as strategy_lib  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 
@@ -97,12 +100,8 @@ def tutorial_step(batch_size: int, compiled: bool, jit_compile: bool = False):
 
 def tutorial_bfloat16_step(batch_size: int):
     """The tutorial's compiled step with its models built under mixed_bfloat16 (precision alone)."""
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
+    with precision.keras_policy("mixed_bfloat16"):
         return tutorial_step(batch_size, compiled=True)[0]
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
 
 class Convolution(typing.NamedTuple):
@@ -202,7 +201,7 @@ def time_tutorial_tfdata(step, iterator, steps: int) -> float:
 def ours(config: TrainConfig, mnist, synthetic: bool):
     """Our default-strategy state and compiled function plus an iterator over real or synthetic batches."""
     strategy = strategy_lib.create_strategy(config.gpus, config.cpu_replicas)
-    state = step_lib.build_state(config, strategy)
+    state = step_lib.set_globals_and_build_state(config, strategy)
     train = step_lib.make_train_function(strategy, state, config, config.batch_size)
     if synthetic:
         first = (tf.constant(mnist.train_images[:config.batch_size]),
@@ -234,7 +233,7 @@ def main() -> None:
     parser.add_argument("--skip-eager", action="store_true", help="leave out the slow eager loop")
     arguments = parser.parse_args()
     batch = arguments.batch_size
-    mnist = data.load_mnist(arguments.data_dir)
+    mnist = acquire.load_mnist(arguments.data_dir)
     tutorial_images = (mnist.train_images[: batch * 4].astype(np.float32) / 127.5 - 1.0).reshape(4, batch, 28, 28, 1)
 
     keras.mixed_precision.set_global_policy(arguments.precision)
@@ -311,6 +310,13 @@ def main() -> None:
               f"tutorial's {fastest} step here takes {(tutorial_steps[fastest] - convolutions[fastest]) * 1000:.0f} ms more")
     if not native_bfloat16:
         print("(no native bfloat16 on this CPU: bfloat16 columns and variants left out)")
+    # The same figures as one JSON line, for scripts.
+    print(json.dumps({"bench": "train_throughput", "batch_size": batch, "precision": arguments.precision,
+                      "default_precision": default_precision,
+                      "variants": {name: {"ms_per_step": round(seconds * 1000, 2), "images_per_s": round(batch / seconds, 1),
+                                          "vs_tutorial_tf_function": round(baseline / seconds, 3)}
+                                   for name, seconds in best.items()},
+                      "kernel_bound_ms_per_step": {p: round(value * 1000, 2) for p, value in convolutions.items()}}))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Small helpers shared by the trainer and the client: atomic file writes and PNG grids.
+"""Small helpers shared by the trainer, the judge, export and the client: atomic file writes, PNG
+grids, and the scope for Keras's process-global precision policy.
 
-Nothing here imports TensorFlow, so the client CLI stays light.
+Nothing here imports TensorFlow at import time, so the client CLI stays light.
 """

@@ -153,9 +153,9 @@ def _in_batches(call: Callable[[int, int], np.ndarray], total: int, batch_size: 
 def evaluate(sampler: Sampler, source: str, config: EvaluateConfig,
              report: Callable[[str], None] = print, progress: bool = True) -> list[judge_lib.QualityReport]:
     """[calibration row (real test vs real train), the model's row] for `sampler`."""
-    from trainer import data
+    from mnist_data import acquire
 
-    mnist = data.load_mnist(config.data_dir, report=report)
+    mnist = acquire.load_mnist(config.data_dir, report=report)
     judge = judge_lib.load_judge(config.judge_dir)
     reference = judge_lib.reference(judge, mnist)
     samples = _draw_with_progress(sampler, config, progress)

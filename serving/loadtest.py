@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: run the load and print the report; exit 1 if any request failed."""
     parser = argparse.ArgumentParser(prog="python -m serving.loadtest", description=__doc__.splitlines()[0])
     parser.add_argument("--server", default="127.0.0.1:8500", help="host:port of the gRPC server")
-    parser.add_argument("--model", default="digitgan", help="model name in ModelSpec")
+    parser.add_argument("--model-name", "--model", dest="model_name", default="digitgan",
+                        help="model name in ModelSpec, as `cli.py --model-name` (--model: the old spelling, kept for one release)")
     parser.add_argument("--signature", default="", help="signature name (default: serving_default)")
     parser.add_argument("--clients", type=int, default=64, help="concurrent clients")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long to send requests")
@@ -217,14 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rows < 1 or args.latent_dim < 1:
         parser.error(f"--rows and --latent-dim must be at least 1, got {args.rows} and {args.latent_dim}")
-    request = predict_request(args.model, args.rows, args.latent_dim, args.signature)
+    request = predict_request(args.model_name, args.rows, args.latent_dim, args.signature)
     try:
-        generator = LoadGenerator(args.server, args.model, args.clients, args.seconds, args.timeout, request,
+        generator = LoadGenerator(args.server, args.model_name, args.clients, args.seconds, args.timeout, request,
                                   args.unavailable_backoff)
     except ValueError as error:
         parser.error(str(error))  # one line and exit code 2, not a traceback
     result = generator.run()
-    print(f"target {args.server}, model {args.model!r}, {args.rows} image(s) per request")
+    print(f"target {args.server}, model {args.model_name!r}, {args.rows} image(s) per request")
     print(result.report())
     return 1 if result.failed else 0
 

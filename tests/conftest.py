@@ -24,13 +24,31 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA_DIR = Path(os.environ.get("DIGITGAN_TEST_DATA_DIR", REPO / ".test-data" / "tensorflow_datasets"))
 
 
+def pytest_collection_modifyitems(items):
+    """A soak test is slow too, so the fast lane (`-m "not slow"`, which replaces pyproject's
+    `-m "not soak"`) never picks one up."""
+    for item in items:
+        if item.get_closest_marker("soak") is not None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def float32_keras_policy():
+    """Every test starts under Keras's float32 policy, and what it sets (a bfloat16 training run does)
+    is undone afterwards: the policy is process-global, and later tests build float32 models."""
+    from common import precision
+
+    with precision.float32_policy():
+        yield
+
+
 @pytest.fixture(scope="session")
 def mnist_data_dir() -> str:
     """A TFDS data dir holding real MNIST, prepared through the offline mirror path."""
-    from trainer import data
+    from mnist_data import acquire
 
-    with mock.patch.object(data, "host_reachable", return_value=False):
-        data.load_mnist(str(SHARED_DATA_DIR))
+    with mock.patch.object(acquire, "host_reachable", return_value=False):
+        acquire.load_mnist(str(SHARED_DATA_DIR))
     return str(SHARED_DATA_DIR)
 
 

@@ -15,7 +15,8 @@ runner = CliRunner()
 
 TRAIN_OPTIONS = ["--epochs", "--batch-size", "--learning-rate", "--latent-dim", "--run-dir", "--max-steps", "--seed",
                  "--conditional", "--unconditional", "--data-dir", "--resume", "--no-resume", "--precision", "--gpus",
-                 "--cpu-replicas", "--steps-per-call", "--checkpoint-every", "--architecture", "--generator-average", "--evaluate",
+                 "--cpu-replicas", "--steps-per-call", "--checkpoint-every-steps", "--architecture", "--generator-average-decay",
+                 "--evaluate-every-epoch", "--no-evaluate-every-epoch",
                  "--discriminator-learning-rate", "--learning-rate-schedule", "--learning-rate-decay-start",
                  "--classifier-weight", "--xla", "--no-xla"]
 
@@ -35,6 +36,27 @@ def test_every_command_has_help():
     for command in ("export", "serve", "generate", "status", "metadata", "evaluate"):
         result = runner.invoke(cli.app, [command, "--help"])
         assert result.exit_code == 0 and "--help" in result.output
+
+
+@pytest.mark.parametrize("spelling", ["new", "old"])
+def test_train_flags_set_the_config_keys_they_are_named_after(tmp_path, monkeypatch, spelling):
+    """--generator-average-decay, --checkpoint-every-steps and --no-evaluate-every-epoch set the
+    config.json keys of their names; the old spellings still work for one release."""
+    from quality import epochs
+    from trainer import loop
+
+    calls = []
+    monkeypatch.setattr(loop, "train", lambda config, **keywords: calls.append((config, keywords)) or
+                        loop.TrainResult(0, 0, 0.0, 0.0, None))
+    names = {"new": ["--generator-average-decay", "--checkpoint-every-steps", "--no-evaluate-every-epoch"],
+             "old": ["--generator-average", "--checkpoint-every", "--no-evaluate"]}[spelling]
+    result = runner.invoke(cli.app, ["train", "--run-dir", str(tmp_path), names[0], "0.99", names[1], "7", names[2]])
+    assert result.exit_code == 0, result.output
+    (config, keywords), = calls
+    assert (config.generator_average_decay, config.checkpoint_every_steps, config.evaluate_every_epoch) == (0.99, 7, False)
+    assert keywords["epoch_judge"] is epochs.EpochQuality  # the CLI plugs the judge in; the config decides
+    runner.invoke(cli.app, ["train", "--run-dir", str(tmp_path), "--evaluate-every-epoch" if spelling == "new" else "--evaluate"])
+    assert calls[-1][0].evaluate_every_epoch is True
 
 
 def test_more_gpus_than_visible_exits_2_with_the_visible_count(tmp_path):
@@ -89,6 +111,7 @@ def test_serve_help_says_rest_port_zero_turns_rest_off():
     assert "0 = no REST" in _plain(result.output) and "--batching-parameters-file" in _plain(result.output)
 
 
+@pytest.mark.slow
 def test_export_serve_generate_end_to_end(tiny_runs, mnist_data_dir, tmp_path):
     from serving import config as serve_config, server as server_lib
 

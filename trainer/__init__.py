@@ -1,4 +1,6 @@
-"""digitgan's trainer: MNIST data, the DCGAN models, the distributed step and the training loop.
+"""digitgan's trainer: the input pipeline, the DCGAN models, the distributed step, checkpoints,
+summaries and the training loop.
 
-It knows nothing of export or serving (see ARCHITECTURE.md).
+It knows nothing of export, serving or the judge (see docs/architecture.md); MNIST itself comes
+from `mnist_data/`.
 """

@@ -83,7 +83,7 @@ class TrainConfig:
     average draws the sample grids and is what `export` writes, as it gives cleaner digits than G."""
     evaluate_every_epoch: bool = True
     """At each epoch end, judge a fixed sample (100 per digit) with the MNIST judge and log the figures to
-    TensorBoard (`quality/...`); the judge is trained once per data dir (a few minutes) and cached."""
+    TensorBoard (`quality/...`), with the judge shipped in quality/judge_weights/ (when the caller plugs it in)."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "epochs", self.epochs, "at least 1")

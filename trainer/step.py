@@ -1,6 +1,7 @@
 """The training state and the compiled, distributed GAN step.
 
-`build_state` creates everything that has variables under `strategy.scope()`;
+`set_globals_and_build_state` sets the process-wide Keras precision policy and random seeds, then
+creates everything that has variables under `strategy.scope()`;
 `replica_step` is one tutorial-style update of D and G on one replica's slice of the batch;
 `make_train_function` compiles `steps` of them into one `tf.function` call over a distributed
 iterator, so Python runs once per call, not once per step.
@@ -13,6 +14,7 @@ import functools
 import keras
 import tensorflow as tf
 
+from mnist_data import acquire
 from trainer import data, losses, models, strategy as strategy_lib
 from trainer.config import TrainConfig
 
@@ -63,8 +65,14 @@ def seed_states(model: keras.Model) -> list:
     return [variable for variable in model.variables if id(variable) not in weight_ids]
 
 
-def build_state(config: TrainConfig, strategy: tf.distribute.Strategy) -> GanState:
-    """Models, optimizers, step counter and RNG, all created in `strategy.scope()`."""
+def set_globals_and_build_state(config: TrainConfig, strategy: tf.distribute.Strategy) -> GanState:
+    """Models, optimizers, step counter and RNG, all created in `strategy.scope()`.
+
+    Sets two process-wide things first and leaves them set: Keras's global mixed-precision policy
+    (the run's resolved `config.precision`) and the Python, NumPy and TensorFlow seeds
+    (`config.seed`). Code that must build float32 models afterwards in the same process scopes
+    the policy with `common.precision.float32_policy()` (exports and the judge do).
+    """
     keras.mixed_precision.set_global_policy(strategy_lib.resolve_precision(config.precision, strategy))
     keras.utils.set_random_seed(config.seed)  # the initial weights depend on the seed only
     with strategy.scope():
@@ -126,7 +134,7 @@ def learning_rate_schedule(config: TrainConfig, learning_rate: float):
     """
     if config.learning_rate_schedule == "constant":
         return learning_rate
-    total_steps = config.epochs * data.steps_per_epoch(data.TRAIN_SIZE, config.batch_size)
+    total_steps = config.epochs * data.steps_per_epoch(acquire.TRAIN_SIZE, config.batch_size)
     hold_steps = int(total_steps * config.learning_rate_decay_start)
     return HoldThenLinearDecay(learning_rate, hold_steps=hold_steps, total_steps=total_steps)
 

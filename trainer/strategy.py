@@ -1,7 +1,9 @@
 """Choosing the `tf.distribute` strategy from `--gpus`, `--cpu-replicas` and `TF_CONFIG`.
 
-Every path returns a mirrored strategy, so the same step and loop run on one CPU, N logical CPUs,
-N GPUs, or several machines.
+Several devices get a mirrored strategy (MirroredStrategy over N GPUs or N logical CPUs,
+MultiWorkerMirroredStrategy over several machines); a single device gets TensorFlow's default
+strategy (or OneDeviceStrategy on the CPU when GPUs were already initialised), which skips the
+mirroring machinery's cost. The same step and loop run under every one of them.
 """
 from __future__ import annotations
 

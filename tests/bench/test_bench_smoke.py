@@ -1,15 +1,21 @@
 """Smoke runs of the speed benchmarks: each script runs end to end on a tiny budget and prints
-every row and verdict it is read for, so a change that breaks a bench fails here.
+every row and verdict it is read for, and its figures as one JSON line for scripts, so a change
+that breaks a bench fails here.
 
 No figure is asserted beyond "measured and positive": the machines are noisy, and the benches
 report ratios for people to read (bench/README.md), not pass/fail timings.
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # each starts a benchmark subprocess (and servers): minutes, not seconds
 
 REPO = Path(__file__).resolve().parents[2]
 NUMBER = r"([\d.]+)"
@@ -19,6 +25,13 @@ def run_bench(*arguments: str) -> str:
     result = subprocess.run([sys.executable, *arguments], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def json_figures(output: str, bench: str) -> dict:
+    """The bench's last line, parsed: {"bench": name, ...its figures}."""
+    figures = json.loads(output.strip().splitlines()[-1])
+    assert figures["bench"] == bench, figures
+    return figures
 
 
 def test_serving_latency_smoke_prints_every_cell_the_bound_and_the_targets():
@@ -34,6 +47,10 @@ def test_serving_latency_smoke_prints_every_cell_the_bound_and_the_targets():
     for target in ("gRPC p50 within in-process p50 + 1 ms", "batched >= 3x unbatched rps",
                    "batched >= 70% of in-process batched throughput"):
         assert re.search(rf"{re.escape(target)}.*: +(met|NOT met) \(", output), f"no verdict for {target!r}"
+    figures = json_figures(output, "serving_latency")
+    assert figures["cells"]["gRPC batching on, 1 img, 16 clients"]["rps"] > 0
+    assert figures["cells"]["in-process TF1 Session, 2 threads, 16 img"]["ips"] > 0
+    assert figures["bounds_requests_per_s"]["batched"] > 0 and len(figures["targets"]) == 3
 
 
 def test_train_throughput_smoke_prints_every_variant_and_the_kernel_bound(mnist_data_dir):
@@ -48,3 +65,14 @@ def test_train_throughput_smoke_prints_every_variant_and_the_kernel_bound(mnist_
     assert re.search(rf"^a step runs at least\s+{NUMBER}", output, re.M), output[-2000:]  # the kernel bound
     assert re.search(r"^2x the tutorial's float32 step means \d+ ms a step; .* need \d+ ms in (float32|mixed_bfloat16)",
                      output, re.M), output[-2000:]
+    figures = json_figures(output, "train_throughput")
+    assert figures["variants"]["ours_default"]["images_per_s"] > 0 and figures["kernel_bound_ms_per_step"]["float32"] > 0
+
+
+def test_serving_memory_smoke_prints_the_switch_and_its_json_line():
+    output = run_bench(str(REPO / "bench" / "serving_memory.py"), "--switches", "1", "--clients", "1")
+    assert re.search(rf"^switch v1 -> v2: before\s+{NUMBER}\s+peak\s+{NUMBER}", output, re.M), output[-2000:]
+    assert re.search(r"peak during a switch / one version: +[\d.]+x .* target < 2x: (met|NOT met)", output), output[-2000:]
+    figures = json_figures(output, "serving_memory")
+    assert len(figures["switch_peaks_mib"]) == 1 and figures["one_version_mib"] > 0 and figures["runtime_mib"] > 0
+    assert figures["requests"] > 0

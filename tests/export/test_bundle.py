@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
+from common import precision
 from export import bundle
 
 
@@ -23,6 +24,7 @@ def _numeric_children(base: Path) -> list[str]:
     return sorted(child.name for child in base.iterdir() if child.name.isdigit())
 
 
+@pytest.mark.slow
 def test_versions_are_numbered_and_overwrite_is_explicit(tiny_runs, tmp_path):
     base = tmp_path / "digitgan"
     assert _export(tiny_runs["conditional"], base).version == 1
@@ -36,6 +38,7 @@ def test_versions_are_numbered_and_overwrite_is_explicit(tiny_runs, tmp_path):
     assert [child.name for child in base.iterdir() if not child.name.isdigit()] == []  # no temp leftovers
 
 
+@pytest.mark.slow
 def test_failed_validation_publishes_nothing(tiny_runs, tmp_path):
     base = tmp_path / "digitgan"
     with mock.patch.object(bundle, "validate_bundle", side_effect=bundle.ExportError("simulated failure")):
@@ -44,6 +47,7 @@ def test_failed_validation_publishes_nothing(tiny_runs, tmp_path):
     assert list(base.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_signatures_as_saved_model_cli_lists_them(tiny_runs, tmp_path):
     result = _export(tiny_runs["conditional"], tmp_path / "digitgan")
     shown = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--dir",
@@ -73,6 +77,7 @@ def _v1_session_images(bundle_path: str, noise: np.ndarray) -> np.ndarray:
         return session.run(signature.outputs["images"].name, {signature.inputs["noise"].name: noise})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["conditional", "unconditional"])
 def test_the_bundle_stores_each_weight_once(tiny_runs, tmp_path, kind):
     """keras-team/keras#23553: tracking the Keras model stored every weight twice (and loaders restored both)."""
@@ -91,6 +96,7 @@ def test_the_bundle_stores_each_weight_once(tiny_runs, tmp_path, kind):
     assert saved == sorted(tuple(weight.shape) for weight in generator.weights)
 
 
+@pytest.mark.slow
 def test_the_tensorflow_c_api_loads_the_bundle_and_runs_every_signature(tiny_runs, tmp_path):
     """TF_LoadSessionFromSavedModel: the C++ LoadSavedModel that tensorflow_model_server uses."""
     from tensorflow.core.protobuf import saved_model_pb2
@@ -130,6 +136,7 @@ def test_the_tensorflow_c_api_loads_the_bundle_and_runs_every_signature(tiny_run
                 assert refused.value.code == 3  # INVALID_ARGUMENT, what TF Serving then returns
 
 
+@pytest.mark.slow
 def test_sample_is_deterministic_and_checks_digits(tiny_runs, tmp_path):
     served = tf.saved_model.load(_export(tiny_runs["conditional"], tmp_path / "digitgan").path).signatures
     inputs = dict(digit=tf.constant([7, 7, 3], tf.int32), seed=tf.constant([42, 43, 42], tf.int64))
@@ -162,6 +169,7 @@ def test_serving_default_digit_is_uniform_from_noise():
     assert np.all(np.abs(counts - 0.1) < 0.005), counts
 
 
+@pytest.mark.slow
 def test_warmup_records_and_metadata(tiny_runs, tmp_path):
     result = _export(tiny_runs["conditional"], tmp_path / "digitgan")
     records = list(tf.data.TFRecordDataset(str(Path(result.path) / "assets.extra" / bundle.WARMUP_FILE)))
@@ -175,12 +183,14 @@ def test_warmup_records_and_metadata(tiny_runs, tmp_path):
     assert metadata["train_config"]["conditional"] is True
 
 
+@pytest.mark.slow
 def test_unconditional_model_exports_without_digit(tiny_runs, tmp_path):
     result = _export(tiny_runs["unconditional"], tmp_path / "digitgan")
     assert sorted(result.signatures) == ["sample", "serving_default"]
     assert result.signatures["sample"]["inputs"] == {"seed": "int64 [-1]"}
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_clear_errors_and_leave_nothing(tiny_runs, tmp_path):
     with pytest.raises(bundle.ExportError, match="no checkpoint in run dir"):
         _export(str(tmp_path / "empty-run"), tmp_path / "models")
@@ -196,6 +206,7 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(tiny_runs, tmp_path):
     assert not (tmp_path / "models").exists() or _numeric_children(tmp_path / "models") == []
 
 
+@pytest.mark.slow
 def test_blessing_gate_refuses_a_weak_candidate_and_records_figures(tiny_runs, mnist_data_dir, tmp_path):
     """TFX-style blessing: the staged candidate is judged before the rename; figures land in the metadata."""
     from quality import sources
@@ -222,6 +233,7 @@ def test_blessing_gate_refuses_a_weak_candidate_and_records_figures(tiny_runs, m
         _export(tiny_runs["unconditional"], tmp_path / "unconditional", gate=needs_digits)
 
 
+@pytest.mark.slow
 def test_export_writes_the_generator_average(tiny_runs):
     """A run that kept a moving average of G exports that average, not the last step's G."""
     from trainer import models
@@ -241,17 +253,14 @@ def test_export_writes_the_generator_average(tiny_runs):
                for average, last in zip(by_name["generator_average"].weights, by_name["generator"].weights))
 
 
+@pytest.mark.slow
 def test_a_bundle_computes_in_float32_even_after_a_bfloat16_run_in_the_same_process(tiny_runs):
     import keras
 
     from trainer.config import TrainConfig
 
     checkpoint = bundle.find_checkpoint(tiny_runs["conditional"])
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # what a bf16 training run leaves behind
-    try:
+    with precision.keras_policy("mixed_bfloat16"):  # what a bf16 training run leaves behind
         generator, _ = bundle.restore_generator(checkpoint, TrainConfig.load(tiny_runs["conditional"]))
         assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"  # left as it was
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     assert {layer.dtype_policy.compute_dtype for layer in generator.layers if layer.weights} == {"float32"}

@@ -13,9 +13,9 @@ from quality import judge as judge_lib
 
 @pytest.fixture(scope="module")
 def mnist(mnist_data_dir):
-    from trainer import data
+    from mnist_data import acquire
 
-    return data.load_mnist(mnist_data_dir)
+    return acquire.load_mnist(mnist_data_dir)
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,18 @@ tiny budget and small judging samples, so a change that breaks the bench fails h
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_time_to_quality_smoke_prints_both_recipes_side_by_side(mnist_data_dir, tmp_path):
     command = [sys.executable, str(REPO / "bench" / "time_to_quality.py"), "--budget", "4", "--leg-seconds", "4",
                "--per-digit", "20", "--default-samples", "200", "--data-dir", mnist_data_dir,
@@ -28,4 +32,14 @@ def test_time_to_quality_smoke_prints_both_recipes_side_by_side(mnist_data_dir, 
         assert 1.0 <= float(row.group(4)) <= 10.0, f"{name}'s MNIST score is out of range"
     assert rows["default"].group(7).endswith("%")  # conditional: accuracy measured
     assert rows["tutorial"].group(7) == "-"  # unconditional: no digit to ask for
+    figures = json.loads(result.stdout.strip().splitlines()[-1])  # the same figures for scripts
+    assert figures["bench"] == "time_to_quality" and set(figures["recipes"]) == {"default", "tutorial"}
+    # The range check above holds for any score (exp of a KL divergence over 10 classes lies in
+    # [1, 10]); this one can fail: the table and the JSON line report the same last judgement.
+    for name, row in rows.items():
+        last = figures["recipes"][name][-1]
+        assert float(row.group(4)) == pytest.approx(last["mnist_score"], abs=5e-4), (name, last)
+        assert int(row.group(3)) == last["samples"] and int(row.group(2)) == int(last["source"].split("(step ")[1][:-1])
+    assert figures["recipes"]["default"][-1]["conditional_accuracy"] is not None
+    assert figures["recipes"]["tutorial"][-1]["conditional_accuracy"] is None
     assert (tmp_path / "default" / "config.json").exists() and (tmp_path / "tutorial" / "config.json").exists()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import grpc
+import pytest
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
 SCRIPT = """
@@ -18,6 +19,7 @@ sys.exit(run_server(ServeConfig(model_base_path=sys.argv[1], port=0, rest_port=F
 """
 
 
+@pytest.mark.slow  # a server in a subprocess (TensorFlow start-up included)
 def test_run_server_sigterm(model_root):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     process = subprocess.Popen([sys.executable, "-c", SCRIPT, str(model_root / "digitgan")], cwd=root,

@@ -1,47 +1,9 @@
-"""Real MNIST through the offline path: the registry mirror, prepared as the TFDS `mnist` dataset."""
+"""The training input pipeline: each example once per epoch, in an order a resumed run repeats."""
 from __future__ import annotations
 
-import shutil
-import time
-from pathlib import Path
-
 import numpy as np
-import tensorflow_datasets as tfds
 
 from trainer import data
-
-
-def test_offline_mirror_prepares_tfds_mnist(mnist_data_dir):
-    train, test = tfds.load("mnist", split=["train", "test"], data_dir=mnist_data_dir, download=False)
-    assert train.cardinality().numpy() == 60_000 and test.cardinality().numpy() == 10_000
-    first_train = [int(example["label"]) for example in train.take(5)]
-    first_test = [int(example["label"]) for example in test.take(5)]
-    assert first_train == [5, 0, 4, 1, 9] and first_test == [7, 2, 1, 0, 4]
-    mnist = data.load_mnist(mnist_data_dir)
-    assert mnist.train_images.shape == (60_000, 28, 28, 1) and mnist.train_images.dtype == np.uint8
-    assert mnist.train_images.max() == 255 and np.bincount(mnist.test_labels).min() > 800
-
-
-def test_mirror_pickle_is_verified_and_exact(mnist_data_dir):
-    pickle_path = data.fetch_mirror(Path(mnist_data_dir) / "downloads" / "digitgan")  # cached: no download
-    mnist = data.read_mirror_pickle(pickle_path)
-    prepared = data.load_mnist(mnist_data_dir)
-    assert np.array_equal(mnist.train_images, prepared.train_images)
-    assert np.array_equal(mnist.test_labels, prepared.test_labels)
-
-
-def test_unreachable_host_is_decided_within_seconds():
-    started = time.monotonic()
-    assert data.host_reachable("digitgan-test-host.invalid", timeout=2.0) is False
-    assert time.monotonic() - started < 5.0
-
-
-def test_corrupt_cache_is_detected_not_used(mnist_data_dir, tmp_path):
-    copy = tmp_path / "tfds"
-    shutil.copytree(Path(mnist_data_dir) / "mnist", copy / "mnist")
-    train_file = next((copy / "mnist").rglob("*train.tfrecord*"))
-    train_file.write_bytes(train_file.read_bytes()[: train_file.stat().st_size // 2])
-    assert data._read_prepared(str(copy)) is None
 
 
 def test_epoch_order_sees_each_example_once_and_resumes_mid_epoch():

@@ -10,7 +10,7 @@
 - a real NaN (float16 overflow at an absurd learning rate) stops the run with one line and exit
   code 2, and the last good checkpoint stays restorable and finite.
 
-Training on CPU is deterministic for a seed, and resuming is exact (trainer/loop.py): that is what
+Training on CPU is deterministic for a seed, and resuming is exact (trainer/checkpoints.py): that is what
 lets an interrupted run be compared bit for bit with an uninterrupted one.
 """
 from __future__ import annotations
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -42,7 +41,7 @@ SEED = 3
 KILLS = 4  # kill -9s in the faulted run; one of them lands in a checkpoint write
 # A tiny run: 2 replicas, one step per call and a checkpoint every 2 steps, so kills land anywhere.
 RUN = dict(batch_size=16, cpu_replicas=2, steps_per_call=1, checkpoint_every_steps=2, seed=SEED)
-CLI_RUN = ["--batch-size", "16", "--cpu-replicas", "2", "--steps-per-call", "1", "--checkpoint-every", "2",
+CLI_RUN = ["--batch-size", "16", "--cpu-replicas", "2", "--steps-per-call", "1", "--checkpoint-every-steps", "2",
            "--seed", str(SEED)]
 # What TensorFlow writes before a save is complete: `<prefix>_temp/` (the shards), `*.tempstate*`
 # (a file before its rename) and `checkpoint.tmp*` (the state file before its rename).
@@ -167,7 +166,7 @@ def truncate(path: Path) -> None:
 def _state(precision: str = "float32") -> tuple[step_lib.GanState, tf.train.Checkpoint]:
     """A fresh training state with the test runs' options (built in this process, not trained)."""
     config = TrainConfig(precision=precision, **RUN)
-    state = step_lib.build_state(config, strategy_lib.create_strategy(None, config.cpu_replicas))
+    state = step_lib.set_globals_and_build_state(config, strategy_lib.create_strategy(None, config.cpu_replicas))
     return state, state.checkpoint()
 
 
@@ -306,15 +305,8 @@ def test_no_usable_checkpoint_stops_with_one_line_and_touches_nothing(tmp_path, 
     assert {path.name: path.read_bytes() for path in checkpoint_dir.iterdir()} == before  # nothing trained or saved
 
 
-@pytest.fixture
-def restores_float32_policy():
-    """The mixed-precision policy is process-wide; later tests build float32 models."""
-    yield
-    keras.mixed_precision.set_global_policy("float32")
-
-
-def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, mnist_data_dir,
-                                                                           restores_float32_policy):
+@pytest.mark.slow
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, mnist_data_dir):
     # An absurd learning rate, no momentum and float16: activations overflow within a few dozen steps.
     diverging = ["--precision", "mixed_float16", "--learning-rate", "0.99", "--beta-1", "0", "--max-steps", "200"]
     result = runner.invoke(cli.app, ["train", "--run-dir", str(tmp_path), "--data-dir", mnist_data_dir,

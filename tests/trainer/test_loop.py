@@ -23,6 +23,7 @@ def _config(run_dir, data_dir, **overrides) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_saved_step(tmp_path, mnist_data_dir):
     lines = []
     first = loop.train(_config(tmp_path, mnist_data_dir, max_steps=4), report=lines.append, progress=False)
@@ -39,12 +40,14 @@ def test_resume_continues_at_the_saved_step(tmp_path, mnist_data_dir):
     assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_no_resume_refuses_to_touch_existing_checkpoints(tmp_path, mnist_data_dir):
     loop.train(_config(tmp_path, mnist_data_dir, max_steps=2), report=lambda line: None, progress=False)
     with pytest.raises(ValueError, match="already holds checkpoints"):
         loop.train(_config(tmp_path, mnist_data_dir, max_steps=4, resume=False), report=lambda line: None, progress=False)
 
 
+@pytest.mark.slow
 def test_other_architecture_checkpoint_is_refused(tmp_path, mnist_data_dir):
     loop.train(_config(tmp_path, mnist_data_dir, max_steps=2), report=lambda line: None, progress=False)
     with pytest.raises(ValueError, match="does not match this model"):
@@ -53,7 +56,7 @@ def test_other_architecture_checkpoint_is_refused(tmp_path, mnist_data_dir):
 
 def _start_training(run_dir: Path, data_dir: str) -> subprocess.Popen:
     command = [sys.executable, str(REPO / "cli.py"), "train", "--run-dir", str(run_dir), "--data-dir", data_dir,
-               "--batch-size", "16", "--cpu-replicas", "2", "--steps-per-call", "1", "--checkpoint-every", "3",
+               "--batch-size", "16", "--cpu-replicas", "2", "--steps-per-call", "1", "--checkpoint-every-steps", "3",
                "--max-steps", "100000"]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -70,6 +73,7 @@ def _wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, minimum_step:
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_sigkill_loses_only_unsaved_steps(tmp_path, mnist_data_dir):
     process = _start_training(tmp_path, mnist_data_dir)
     _wait_for_checkpoint(tmp_path, process, minimum_step=3)
@@ -90,30 +94,3 @@ def test_sigterm_saves_a_checkpoint_and_sigkill_loses_only_unsaved_steps(tmp_pat
                         report=lines.append, progress=False)
     assert f"Resumed from step {last_saved}" in "\n".join(lines)
     assert result.step == last_saved + 1
-
-
-def test_epoch_quality_logs_the_judges_figures(tmp_path, mnist_data_dir):
-    """The per-epoch hook judges a fixed sample of 1,000 and writes quality/* scalars; the progress GIF
-    is made from epoch grids."""
-    from common import images as image_grids
-    from trainer import data, models
-
-    config = _config(tmp_path, mnist_data_dir)
-    quality = loop.EpochQuality(config, data.load_mnist(mnist_data_dir), report=lambda line: None)
-    generator = models.build_generator(config.latent_dim, config.conditional, architecture=config.architecture)
-    writer = tf.summary.create_file_writer(str(tmp_path / "logs"))
-    with writer.as_default():
-        line = quality.log(generator, config.conditional, step=7)
-    writer.flush()
-    assert "quality on 1000 samples" in line and "conditional accuracy" in line
-    tags = {value.tag for path in (tmp_path / "logs").glob("events.out.tfevents.*")
-            for event in tf.compat.v1.train.summary_iterator(str(path)) for value in event.summary.value}
-    assert {"quality/mnist_score", "quality/frechet_ratio", "quality/conditional_accuracy"} <= tags
-    frames = []
-    for epoch in (1, 2):
-        frames.append(tmp_path / f"epoch_{epoch:03d}.png")
-        image_grids.save_grid(frames[-1], loop.sample_images(generator, quality.noise[:4], tf.constant([1, 2, 3, 4]), True),
-                              value_range=(-1.0, 1.0))
-    assert image_grids.save_animation(tmp_path / "progress.gif", frames)
-    assert (tmp_path / "progress.gif").read_bytes().startswith(b"GIF89a")
-    assert not image_grids.save_animation(tmp_path / "none.gif", [])

@@ -1,11 +1,11 @@
 """Model builders: shapes, dtypes, and that the digit reaches G's BatchNorm in `tutorial_cbn`."""
 from __future__ import annotations
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from common import precision
 from trainer import config as config_lib, models
 
 
@@ -38,15 +38,12 @@ def test_digit_batch_norm_scales_and_shifts_only_the_digits_it_belongs_to():
 
 
 def test_digit_scale_shift_keeps_a_mixed_precision_compute_dtype():
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
+    with precision.keras_policy("mixed_bfloat16"):
         generator = models.build_generator(16, conditional=True, architecture="tutorial_cbn")
         layer = generator.get_layer("up1_digit_scale_shift")
         assert layer.gamma.embeddings.dtype == "float32"  # variables stay float32
         images = generator([tf.random.normal([2, 16]), tf.constant([1, 2])], training=True)
         assert images.dtype == tf.float32
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
 
 
 def test_unconditional_generator_ignores_digit_batch_norm():

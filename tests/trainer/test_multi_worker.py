@@ -27,7 +27,7 @@ from trainer.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT_S = 240
-COMMON = ["--batch-size", "16", "--steps-per-call", "2", "--checkpoint-every", "2", "--gpus", "0"]
+COMMON = ["--batch-size", "16", "--steps-per-call", "2", "--checkpoint-every-steps", "2", "--gpus", "0"]
 
 
 # --- TF_CONFIG from --worker-hosts / --task-index (pure) -------------------------------------------
@@ -161,6 +161,7 @@ def _files(root: Path) -> set[str]:
     return {str(path.relative_to(root)) for path in root.rglob("*")}
 
 
+@pytest.mark.slow
 def test_two_workers_train_in_sync_and_the_chief_checkpoint_resumes_on_one_machine(tmp_path, mnist_data_dir,
                                                                                      monkeypatch):
     # Separate run dirs (no shared file system), so each worker's writes can be told apart:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mnist_data import acquire
 from trainer import data, losses, step as step_lib, strategy as strategy_lib
 from trainer.config import TrainConfig
 
@@ -20,7 +21,7 @@ def _two_replicas():
 
 
 def _real_batches(mnist_data_dir, count=4):
-    mnist = data.load_mnist(mnist_data_dir)
+    mnist = acquire.load_mnist(mnist_data_dir)
     return mnist.train_images[: GLOBAL_BATCH * count], mnist.train_labels[: GLOBAL_BATCH * count]
 
 
@@ -31,11 +32,12 @@ def _train_function(strategy, state, config, images, labels):
     return step_lib.make_train_function(strategy, state, config, GLOBAL_BATCH), iterator
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["tutorial", "tutorial_cbn"])
 def test_two_replica_steps_train_and_keep_replicas_identical(mnist_data_dir, architecture):
     strategy = _two_replicas()
     config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2, architecture=architecture)
-    state = step_lib.build_state(config, strategy)
+    state = step_lib.set_globals_and_build_state(config, strategy)
     before = [variable.numpy().copy() for variable in state.generator.trainable_variables]
     train, iterator = _train_function(strategy, state, config, *_real_batches(mnist_data_dir))
     generator_loss, discriminator_loss = (float(value) for value in train(iterator, tf.constant(3)))
@@ -48,6 +50,7 @@ def test_two_replica_steps_train_and_keep_replicas_identical(mnist_data_dir, arc
         np.testing.assert_array_equal(copies[0], copies[1], err_msg=variable.path)
 
 
+@pytest.mark.slow
 def test_xla_step_trains_on_one_device_like_the_plain_step(mnist_data_dir):
     """Same seed, same data: the XLA-compiled pass trains, and its first losses match the plain step's
     (float32; the dropout masks differ, as XLA draws its own random numbers, hence the tolerance)."""
@@ -56,7 +59,7 @@ def test_xla_step_trains_on_one_device_like_the_plain_step(mnist_data_dir):
     for xla in (False, True):
         strategy = strategy_lib.create_strategy(gpus=0, cpu_replicas=None)
         config = TrainConfig(batch_size=GLOBAL_BATCH, xla=xla, precision="float32")
-        state = step_lib.build_state(config, strategy)
+        state = step_lib.set_globals_and_build_state(config, strategy)
         before = [variable.numpy().copy() for variable in state.generator.trainable_variables]
         train, iterator = _train_function(strategy, state, config, images, labels)
         results[xla] = [float(value) for value in train(iterator, tf.constant(1))]
@@ -70,14 +73,14 @@ def test_xla_step_trains_on_one_device_like_the_plain_step(mnist_data_dir):
 def test_xla_on_two_replicas_is_refused_with_a_clear_error():
     strategy = _two_replicas()
     config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2, xla=True)
-    state = step_lib.build_state(config, strategy)
+    state = step_lib.set_globals_and_build_state(config, strategy)
     with pytest.raises(ValueError, match="--xla runs on one device only, not on 2 replicas"):
         step_lib.make_train_function(strategy, state, config, GLOBAL_BATCH)
 
 
 def test_noise_differs_per_replica():
     strategy = _two_replicas()
-    state = step_lib.build_state(TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2), strategy)
+    state = step_lib.set_globals_and_build_state(TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2), strategy)
     per_replica = strategy.run(tf.function(lambda: state.noise_generator.normal([4, 8])))
     first, second = (value.numpy() for value in strategy.experimental_local_results(per_replica))
     assert not np.allclose(first, second)
@@ -89,7 +92,7 @@ def test_reported_loss_equals_single_device_loss(mnist_data_dir, classifier_weig
     # float32 pinned: this checks the distribution arithmetic to float32 tolerance on any CPU.
     config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2, classifier_weight=classifier_weight,
                          precision="float32")
-    state = step_lib.build_state(config, strategy)
+    state = step_lib.set_globals_and_build_state(config, strategy)
     images, labels = _real_batches(mnist_data_dir, count=1)
     images = images.astype(np.float32) / 127.5 - 1.0
     rng = np.random.default_rng(0)
@@ -125,7 +128,7 @@ def test_classifier_loss_divides_by_global_batch_and_adds_to_both_losses(mnist_d
     np.testing.assert_allclose(sum(halves), mean, rtol=1e-6)
     # With the head, each loss is the adversarial one plus weight x the classifier's cross-entropy.
     config = TrainConfig(batch_size=4, classifier_weight=2.0)
-    state = step_lib.build_state(config, tf.distribute.get_strategy())
+    state = step_lib.set_globals_and_build_state(config, tf.distribute.get_strategy())
     images, labels = _real_batches(mnist_data_dir, count=1)
     images, labels = tf.constant(images[:4].astype(np.float32) / 127.5 - 1.0), tf.constant(labels[:4].astype(np.int32))
     noise, fake_digits = tf.random.normal([4, config.latent_dim], seed=1), tf.constant([3, 1, 4, 1])
@@ -143,31 +146,31 @@ def test_classifier_loss_divides_by_global_batch_and_adds_to_both_losses(mnist_d
 def test_unconditional_runs_record_no_classifier_weight():
     assert TrainConfig().classifier_weight > 0  # the default recipe's auxiliary classifier
     assert TrainConfig(conditional=False).classifier_weight == 0.0  # no digit to name: off, and config.json says so
-    state = step_lib.build_state(TrainConfig(conditional=False), tf.distribute.get_strategy())
+    state = step_lib.set_globals_and_build_state(TrainConfig(conditional=False), tf.distribute.get_strategy())
     assert not isinstance(state.discriminator.output, list)  # one logit, no classifier head
 
 
 def test_learning_rates_follow_ttur_and_the_linear_decay_schedule(mnist_data_dir):
     config = TrainConfig(batch_size=GLOBAL_BATCH, epochs=2, learning_rate=1e-4, discriminator_learning_rate=4e-4,
                          learning_rate_schedule="linear_decay")
-    total = 2 * data.steps_per_epoch(data.TRAIN_SIZE, GLOBAL_BATCH)
+    total = 2 * data.steps_per_epoch(acquire.TRAIN_SIZE, GLOBAL_BATCH)
     schedule = step_lib.learning_rate_schedule(config, 1e-4)
     values = [float(schedule(step)) for step in (0, total // 2, total * 3 // 4, total, total + 10)]
     np.testing.assert_allclose(values, [1e-4, 1e-4, 0.5e-4, 0.0, 0.0], atol=1e-9)
-    state = step_lib.build_state(config, tf.distribute.get_strategy())
+    state = step_lib.set_globals_and_build_state(config, tf.distribute.get_strategy())
     state.generator_optimizer.iterations.assign(total * 3 // 4)  # as a checkpoint restore would
     state.discriminator_optimizer.iterations.assign(total * 3 // 4)
     np.testing.assert_allclose(float(state.generator_optimizer.learning_rate), 0.5e-4, rtol=1e-5)
     np.testing.assert_allclose(float(state.discriminator_optimizer.learning_rate), 2e-4, rtol=1e-5)
     early = step_lib.learning_rate_schedule(dataclasses.replace(config, learning_rate_decay_start=0.0), 1e-4)
     np.testing.assert_allclose([float(early(step)) for step in (0, total // 2)], [1e-4, 0.5e-4], atol=1e-9)
-    constant = step_lib.build_state(TrainConfig(batch_size=GLOBAL_BATCH), tf.distribute.get_strategy())
+    constant = step_lib.set_globals_and_build_state(TrainConfig(batch_size=GLOBAL_BATCH), tf.distribute.get_strategy())
     assert float(constant.discriminator_optimizer.learning_rate) == np.float32(2e-4)
 
 
 def test_dropout_masks_differ_per_replica_and_their_seeds_are_checkpointed(tmp_path):
     strategy = _two_replicas()
-    state = step_lib.build_state(TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2), strategy)
+    state = step_lib.set_globals_and_build_state(TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2), strategy)
     dropout = state.discriminator.get_layer("down1_dropout")
     per_replica = strategy.run(tf.function(lambda: dropout(tf.ones([4, 8]), training=True)))
     first, second = (value.numpy() for value in strategy.experimental_local_results(per_replica))
@@ -176,12 +179,13 @@ def test_dropout_masks_differ_per_replica_and_their_seeds_are_checkpointed(tmp_p
     assert sum(name.startswith("seed_states/") for name in saved) == 2  # D's two dropout layers
 
 
+@pytest.mark.slow
 def test_generator_average_follows_its_formula_on_every_replica(mnist_data_dir, tmp_path):
     """average <- d * average + (1 - d) * G after each step, d = min(decay, (1 + step) / (10 + step)),
     written identically to both replicas' copies; the checkpoint holds it and export restores it."""
     strategy = _two_replicas()
     config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2, generator_average_decay=0.999)
-    state = step_lib.build_state(config, strategy)
+    state = step_lib.set_globals_and_build_state(config, strategy)
     initial = [variable.numpy().copy() for variable in state.generator.weights]
     for average, weight in zip(state.generator_average.weights, initial):
         np.testing.assert_array_equal(average.numpy(), weight)  # starts as G

@@ -1,0 +1,18 @@
+"""`python -m serving.loadtest` as a command: its model option is spelled as the CLI's."""
+from __future__ import annotations
+
+import pytest
+
+from serving import loadtest
+
+
+@pytest.mark.parametrize("flag", ["--model-name", "--model"])  # --model: the old spelling, kept for one release
+def test_loadtest_sends_the_model_named_by_model_name(server, capsys, flag):
+    address = f"127.0.0.1:{server.grpc_port}"
+    common = ["--server", address, "--clients", "1", "--seconds", "0.3"]
+    assert loadtest.main([*common, flag, "digitgan"]) == 0
+    output = capsys.readouterr().out
+    assert "model 'digitgan'" in output and "failures: none" in output, output
+    assert loadtest.main([*common, flag, "nope"]) == 1  # the name is really sent: every request is NOT_FOUND
+    output = capsys.readouterr().out
+    assert "model 'nope'" in output and "NOT_FOUND" in output, output
