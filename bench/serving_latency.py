@@ -5,7 +5,7 @@ like:
 
   * in-process: the same SavedModel signature called directly, both as TF2
     (`tf.saved_model.load(...).signatures["serving_default"]`) and through the TF1 Session path the
-    server itself uses (`serving.models.LoadedVersion`), 1 and 64 images per call;
+    server itself uses (`serving.servable.LoadedVersion`), 1 and 64 images per call;
   * gRPC Predict to the project's server running in a *subprocess* (so the client's Python does
     not share a GIL with the server; the same as `python cli.py serve --port 0 --rest-port 0`),
     1 and 64 images per request, 1 client (a blocking stub) and 16 concurrent clients
@@ -135,7 +135,7 @@ def run_for(call, seconds: float, requests: int | None, warmup: int = 5) -> tupl
 
 # ---------------- in-process ----------------
 def bench_in_process(version_dir: str, latent: int, args) -> dict:
-    from serving.models import LoadedVersion
+    from serving.servable import LoadedVersion
 
     results = {}
     rng = np.random.default_rng(0)

@@ -121,7 +121,7 @@ def loads_of(caplog, version):
 
 
 def test_broken_version_never_replaces_working_one(fresh_server, caplog):
-    caplog.set_level(logging.INFO, logger="serving.models")
+    caplog.set_level(logging.INFO, logger="serving.manager")
     server, base = fresh_server()
     write_broken_version(base, 7)
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
@@ -145,7 +145,7 @@ def test_broken_version_never_replaces_working_one(fresh_server, caplog):
 
 def test_broken_newest_version_at_start_serves_the_newest_that_loads(tmp_path, generator_v1, caplog):
     """The deliberate difference: tensorflow_model_server would serve nothing here until 7 loads."""
-    caplog.set_level(logging.INFO, logger="serving.models")
+    caplog.set_level(logging.INFO, logger="serving.manager")
     base = tmp_path / "digitgan"
     shutil.copytree(generator_v1, base / "1")
     write_broken_version(base, 7)
