@@ -210,6 +210,11 @@ class Batcher:
             if opened or batch.closed:
                 self._condition.notify(2 if closed_previous else 1)
 
+    def waiting_tasks(self) -> int:
+        """Tasks queued in batches that have not started running (for tests and monitoring)."""
+        with self._condition:
+            return sum(len(batch.tasks) for queue in self._queues.values() for batch in queue)
+
     def _next_ready_batch(self):
         """Pop the oldest batch that is full or has waited long enough; else how long to wait."""
         now = time.monotonic()

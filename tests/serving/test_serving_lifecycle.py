@@ -294,7 +294,7 @@ def test_full_batch_queue_refuses_a_task_and_keeps_the_open_batch_open(fresh_ser
 
     first = threading.Thread(target=send, args=("first", 1))
     first.start()
-    time.sleep(1.0)  # the first task now waits in the open batch (3 s timeout)
+    assert wait_for(lambda: server.batcher.waiting_tasks() == 1)  # the first task waits in the open batch (3 s timeout)
     send("too_large", 4)
     send("fits", 1)
     first.join()
