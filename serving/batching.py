@@ -28,8 +28,8 @@ import grpc
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
 
-from serving.inference import run_signature
 from serving.errors import ServingError, invalid_argument
+from serving.inference import run_signature
 
 EXPIRED_IN_QUEUE = "Run() timeout exceeded while waiting in batching queue"  # TF's BatchingSession text
 
