@@ -29,15 +29,12 @@ from serving.errors import invalid_argument
 
 def error_json(message: str) -> bytes:
     """The `{"error": message}` body of a failed request, pretty-printed as rapidjson's PrettyWriter does."""
-    return pretty_json({"error": message})
-
-
-def pretty_json(value) -> bytes:
-    return json.dumps(value, indent=2).encode("utf-8")
+    return json.dumps({"error": message}, indent=2).encode("utf-8")
 
 
 def parse_json_body(body: bytes | None) -> dict:
-    # The messages name the problem and its offset, not Python's codec or recursion internals.
+    """The body as a JSON object, or INVALID_ARGUMENT naming the problem and its offset (not
+    Python's codec or recursion internals)."""
     try:
         document = json.loads(body or b"")
     except UnicodeDecodeError as error:

@@ -3,7 +3,8 @@
 Requests are parsed without `tf.make_ndarray`, because that pads a tiny proto up to its
 declared shape (a 27-byte proto can become a 31 MB array). Here dtype, rank, every dim, the
 declared element count and the payload length are checked before any array is built.
-Responses use TF Serving's default typed `*_val` fields, or `tensor_content` on request.
+Responses use TF Serving's default typed `*_val` fields (`tensor_content` on request: the
+benches compare the two). REST never builds TensorProtos: see inference.predict_arrays.
 """
 
 from __future__ import annotations

@@ -659,6 +659,38 @@ def test_fuzz_json_to_array(value, dtype):
     assert array.dtype == expected
 
 
+def test_rest_and_grpc_refuse_too_many_elements_with_one_text(server):
+    """REST hands arrays to inference.predict_arrays, gRPC protos to inference.predict: the same
+    element limit, checked in the same order, with the same message."""
+    limit = 150  # two noise rows are 200 elements
+    status, payload, _ = rest_api.RestApi(server.manager, Metrics(), limit).handle(
+        "POST", PREDICT, as_json({"instances": [ROW, ROW]}))
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name="digitgan"))
+    request.inputs["noise"].CopyFrom(tf.make_tensor_proto(NOISE))
+    runner = request_runner.RequestRunner(server.manager)
+    code, message, _ = runner.run_work(lambda: runner.with_version(
+        request.model_spec, True, lambda loaded: inference.predict(loaded, request, limit)))
+    expected = "tensor parsing error: noise: tensor shape [2, 100] has 200 elements, more than the limit of 150"
+    assert (status, json.loads(payload)) == (400, {"error": expected})
+    assert (code, message) == (CODE.INVALID_ARGUMENT, expected)
+
+
+def test_predict_arrays_gives_what_predict_gives(server):
+    """The array-level entry REST uses runs the same signature to the same outputs as Predict."""
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name="digitgan"))
+    request.inputs["noise"].CopyFrom(tf.make_tensor_proto(NOISE))
+    loaded = server.manager.acquire(request.model_spec)
+    try:
+        name, outputs = inference.predict_arrays(loaded, "", {"noise": NOISE}, 1000)
+        response = inference.predict(loaded, request, 1000)
+    finally:
+        loaded.release()
+    assert name == response.model_spec.signature_name == "serving_default"
+    assert sorted(outputs) == sorted(response.outputs)
+    for alias, array in outputs.items():
+        np.testing.assert_array_equal(array, tf.make_ndarray(response.outputs[alias]))
+
+
 # ---------------- 3. deadlines and concurrency limits ----------------
 class Gate:
     """Drives the gate model in-process (no RPC, so it never counts against the limits)."""
