@@ -233,7 +233,7 @@ class RestServer:
     """
 
     def __init__(self, api, host: str, port: int, max_body_bytes: int,
-                 max_concurrent_posts: int = 256):
+                 max_concurrent_posts: int):
         handler = type("RestHandler", (_Handler,), {
             "api": api, "max_body_bytes": max_body_bytes, "max_concurrent_posts": max_concurrent_posts,
             "post_slots": threading.BoundedSemaphore(max_concurrent_posts)})

@@ -131,7 +131,7 @@ def validate_server_config(config: model_server_config_pb2.ModelServerConfig) ->
 class ModelManager:
     """Keeps the configured models loaded and answers which version serves a request."""
 
-    def __init__(self, config: model_server_config_pb2.ModelServerConfig, poll_seconds: float = 1.0,
+    def __init__(self, config: model_server_config_pb2.ModelServerConfig, poll_seconds: float,
                  warmup=None, on_change=None):
         validate_server_config(config)
         self._models: dict[str, ModelEntry] = {
