@@ -386,7 +386,7 @@ def main() -> None:
                         help="fixed request count per in-process and 1-client cell instead of --seconds "
                              "(cells with 16 clients always run for --seconds)")
     parser.add_argument("--model-base-path", default=None,
-                        help="folder of numeric versions to serve (default: models/digitgan, else built)")
+                        help=f"folder of numeric versions to serve (default: {serve_config.MODEL_BASE_PATH}, else built)")
     parser.add_argument("--rest-only", action="store_true",
                         help="measure only REST :predict (1 and 64 images, 1 client, batching off) and stop")
     parser.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)  # bench_floor's child

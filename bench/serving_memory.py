@@ -47,6 +47,7 @@ import grpc  # noqa: E402
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc  # noqa: E402
 
 from serving import loadtest  # noqa: E402
+from serving.config import MODEL_BASE_PATH  # noqa: E402
 from serving.process import ServerProcess  # noqa: E402
 from serving_latency import MODEL_NAME, find_or_build_bundle  # noqa: E402
 
@@ -222,7 +223,7 @@ def measure_switch(pid: int, address: str, source: Path, base_path: Path, versio
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-base-path", default=None,
-                        help="folder of numeric versions to copy from (default: models/digitgan, else built)")
+                        help=f"folder of numeric versions to copy from (default: {MODEL_BASE_PATH}, else built)")
     parser.add_argument("--switches", type=int, default=6, help="hot switches to measure (default 6)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients during the run (default 8)")
     parser.add_argument("--compare-storage", action=argparse.BooleanOptionalAction, default=True,
