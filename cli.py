@@ -17,17 +17,20 @@ from typing import Optional
 import typer
 
 from common import quiet  # no TensorFlow at import time
+from serving import config as serve_config_lib  # plain dataclasses and constants: no TensorFlow, no grpc
 from trainer import config as train_config_lib  # plain dataclasses: no TensorFlow at import time
 
 app = typer.Typer(help="A class-conditional DCGAN on real MNIST: train it, export it for TensorFlow Serving, "
                        "serve it, and ask it for digits over gRPC.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-DEFAULT_SERVER = "localhost:8500"
 PRETRAINED_BASE_PATH = Path(__file__).resolve().parent / "pretrained" / "digitgan"  # `serve --pretrained`
 JUDGE_HELP = ("A judge written by `train-judge` (its folder) instead of the one shipped in quality/judge_weights/ "
               "(whose figures compare across machines).")
 DEFAULTS = train_config_lib.TrainConfig()  # `train`'s option defaults are the config's: one place to change the recipe
+SERVE_DEFAULTS = serve_config_lib.ServeConfig()  # likewise `serve`'s, and where `export` writes versions
+DEFAULT_SERVER = serve_config_lib.SERVER  # what the client commands dial
+DEFAULT_MODEL_NAME = serve_config_lib.MODEL_NAME
 
 
 @app.callback()
@@ -140,10 +143,10 @@ def train(
 
 @app.command("export")
 def export_command(
-    run_dir: str = typer.Option("runs/default", help="The training run to export (its newest checkpoint)."),
+    run_dir: str = typer.Option(DEFAULTS.run_dir, help="The training run to export (its newest checkpoint)."),
     checkpoint: Optional[str] = typer.Option(None, help="A specific checkpoint prefix, e.g. runs/default/checkpoints/ckpt-400."),
-    model_base_path: str = typer.Option("models/digitgan", help="Folder holding the numeric version folders (as in `serve`)."),
-    model_name: str = typer.Option("digitgan", help="Model name used in the bundle's warmup requests."),
+    model_base_path: str = typer.Option(SERVE_DEFAULTS.model_base_path, help="Folder holding the numeric version folders (as in `serve`)."),
+    model_name: str = typer.Option(SERVE_DEFAULTS.model_name, help="Model name used in the bundle's warmup requests."),
     version: Optional[int] = typer.Option(None, help="Version number to write (default: highest present + 1)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing version of the same number."),
     min_conditional_accuracy: Optional[float] = typer.Option(
@@ -180,35 +183,33 @@ def export_command(
 
 @app.command()
 def serve(
-    model_base_path: str = typer.Option("models/digitgan", help="Folder holding numeric version folders (TF Serving's --model_base_path)."),
-    model_name: str = typer.Option("digitgan", help="Name clients use in ModelSpec.name."),
-    model_config_file: Optional[str] = typer.Option(None, help="TF Serving ModelServerConfig text file (several models, version policies, labels)."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 opens the server to the network."),
-    port: int = typer.Option(8500, help="gRPC port (0 = pick a free one)."),
-    rest_port: int = typer.Option(8501, help="REST port; 0 = no REST, as in tensorflow_model_server's --rest_api_port."),
-    poll_seconds: float = typer.Option(1.0, help="How often to look for new versions."),
-    enable_batching: bool = typer.Option(False, "--enable-batching", help="Batch concurrent Predict requests on the server."),
+    model_base_path: str = typer.Option(SERVE_DEFAULTS.model_base_path, help="Folder holding numeric version folders (TF Serving's --model_base_path)."),
+    model_name: str = typer.Option(SERVE_DEFAULTS.model_name, help="Name clients use in ModelSpec.name."),
+    model_config_file: Optional[str] = typer.Option(SERVE_DEFAULTS.model_config_file, help="TF Serving ModelServerConfig text file (several models, version policies, labels)."),
+    host: str = typer.Option(SERVE_DEFAULTS.host, help="Address to bind; 0.0.0.0 opens the server to the network."),
+    port: int = typer.Option(SERVE_DEFAULTS.port, help="gRPC port (0 = pick a free one)."),
+    rest_port: int = typer.Option(SERVE_DEFAULTS.rest_port, help="REST port; 0 = no REST, as in tensorflow_model_server's --rest_api_port."),
+    poll_seconds: float = typer.Option(SERVE_DEFAULTS.poll_seconds, help="How often to look for new versions."),
+    enable_batching: bool = typer.Option(SERVE_DEFAULTS.enable_batching, "--enable-batching", help="Batch concurrent Predict requests on the server."),
     batching_parameters_file: Optional[str] = typer.Option(
-        None, help="With --enable-batching: TF Serving's text-format BatchingParameters file "
+        SERVE_DEFAULTS.batching_parameters_file, help="With --enable-batching: TF Serving's text-format BatchingParameters file "
                    "(e.g. serving/deploy/batching.config); fields it leaves out take TF's defaults."),
-    max_batch_size: Optional[int] = typer.Option(None, help="Batching: largest batch run at once (default: TF's 1000)."),
-    batch_timeout_micros: Optional[int] = typer.Option(None, help="Batching: how long a batch waits to fill (default: TF's 0)."),
+    max_batch_size: Optional[int] = typer.Option(SERVE_DEFAULTS.max_batch_size, help="Batching: largest batch run at once (default: TF's 1000)."),
+    batch_timeout_micros: Optional[int] = typer.Option(SERVE_DEFAULTS.batch_timeout_micros, help="Batching: how long a batch waits to fill (default: TF's 0)."),
     max_enqueued_batches: Optional[int] = typer.Option(
-        None, help="Batching: queued batches before requests are turned away with UNAVAILABLE (default: TF's 10)."),
-    num_batch_threads: Optional[int] = typer.Option(None, help="Batching: batches run in parallel (default: TF's, the CPU count)."),
-    max_request_elements: int = typer.Option(1_000_000, help="Largest total tensor element count a request may declare."),
-    max_message_bytes: int = typer.Option(64 * 2**20, help="Largest gRPC message and REST body, in bytes."),
-    max_concurrent_rpcs: int = typer.Option(256, help="gRPC calls served at once; more get RESOURCE_EXHAUSTED."),
-    max_concurrent_rest_requests: int = typer.Option(256, help="REST inference POSTs served at once; more get HTTP 429."),
-    engine: str = typer.Option("builtin", help="builtin (this project's server) or tfserving (exec tensorflow_model_server)."),
-    monitoring_config_file: Optional[str] = typer.Option(None, help="TF Serving MonitoringConfig text file; Prometheus metrics are served on the REST port only when it has prometheus_config { enable: true } (at its path, default /monitoring/prometheus/metrics)."),
+        SERVE_DEFAULTS.max_enqueued_batches, help="Batching: queued batches before requests are turned away with UNAVAILABLE (default: TF's 10)."),
+    num_batch_threads: Optional[int] = typer.Option(SERVE_DEFAULTS.num_batch_threads, help="Batching: batches run in parallel (default: TF's, the CPU count)."),
+    max_request_elements: int = typer.Option(SERVE_DEFAULTS.max_request_elements, help="Largest total tensor element count a request may declare."),
+    max_message_bytes: int = typer.Option(SERVE_DEFAULTS.max_message_bytes, help="Largest gRPC message and REST body, in bytes."),
+    max_concurrent_rpcs: int = typer.Option(SERVE_DEFAULTS.max_concurrent_rpcs, help="gRPC calls served at once; more get RESOURCE_EXHAUSTED."),
+    max_concurrent_rest_requests: int = typer.Option(SERVE_DEFAULTS.max_concurrent_rest_requests, help="REST inference POSTs served at once; more get HTTP 429."),
+    engine: str = typer.Option(SERVE_DEFAULTS.engine, help="builtin (this project's server) or tfserving (exec tensorflow_model_server)."),
+    monitoring_config_file: Optional[str] = typer.Option(SERVE_DEFAULTS.monitoring_config_file, help="TF Serving MonitoringConfig text file; Prometheus metrics are served on the REST port only when it has prometheus_config { enable: true } (at its path, default /monitoring/prometheus/metrics)."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Serve the pretrained bundle that ships with the project "
                                     "(pretrained/digitgan/, trained by the default recipe) instead of --model-base-path: "
                                     "digits at once, no training and no network."),
 ) -> None:
     """Serve exported bundles over TF Serving's gRPC (and REST) API until Ctrl-C/SIGTERM."""
-    from serving import config as config_lib
-
     with user_errors():
         if pretrained:
             model_base_path = pretrained_base_path(model_base_path, model_config_file)
@@ -216,7 +217,7 @@ def serve(
             raise ValueError(f"--rest-port must be 0..65535 (0 turns REST off), got {rest_port}")
         if batching_parameters_file is not None and not enable_batching:
             raise ValueError("--batching-parameters-file needs --enable-batching (as in tensorflow_model_server)")
-        config = config_lib.ServeConfig(
+        config = serve_config_lib.ServeConfig(
             model_base_path=model_base_path, model_name=model_name, model_config_file=model_config_file, host=host,
             port=port, rest_port=rest_port, poll_seconds=poll_seconds, enable_batching=enable_batching,
             batching_parameters_file=batching_parameters_file, max_batch_size=max_batch_size,
@@ -233,7 +234,7 @@ def serve(
 
 def pretrained_base_path(model_base_path: str, model_config_file: Optional[str]) -> str:
     """The shipped bundle's base path for `serve --pretrained`; ValueError when it clashes or is missing."""
-    if model_config_file is not None or model_base_path != "models/digitgan":
+    if model_config_file is not None or model_base_path != SERVE_DEFAULTS.model_base_path:
         raise ValueError("--pretrained serves the shipped bundle: leave out --model-base-path and --model-config-file")
     if not any(entry.name.isdigit() for entry in PRETRAINED_BASE_PATH.glob("*")):
         raise ValueError(f"no pretrained bundle in {PRETRAINED_BASE_PATH} (it ships in a clone of the repository); "
@@ -246,7 +247,7 @@ def evaluate(
     run_dir: Optional[str] = typer.Option(None, help="Judge this run's newest checkpoint (through the export's signatures)."),
     checkpoint: Optional[str] = typer.Option(None, help="Judge a specific checkpoint prefix instead of the newest."),
     server: Optional[str] = typer.Option(None, help="Judge a served model over gRPC, host:port: what clients receive."),
-    model_name: str = typer.Option("digitgan", help="Model name on the server."),
+    model_name: str = typer.Option(DEFAULT_MODEL_NAME, help="Model name on the server."),
     version: Optional[int] = typer.Option(None, help="Model version on the server (default: the latest available)."),
     per_digit: int = typer.Option(1000, help="`sample` images judged per digit (conditional models)."),
     default_samples: int = typer.Option(10_000, help="`serving_default` images judged for coverage."),
@@ -268,7 +269,7 @@ def evaluate(
         if server is not None:
             reports = sources.evaluate_server(server, model_name, version, config, report=report)
         else:
-            reports = sources.evaluate_run(run_dir or "runs/default", checkpoint, config, report=report)
+            reports = sources.evaluate_run(run_dir or DEFAULTS.run_dir, checkpoint, config, report=report)
     typer.echo(judge.reports_json(reports) if as_json else judge.format_reports(reports))
 
 
@@ -285,16 +286,17 @@ def parse_digits(text: Optional[str]) -> Optional[list[int]]:
 @app.command()
 def generate(
     digit: Optional[str] = typer.Option(None, help="Digit(s) to draw, e.g. 7 or 0123456789 (default: any, from noise)."),
-    count: int = typer.Option(16, help="Images per digit (or in all, without --digit)."),
+    count: int = typer.Option(16, help="How many images, by mode: with --digit, images per digit (one row each); without "
+                                        "--digit, images in all; with --interpolate, steps of the walk in each row."),
     seed: int = typer.Option(0, help="Seed of the first image; the same seed gives the same image."),
     out: Path = typer.Option(Path("digits.png"), help="Output file."),
     output_format: str = typer.Option("png", "--format", help="png (a grid, one row per digit) or npy (float32 [N,28,28,1] in [0,1])."),
     server: str = typer.Option(DEFAULT_SERVER, help="host:port of the gRPC server; a comma-separated list spreads requests."),
-    model_name: str = typer.Option("digitgan", help="Model name on the server."),
+    model_name: str = typer.Option(DEFAULT_MODEL_NAME, help="Model name on the server."),
     version: Optional[int] = typer.Option(None, help="Model version (default: the latest available)."),
     timeout: float = typer.Option(30.0, help="Seconds to wait for the server (one that is still starting is waited for) and for each request."),
     interpolate: bool = typer.Option(False, "--interpolate",
-                                     help="Walk from one noise vector to another: --count steps per row, one row per digit."),
+                                     help="Walk from one noise vector to another, one row per digit (see --count)."),
     compare_real: bool = typer.Option(False, "--compare-real",
                                       help="PNG only: real MNIST test images (left) beside the generated ones (right), row by row, "
                                            "under a header that names each half."),
@@ -393,7 +395,7 @@ def train_judge(
 @app.command()
 def status(
     server: str = typer.Option(DEFAULT_SERVER, help="host:port of the gRPC server."),
-    model_name: str = typer.Option("digitgan", help="Model name on the server."),
+    model_name: str = typer.Option(DEFAULT_MODEL_NAME, help="Model name on the server."),
     version: Optional[int] = typer.Option(None, help="One version (default: all known versions)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
@@ -429,7 +431,7 @@ def served_summary(model_name: str, versions: list[dict]) -> str:
 @app.command()
 def metadata(
     server: str = typer.Option(DEFAULT_SERVER, help="host:port of the gRPC server."),
-    model_name: str = typer.Option("digitgan", help="Model name on the server."),
+    model_name: str = typer.Option(DEFAULT_MODEL_NAME, help="Model name on the server."),
     version: Optional[int] = typer.Option(None, help="Model version (default: the latest available)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:

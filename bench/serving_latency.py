@@ -5,7 +5,7 @@ like:
 
   * in-process: the same SavedModel signature called directly, both as TF2
     (`tf.saved_model.load(...).signatures["serving_default"]`) and through the TF1 Session path the
-    server itself uses (`serving.models.LoadedVersion`), 1 and 64 images per call;
+    server itself uses (`serving.servable.LoadedVersion`), 1 and 64 images per call;
   * gRPC Predict to the project's server running in a *subprocess* (so the client's Python does
     not share a GIL with the server; the same as `python cli.py serve --port 0 --rest-port 0`),
     1 and 64 images per request, 1 client (a blocking stub) and 16 concurrent clients
@@ -24,6 +24,7 @@ tests/serving/serving_test_models.py (its cost is far from the real one, as the 
     .venv/bin/python bench/serving_latency.py                 # default run, ~2-3 minutes
     .venv/bin/python bench/serving_latency.py --seconds 2     # quicker
     .venv/bin/python bench/serving_latency.py --requests 500  # fixed request count per 1-client cell
+    .venv/bin/python bench/serving_latency.py --rest-only     # only REST :predict, 1 and 64 images, 1 client
 
 No timing is asserted; targets are reported as met / NOT met with the figures.
 """
@@ -55,15 +56,18 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
-MODEL_NAME = "digitgan"
+from serving import config as serve_config  # noqa: E402
+from serving.process import ServerProcess  # noqa: E402
+
+MODEL_NAME = serve_config.MODEL_NAME
 WIDTH = 52
-GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 * 2**20)]
+GRPC_OPTIONS = list(serve_config.CLIENT_CHANNEL_OPTIONS)
 
 
 # ---------------- the bundle ----------------
 def find_or_build_bundle(base_path: str | None, workdir: str) -> tuple[str, str, int]:
     """(base path holding numeric versions, description, latent dim)."""
-    for candidate in ([base_path] if base_path else ["models/digitgan"]):
+    for candidate in ([base_path] if base_path else [serve_config.MODEL_BASE_PATH]):
         base = Path(candidate)
         versions = sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()) \
             if base.is_dir() else []
@@ -136,7 +140,7 @@ def run_for(call, seconds: float, requests: int | None, warmup: int = 5) -> tupl
 
 # ---------------- in-process ----------------
 def bench_in_process(version_dir: str, latent: int, args) -> dict:
-    from serving.models import LoadedVersion
+    from serving.servable import LoadedVersion
 
     results = {}
     rng = np.random.default_rng(0)
@@ -192,36 +196,11 @@ def deploy_batching_parameters() -> dict[str, int]:
             re.findall(r"^\s*(\w+)\s*\{\s*value:\s*(\d+)\s*\}", text, re.M)}
 
 
-class ServerProcess:
-    def __init__(self, base_path: str, batching: bool):
-        extra = "".join(f", {name}={value}" for name, value in deploy_batching_parameters().items()) \
-            if batching else ""
-        code = ("import sys; from serving.config import ServeConfig; from serving.server import run_server; "
-                f"sys.exit(run_server(ServeConfig(model_base_path={base_path!r}, port=0, rest_port=0, "
-                f"poll_seconds=0, enable_batching={batching!r}{extra})))")
-        self.process = subprocess.Popen([sys.executable, "-c", code], cwd=str(ROOT), stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, text=True)
-        self.port = None
-        deadline = time.monotonic() + 180
-        for line in self.process.stdout:
-            match = re.match(r"gRPC listening on .*:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-            if line.startswith(f"model {MODEL_NAME}: versions"):
-                break
-            if time.monotonic() > deadline:
-                break
-        if self.port is None:
-            self.stop()
-            raise SystemExit("the server subprocess did not start")
-        threading.Thread(target=lambda: [None for _ in self.process.stdout], daemon=True).start()
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+def start_server(base_path: str, batching: bool, rest: bool = False) -> ServerProcess:
+    """The project's server in a subprocess, once its model is loaded (REST on a free port if asked)."""
+    knobs = deploy_batching_parameters() if batching else {}
+    return ServerProcess.start(model_base_path=base_path, port=0, rest_port=serve_config.FREE_PORT if rest else 0,
+                               poll_seconds=0, enable_batching=batching, **knobs)
 
 
 def predict_request(noise: np.ndarray) -> predict_pb2.PredictRequest:
@@ -254,6 +233,45 @@ def bench_load(target: str, request, clients: int, seconds: float, size: int) ->
         raise SystemExit(f"{result.failed} of {result.requests} requests to {target} failed: {result.failures}")
     return {"n": result.requests, "p50": result.p50_ms, "p99": result.p99_ms,
             "rps": result.requests_per_second, "ips": result.requests_per_second * size}
+
+
+def bench_rest(port: int, latent: int, size: int, args) -> dict:
+    """REST :predict (row format, `instances`) from one client on a kept-alive connection; each
+    request is timed until the whole JSON reply has arrived (the client does not parse it)."""
+    import http.client
+    import json
+
+    noise = np.random.default_rng(1).standard_normal((size, latent)).astype(np.float32)
+    body = json.dumps({"instances": noise.tolist()}).encode()
+    path = f"/v1/models/{MODEL_NAME}:predict"
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def call() -> bytes:
+        connection.request("POST", path, body, {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        payload = reply.read()
+        if reply.status != 200:
+            raise SystemExit(f"REST predict failed: HTTP {reply.status} {payload[:300]!r}")
+        return payload
+
+    try:
+        images = np.asarray(json.loads(call())["predictions"])
+        assert images.shape == (size, 28, 28, 1), images.shape
+        latencies, wall = run_for(call, args.seconds, args.requests)
+    finally:
+        connection.close()
+    return summarize(latencies, wall, size)
+
+
+def rest_only(base_path: str, latent: int, args) -> None:
+    """`--rest-only`: REST :predict rows, batching off, 1 client (a quick before/after check)."""
+    server = start_server(base_path, batching=False, rest=True)
+    try:
+        for size in (1, 64):
+            row = bench_rest(server.rest_port, latent, size, args)
+            print(f"{f'REST :predict batching off, {size:2d} img,  1 client':{WIDTH}s} {fmt(row)}", flush=True)
+    finally:
+        server.stop()
 
 
 # ---------------- the transport floor: a server that runs no model ----------------
@@ -369,7 +387,9 @@ def main() -> None:
                         help="fixed request count per in-process and 1-client cell instead of --seconds "
                              "(cells with 16 clients always run for --seconds)")
     parser.add_argument("--model-base-path", default=None,
-                        help="folder of numeric versions to serve (default: models/digitgan, else built)")
+                        help=f"folder of numeric versions to serve (default: {serve_config.MODEL_BASE_PATH}, else built)")
+    parser.add_argument("--rest-only", action="store_true",
+                        help="measure only REST :predict (1 and 64 images, 1 client, batching off) and stop")
     parser.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)  # bench_floor's child
     args = parser.parse_args()
     if args.floor_server:
@@ -393,6 +413,11 @@ def main() -> None:
     header = f"{'path':{WIDTH}s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>9s} {'images/s':>10s} {'n':>7s}"
     print(header)
     print("-" * len(header))
+    if args.rest_only:
+        print(f"(load average {os.getloadavg()[0]:.2f} at start)", flush=True)
+        rest_only(base_path, latent, args)
+        print(f"\ntotal time {time.perf_counter() - started:.0f} s")
+        return
     local = bench_in_process(version_dir, latent, args)
     labels = {"tf2": "TF2 signature", "tf1": "TF1 Session (server path)", "tf1x2": "TF1 Session, 2 threads"}
     for (kind, size), row in local.items():
@@ -400,16 +425,16 @@ def main() -> None:
 
     remote, png = {}, None
     for batching in (False, True):
-        server = ServerProcess(base_path, batching)
+        server = start_server(base_path, batching)
         try:
             for size in (1, 64):
                 for clients in (1, 16):
-                    row = bench_grpc(server.port, latent, size, clients, args)
+                    row = bench_grpc(server.grpc_port, latent, size, clients, args)
                     remote[(batching, size, clients)] = row
                     label = f"gRPC batching {'on ' if batching else 'off'}, {size:2d} img, {clients:2d} clients"
                     print(f"{label:{WIDTH}s} {fmt(row)}", flush=True)
             if not batching:
-                png = bench_sample_png(server.port, args)
+                png = bench_sample_png(server.grpc_port, args)
         finally:
             server.stop()
 

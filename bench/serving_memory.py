@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,12 +48,12 @@ import grpc  # noqa: E402
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc  # noqa: E402
 
 from serving import loadtest  # noqa: E402
+from serving.config import MODEL_BASE_PATH  # noqa: E402
+from serving.process import ServerProcess  # noqa: E402
 from serving_latency import MODEL_NAME, find_or_build_bundle  # noqa: E402
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 END = get_model_status_pb2.ModelVersionStatus.END
-SERVER_CODE = ("import sys; from serving.config import ServeConfig; from serving.server import run_server; "
-               "sys.exit(run_server(ServeConfig(model_base_path=sys.argv[1], port=0, rest_port=0)))")
 
 
 # ---------------- /proc ----------------
@@ -94,15 +93,9 @@ class PeakSampler:
 
 
 # ---------------- the server ----------------
-def start_server(base_path: Path) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([sys.executable, "-c", SERVER_CODE, str(base_path)], cwd=str(ROOT),
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in process.stdout:
-        match = re.match(r"gRPC listening on .*:(\d+)", line)
-        if match:
-            threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
-            return process, f"127.0.0.1:{match.group(1)}"
-    raise SystemExit("the server subprocess did not start")
+def start_server(base_path: Path) -> ServerProcess:
+    """run_server on a base path with no version yet, in a subprocess, once its gRPC port is open."""
+    return ServerProcess.start(wait_for_models=False, model_base_path=str(base_path), port=0, rest_port=0)
 
 
 def statuses(address: str) -> dict[int, int]:
@@ -176,7 +169,8 @@ def one_version_rss(source: Path, workdir: Path, clients: int, latent: int) -> t
     """(VmRSS with no model, VmRSS serving `source` as v1 under load), in a fresh server subprocess."""
     base_path = workdir / MODEL_NAME
     base_path.mkdir(parents=True)
-    process, address = start_server(base_path)
+    server = start_server(base_path)
+    process, address = server.process, server.address
     load = None
     try:
         runtime = settle(process.pid)
@@ -189,8 +183,7 @@ def one_version_rss(source: Path, workdir: Path, clients: int, latent: int) -> t
     finally:
         if load is not None:
             load.stop()
-        process.terminate()
-        process.wait(60)
+        server.stop(60)
     if load is not None:
         load.join(120)
     return runtime, one_version
@@ -231,7 +224,7 @@ def measure_switch(pid: int, address: str, source: Path, base_path: Path, versio
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-base-path", default=None,
-                        help="folder of numeric versions to copy from (default: models/digitgan, else built)")
+                        help=f"folder of numeric versions to copy from (default: {MODEL_BASE_PATH}, else built)")
     parser.add_argument("--switches", type=int, default=6, help="hot switches to measure (default 6)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients during the run (default 8)")
     parser.add_argument("--compare-storage", action=argparse.BooleanOptionalAction, default=True,
@@ -251,7 +244,8 @@ def main() -> None:
     if args.compare_storage:
         compare_storage(workdir, args.clients)
 
-    process, address = start_server(base_path)
+    server = start_server(base_path)
+    process, address = server.process, server.address
     load = None
     try:
         runtime = settle(process.pid)
@@ -277,8 +271,7 @@ def main() -> None:
     finally:
         if load is not None:
             load.stop()
-        process.terminate()
-        process.wait(60)
+        server.stop(60)
     result = load.join(120)
     worst = max(peaks)
     model_one = one_version - runtime

@@ -28,8 +28,8 @@ import grpc
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
 
+from serving.errors import ServingError, invalid_argument
 from serving.inference import run_signature
-from serving.tensors import ServingError, invalid_argument
 
 EXPIRED_IN_QUEUE = "Run() timeout exceeded while waiting in batching queue"  # TF's BatchingSession text
 
@@ -209,6 +209,11 @@ class Batcher:
             # joins an open batch changes neither, so it wakes nobody.
             if opened or batch.closed:
                 self._condition.notify(2 if closed_previous else 1)
+
+    def waiting_tasks(self) -> int:
+        """Tasks queued in batches that have not started running (for tests and monitoring)."""
+        with self._condition:
+            return sum(len(batch.tasks) for queue in self._queues.values() for batch in queue)
 
     def _next_ready_batch(self):
         """Pop the oldest batch that is full or has waited long enough; else how long to wait."""

@@ -14,7 +14,9 @@ import time
 import grpc
 import numpy as np
 
-DEFAULT_MODEL = "digitgan"
+from serving import errors
+from serving.config import CLIENT_CHANNEL_OPTIONS, MODEL_NAME as DEFAULT_MODEL
+
 POLL_SECONDS = 0.2  # wait_until_available: how often a starting server is asked again
 STARTUP_GRACE_SECONDS = 3.0  # wait_until_available: how long NOT_FOUND may mean "still listing its versions"
 _round_robin = itertools.count()
@@ -65,7 +67,7 @@ def _call(server: str, model_name: str, method: str, request, timeout: float, wa
 
     last_error = None
     for address in _ordered(_servers(server)):
-        with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 * 2**20)]) as channel:
+        with grpc.insecure_channel(address, options=list(CLIENT_CHANNEL_OPTIONS)) as channel:
             if method == "GetModelStatus":
                 stub = model_service_pb2_grpc.ModelServiceStub(channel)
             else:
@@ -220,16 +222,15 @@ def get_status(server: str, model_name: str = DEFAULT_MODEL, version: int | None
     response = _call(server, model_name, "GetModelStatus", request, timeout, wait_for_ready)
     states = get_model_status_pb2.ModelVersionStatus.State
     return [{"version": item.version, "state": states.Name(item.state),
-             "error_code": grpc.StatusCode.OK.name if item.status.error_code == 0 else _code_name(item.status.error_code),
+             "error_code": _code_name(item.status.error_code),
              "error_message": item.status.error_message}
             for item in response.model_version_status]
 
 
 def _code_name(number: int) -> str:
-    for code in grpc.StatusCode:
-        if code.value[0] == number:
-            return code.name
-    return str(number)
+    """The status code's name ("OK" for 0), or the number itself where no code has it."""
+    code = errors.status_code(number, unknown=None)
+    return code.name if code is not None else str(number)
 
 
 def get_metadata(server: str, model_name: str = DEFAULT_MODEL, version: int | None = None,

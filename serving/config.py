@@ -1,7 +1,11 @@
-"""Configuration of the digitgan model server (the serving half of the project).
+"""Configuration of the digitgan model server (the serving half of the project), and the
+defaults its clients share.
 
 `ServeConfig` mirrors the `tensorflow_model_server` flags the project uses, so the same
-settings can drive the builtin Python server or the real TF Serving binary.
+settings can drive the builtin Python server or the real TF Serving binary. Every serving
+default lives here once: `cli.py` reads its `serve` options from `ServeConfig()` and its
+client options (`--server`, `--model-name`) from the constants below, as do the client, the
+load generator and the benches. No TensorFlow, no grpc: the CLI imports this at start-up.
 """
 
 from __future__ import annotations
@@ -9,6 +13,14 @@ from __future__ import annotations
 import dataclasses
 
 MEBIBYTE = 1024 * 1024
+MODEL_NAME = "digitgan"
+MODEL_BASE_PATH = "models/digitgan"  # where `cli.py export` writes versions and `serve` looks for them
+GRPC_PORT = 8500  # tensorflow_model_server's --port default
+REST_PORT = 8501  # the port TF Serving's documentation and images use for --rest_api_port
+SERVER = f"localhost:{GRPC_PORT}"  # what clients dial by default
+# Client channels accept replies this large: 64 images are ~200 KB, leave room for larger batches.
+CLIENT_MAX_RECEIVE_BYTES = 256 * MEBIBYTE
+CLIENT_CHANNEL_OPTIONS = (("grpc.max_receive_message_length", CLIENT_MAX_RECEIVE_BYTES),)
 ENGINES = ("builtin", "tfserving")
 # rest_port=FREE_PORT asks the operating system for a free REST port (tests, benches); the CLI
 # does not offer it, because `--rest_api_port=0` means "no REST" in tensorflow_model_server.
@@ -56,12 +68,12 @@ class ServeConfig:
             `prometheus_config.path` only when it sets `enable: true`. None: no metrics page.
     """
 
-    model_base_path: str = "models/digitgan"
-    model_name: str = "digitgan"
+    model_base_path: str = MODEL_BASE_PATH
+    model_name: str = MODEL_NAME
     model_config_file: str | None = None
     host: str = "127.0.0.1"
-    port: int = 8500
-    rest_port: int = 8501
+    port: int = GRPC_PORT
+    rest_port: int = REST_PORT
     poll_seconds: float = 1.0
     enable_batching: bool = False
     batching_parameters_file: str | None = None

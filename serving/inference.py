@@ -14,8 +14,8 @@ from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, inference_pb2,
                                      predict_pb2, prediction_log_pb2, regression_pb2)
 
-from serving import tensors
-from serving.tensors import ServingError, invalid_argument
+from serving import errors, tensors
+from serving.errors import ServingError, invalid_argument
 
 DEFAULT_SIGNATURE = "serving_default"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
@@ -30,16 +30,8 @@ def run_signature(loaded, signature, feeds: dict, output_aliases: list[str]) -> 
     try:
         results = loaded.run(feeds_by_name, fetch_names)
     except tf.errors.OpError as error:
-        raise ServingError(status_code_from_number(error.error_code), error.message) from None
+        raise ServingError(errors.status_code(error.error_code), error.message) from None
     return dict(zip(output_aliases, results))
-
-
-def status_code_from_number(number: int) -> grpc.StatusCode:
-    """TF status codes and gRPC status codes share their numbers."""
-    for code in grpc.StatusCode:
-        if code.value[0] == number:
-            return code
-    return grpc.StatusCode.UNKNOWN
 
 
 # ---------------- Predict ----------------
@@ -95,20 +87,48 @@ def parse_inputs(request_inputs, max_elements: int) -> dict:
     return feeds
 
 
+def check_element_limit(feeds: dict, max_elements: int) -> None:
+    """parse_inputs' limit, for inputs that arrive as arrays: the same order and message."""
+    remaining = max_elements
+    for alias in sorted(feeds):
+        array = feeds[alias]
+        if array.size > remaining:
+            message = tensors.too_many_elements(array.shape, array.size, remaining)
+            raise invalid_argument(f"tensor parsing error: {alias}: {message}")
+        remaining -= array.size
+
+
+def _predict_plan(loaded, signature_name: str, input_aliases: list[str], output_filter):
+    """(signature name, signature, output aliases) once the request's aliases are checked."""
+    signature_name, signature = signature_for_predict(loaded, signature_name)
+    check_input_aliases(signature, input_aliases)
+    return signature_name, signature, output_aliases_for(signature, output_filter)
+
+
 def predict(loaded, request: predict_pb2.PredictRequest, max_elements: int,
-            runner=None, tensor_content: bool = False) -> predict_pb2.PredictResponse:
-    """TF Serving's Predict on one loaded version. `runner` may batch (see batching.py)."""
-    signature_name, signature = signature_for_predict(loaded, request.model_spec.signature_name)
-    check_input_aliases(signature, list(request.inputs))
-    output_aliases = output_aliases_for(signature, request.output_filter)
+            runner=None) -> predict_pb2.PredictResponse:
+    """TF Serving's Predict on one loaded version. `runner` may batch (see batching.py).
+
+    Outputs are sent in the typed `*_val` fields, as TF Serving sends them.
+    """
+    signature_name, signature, output_aliases = _predict_plan(
+        loaded, request.model_spec.signature_name, list(request.inputs), request.output_filter)
     feeds = parse_inputs(request.inputs, max_elements)
-    run = runner or run_signature
-    outputs = run(loaded, signature, feeds, output_aliases)
+    outputs = (runner or run_signature)(loaded, signature, feeds, output_aliases)
     response = predict_pb2.PredictResponse()
     fill_model_spec(response.model_spec, loaded, signature_name)
     for alias, array in outputs.items():
-        response.outputs[alias].CopyFrom(tensors.ndarray_to_proto(array, tensor_content))
+        response.outputs[alias].CopyFrom(tensors.ndarray_to_proto(array))
     return response
+
+
+def predict_arrays(loaded, signature_name: str, feeds: dict, max_elements: int,
+                   runner=None) -> tuple[str, dict]:
+    """Predict for callers that hold arrays (REST): alias -> array in, (signature name,
+    alias -> array of every output) out, with Predict's checks and no TensorProto between."""
+    signature_name, signature, output_aliases = _predict_plan(loaded, signature_name, list(feeds), ())
+    check_element_limit(feeds, max_elements)
+    return signature_name, (runner or run_signature)(loaded, signature, feeds, output_aliases)
 
 
 def fill_model_spec(model_spec, loaded, signature_name: str) -> None:
@@ -171,7 +191,7 @@ def classify_result(loaded, signature_name: str, model_input,
         for column in range(width):
             item = classifications.classes.add()
             if classes is not None:
-                item.label = tensors._as_bytes(classes[row, column]).decode("utf-8", "replace")
+                item.label = tensors.as_bytes(classes[row, column]).decode("utf-8", "replace")
             if scores is not None:
                 item.score = float(scores[row, column])
     return name, result

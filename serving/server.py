@@ -25,10 +25,12 @@ from tensorflow_serving.apis import (model_service_pb2, model_service_pb2_grpc, 
                                      prediction_service_pb2_grpc)
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import batching, inference, models, prediction, rest
+from serving import batching, http_server, inference, prediction, rest_api
 from serving.batching import Batcher
 from serving.config import FREE_PORT, ServeConfig
+from serving.manager import ModelManager, discover_versions, single_model_config
 from serving.metrics import Metrics, prometheus_path
+from serving.request_runner import RequestRunner
 
 LOG = logging.getLogger("serving.server")
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
@@ -49,7 +51,7 @@ QUIET_SECONDS = 0.2
 def load_server_config(config: ServeConfig) -> model_server_config_pb2.ModelServerConfig:
     """The ModelServerConfig from the config file, or a one-model config from name/base path."""
     if config.model_config_file is None:
-        return models.single_model_config(config.model_name, config.model_base_path)
+        return single_model_config(config.model_name, config.model_base_path)
     try:
         with open(config.model_config_file, encoding="utf-8") as handle:
             text = handle.read()
@@ -149,7 +151,7 @@ class ModelServer:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._stopped = False
         self._ready = threading.Event()
-        self.manager = models.ModelManager(
+        self.manager = ModelManager(
             load_server_config(config), config.poll_seconds,
             warmup=lambda loaded, path: inference.run_warmup(loaded, path, config.max_request_elements),
             on_change=self._models_changed)
@@ -164,10 +166,10 @@ class ModelServer:
             raise ValueError(f"cannot bind gRPC to {config.host}:{config.port}")
         self._rest_server = None
         if config.rest_port != 0:  # 0: no REST, as tensorflow_model_server's --rest_api_port=0
-            api = rest.RestApi(self.manager, self.metrics, config.max_request_elements, self.batcher,
+            api = rest_api.RestApi(self.manager, self.metrics, config.max_request_elements, self.batcher,
                                self.prometheus_path)
             rest_port = 0 if config.rest_port == FREE_PORT else config.rest_port
-            self._rest_server = rest.RestServer(api, config.host, rest_port, config.max_message_bytes,
+            self._rest_server = http_server.RestServer(api, config.host, rest_port, config.max_message_bytes,
                                                 config.max_concurrent_rest_requests)
 
     def _build_grpc_server(self) -> grpc.Server:
@@ -179,7 +181,7 @@ class ModelServer:
         self._stopping = RefuseWhenStopping()
         server = grpc.server(self._thread_pool, interceptors=[self._stopping], options=options,
                              maximum_concurrent_rpcs=self.config.max_concurrent_rpcs)
-        runner = prediction.RequestRunner(self.manager, self.metrics)
+        runner = RequestRunner(self.manager, self.metrics)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             prediction.PredictionService(runner, self.config.max_request_elements, self.batcher), server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(prediction.ModelService(runner), server)
@@ -295,7 +297,7 @@ def missing_version_lines(base_paths: dict[str, str]) -> list[str]:
     """
     lines = []
     for name, base_path in base_paths.items():
-        if not models.discover_versions(base_path):
+        if not discover_versions(base_path):
             lines.append(f"model {name}: no version under {base_path} yet (a version is a numeric folder such as "
                          f"{os.path.join(base_path, '1')}); waiting for one. Make one with `python cli.py export "
                          f"--model-base-path {base_path}`, or serve the published weights with "

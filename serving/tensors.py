@@ -3,7 +3,8 @@
 Requests are parsed without `tf.make_ndarray`, because that pads a tiny proto up to its
 declared shape (a 27-byte proto can become a 31 MB array). Here dtype, rank, every dim, the
 declared element count and the payload length are checked before any array is built.
-Responses use TF Serving's default typed `*_val` fields, or `tensor_content` on request.
+Responses use TF Serving's default typed `*_val` fields (`tensor_content` on request: the
+benches compare the two). REST never builds TensorProtos: see inference.predict_arrays.
 """
 
 from __future__ import annotations
@@ -14,29 +15,9 @@ import grpc
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
+from serving.errors import ServingError, invalid_argument
+
 MAX_RANK = 254  # TensorShape::MaxDimensions() in TF
-MAX_MESSAGE_LENGTH = 1024
-TRUNCATION_SUFFIX = "...TRUNCATED"
-
-
-class ServingError(Exception):
-    """A failure reported to the client with a gRPC status code and a message."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def invalid_argument(message: str) -> ServingError:
-    return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def truncate_message(message: str) -> str:
-    """Cut long messages as TF Serving's grpc_status_util.cc does."""
-    if len(message) <= MAX_MESSAGE_LENGTH:
-        return message
-    return message[:MAX_MESSAGE_LENGTH] + TRUNCATION_SUFFIX
 
 
 def _bfloat16_dtype():
@@ -115,9 +96,13 @@ def checked_shape(proto: tensor_pb2.TensorProto, max_elements: int) -> tuple[tup
         raise invalid_argument(f"tensor shape {list(dims)} is too large")
     elements = math.prod(dims)
     if elements > max_elements:
-        raise invalid_argument(
-            f"tensor shape {list(dims)} has {elements} elements, more than the limit of {max_elements}")
+        raise invalid_argument(too_many_elements(dims, elements, max_elements))
     return dims, elements
+
+
+def too_many_elements(dims, elements: int, max_elements: int) -> str:
+    """The message for a tensor over the request's element limit (protos and REST arrays alike)."""
+    return f"tensor shape {list(dims)} has {elements} elements, more than the limit of {max_elements}"
 
 
 def proto_to_ndarray(proto: tensor_pb2.TensorProto, max_elements: int) -> np.ndarray:
@@ -199,7 +184,7 @@ def ndarray_to_proto(array: np.ndarray, use_tensor_content: bool = False) -> ten
     proto.tensor_shape.CopyFrom(shape_proto(array.shape))
     flat = array.reshape(-1)
     if dtype_enum == types_pb2.DT_STRING:
-        proto.string_val.extend(_as_bytes(value) for value in flat)
+        proto.string_val.extend(as_bytes(value) for value in flat)
         return proto
     if use_tensor_content:
         proto.tensor_content = np.ascontiguousarray(flat).tobytes()
@@ -226,7 +211,7 @@ def shape_proto(shape) -> tensor_shape_pb2.TensorShapeProto:
         dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=int(size)) for size in shape])
 
 
-def _as_bytes(value) -> bytes:
+def as_bytes(value) -> bytes:
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):

@@ -17,11 +17,8 @@ asserted: the 2-core CI machine is shared. Deadlines are generous for the same r
 from __future__ import annotations
 
 import os
-import re
 import resource
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +32,8 @@ from tensorflow_serving.config import model_server_config_pb2
 import serving_test_models as models
 from serving_test_models import wait_for
 from serving import loadtest
-from serving.config import ServeConfig
+from serving.config import FREE_PORT, ServeConfig
+from serving.process import ServerProcess
 from serving.server import create_server
 
 pytestmark = pytest.mark.slow  # 64 clients for seconds each, servers in subprocesses
@@ -49,14 +47,6 @@ GRACE_SECONDS = 10.0
 EXIT_ALLOWANCE = 30.0  # interpreter and TensorFlow teardown after stop(), on a busy machine
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 END = get_model_status_pb2.ModelVersionStatus.END
-ROOT = Path(__file__).resolve().parents[2]
-SERVER_SCRIPT = """
-import sys
-from serving.config import FREE_PORT, ServeConfig
-from serving.server import run_server
-sys.exit(run_server(ServeConfig(model_base_path=sys.argv[1], port=0, rest_port=FREE_PORT,
-                                grace_seconds=float(sys.argv[2]))))
-"""
 # Why a request may be refused after SIGTERM: our drain, or nobody listening any more.
 REFUSALS = ("server is shutting down", "failed to connect", "Connection refused")
 
@@ -225,41 +215,36 @@ def faults_under_load(server, base: Path, other_base: Path, seconds: float, reco
         assert statuses[version] == (END, 0), statuses
 
 
-def start_server_process(base_path: str) -> tuple[subprocess.Popen, str]:
-    """run_server in a subprocess; returns it and its gRPC address once its model is loaded."""
-    process = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT, base_path, str(GRACE_SECONDS)], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    lines = []
-    while not any(line.startswith("model digitgan") for line in lines):
-        line = process.stdout.readline()
-        assert line, f"server exited early: {lines}"
-        lines.append(line.strip())
-    assert "model digitgan: versions [1]" in lines, lines
-    port = int(re.search(r":(\d+)$", next(line for line in lines if line.startswith("gRPC listening"))).group(1))
-    return process, f"127.0.0.1:{port}"
+def start_server_process(base_path: str) -> ServerProcess:
+    """run_server in a subprocess, once its model is loaded."""
+    server = ServerProcess.start(model_base_path=base_path, port=0, rest_port=FREE_PORT,
+                                 grace_seconds=GRACE_SECONDS, timeout=WAIT_SECONDS)
+    assert "model digitgan: versions [1]" in server.lines, server.lines
+    return server
+
+
+def refused_after(load: loadtest.LoadGenerator, moment: float) -> bool:
+    """Whether a request sent after `moment` has already come back refused."""
+    return any(outcome.started >= moment and outcome.code != loadtest.OK for outcome in list(load.outcomes))
 
 
 def sigterm_under_load(base_path: str, seconds: float, record_property, title: str) -> None:
-    process, address = start_server_process(base_path)
-    load = loadtest.LoadGenerator(address, clients=CLIENTS, seconds=seconds + 10 * WAIT_SECONDS,
+    server = start_server_process(base_path)
+    load = loadtest.LoadGenerator(server.address, clients=CLIENTS, seconds=seconds + 10 * WAIT_SECONDS,
                                   timeout=REQUEST_DEADLINE)
     try:
         load.start()
         assert wait_for(lambda: load.successes() >= CLIENTS)
-        time.sleep(seconds)
+        time.sleep(seconds)  # the load runs this long before the signal: what is measured, not a wait
         signalled = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        exit_code = process.wait(timeout=GRACE_SECONDS + EXIT_ALLOWANCE)
+        server.send_signal(signal.SIGTERM)
+        exit_code = server.wait(timeout=GRACE_SECONDS + EXIT_ALLOWANCE)
         exited = time.monotonic()
-        # Clients keep trying: they must be refused, not left hanging. Wait until every client has
-        # been refused once after the SIGTERM (the event itself, not a fixed time).
-        assert wait_for(lambda: sum(outcome.started >= signalled and outcome.code != loadtest.OK
-                                    for outcome in list(load.outcomes)) >= CLIENTS), "refusals never came"
+        # Clients keep trying: they must be refused, not left hanging (a hung one fails the checks below).
+        assert wait_for(lambda: refused_after(load, exited), timeout=REQUEST_DEADLINE)
     finally:
         load.stop()
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        server.kill()
     result = load.join(REQUEST_DEADLINE + 30)
     before = [outcome for outcome in result.outcomes if outcome.started < signalled]
     in_flight = [outcome for outcome in before if outcome.finished > signalled]

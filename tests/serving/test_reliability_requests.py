@@ -40,11 +40,11 @@ from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_p
 
 import serving_test_models as models
 from serving_test_models import wait_for
-from serving import inference, prediction, rest
+from serving import inference, json_tensor, prediction, request_runner, rest_api, tensors
 from serving.config import FREE_PORT, ServeConfig
 from serving.metrics import Metrics
 from serving.server import create_server
-from serving.tensors import ServingError
+from serving.errors import ServingError
 from test_serving_units import tensor_protos
 
 CODE = grpc.StatusCode
@@ -441,9 +441,9 @@ def test_deeply_nested_leaf_is_a_clear_error():
     """Regression: an error message quoted the offending value with json.dumps, whose
     RecursionError on a deep value turned a client mistake into a 500 "internal error".
     (Over HTTP the parser's own depth limit is close, so this is tested on the parsed value.)"""
-    for convert in (lambda value: rest.json_to_array([value], types_pb2.DT_FLOAT, "noise"),
-                    lambda value: rest.json_to_array([value], types_pb2.DT_STRING, "noise"),
-                    lambda value: rest.examples_input({"examples": [{"x": [value]}]})):
+    for convert in (lambda value: json_tensor.json_to_array([value], types_pb2.DT_FLOAT, "noise"),
+                    lambda value: json_tensor.json_to_array([value], types_pb2.DT_STRING, "noise"),
+                    lambda value: json_tensor.examples_input({"examples": [{"x": [value]}]})):
         with pytest.raises(ServingError) as info:
             convert(nested(5000))
         assert info.value.code == CODE.INVALID_ARGUMENT
@@ -516,7 +516,7 @@ def predict_requests(draw):
 
 def predict_in_process(manager, request):
     """The gRPC Predict path minus the transport: resolve the spec, parse, run, encode."""
-    runner = prediction.RequestRunner(manager)
+    runner = request_runner.RequestRunner(manager)
     return runner.with_version(request.model_spec, request.HasField("model_spec"),
                                lambda loaded: inference.predict(loaded, request, FUZZ_ELEMENT_LIMIT))
 
@@ -633,7 +633,7 @@ REST_CALLS = st.tuples(st.just("POST"), st.sampled_from([
 @given(call=REST_CALLS, body=rest_bodies())
 def test_fuzz_rest_json_bodies(server, call, body):
     """Random JSON bodies and versions through the REST API logic: 200 or a clean 4xx, never a 500."""
-    api = rest.RestApi(server.manager, Metrics(), FUZZ_ELEMENT_LIMIT)
+    api = rest_api.RestApi(server.manager, Metrics(), FUZZ_ELEMENT_LIMIT)
     method, path = call
     status, payload, content_type = api.handle(method, path, body if method == "POST" else None)
     assert content_type == "application/json"
@@ -650,13 +650,45 @@ def test_fuzz_rest_json_bodies(server, call, body):
 def test_fuzz_json_to_array(value, dtype):
     """The JSON -> tensor conversion alone: an array of that dtype or INVALID_ARGUMENT."""
     try:
-        array = rest.json_to_array(value, dtype, "alias")
+        array = json_tensor.json_to_array(value, dtype, "alias")
     except ServingError as error:
         assert error.code == CODE.INVALID_ARGUMENT
         assert_clean(error.message, ["alias"] if "JSON Value" not in error.message else [])
         return
-    expected = np.dtype(object) if dtype == types_pb2.DT_STRING else rest.tensors.numpy_dtype(dtype)
+    expected = np.dtype(object) if dtype == types_pb2.DT_STRING else tensors.numpy_dtype(dtype)
     assert array.dtype == expected
+
+
+def test_rest_and_grpc_refuse_too_many_elements_with_one_text(server):
+    """REST hands arrays to inference.predict_arrays, gRPC protos to inference.predict: the same
+    element limit, checked in the same order, with the same message."""
+    limit = 150  # two noise rows are 200 elements
+    status, payload, _ = rest_api.RestApi(server.manager, Metrics(), limit).handle(
+        "POST", PREDICT, as_json({"instances": [ROW, ROW]}))
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name="digitgan"))
+    request.inputs["noise"].CopyFrom(tf.make_tensor_proto(NOISE))
+    runner = request_runner.RequestRunner(server.manager)
+    code, message, _ = runner.run_work(lambda: runner.with_version(
+        request.model_spec, True, lambda loaded: inference.predict(loaded, request, limit)))
+    expected = "tensor parsing error: noise: tensor shape [2, 100] has 200 elements, more than the limit of 150"
+    assert (status, json.loads(payload)) == (400, {"error": expected})
+    assert (code, message) == (CODE.INVALID_ARGUMENT, expected)
+
+
+def test_predict_arrays_gives_what_predict_gives(server):
+    """The array-level entry REST uses runs the same signature to the same outputs as Predict."""
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name="digitgan"))
+    request.inputs["noise"].CopyFrom(tf.make_tensor_proto(NOISE))
+    loaded = server.manager.acquire(request.model_spec)
+    try:
+        name, outputs = inference.predict_arrays(loaded, "", {"noise": NOISE}, 1000)
+        response = inference.predict(loaded, request, 1000)
+    finally:
+        loaded.release()
+    assert name == response.model_spec.signature_name == "serving_default"
+    assert sorted(outputs) == sorted(response.outputs)
+    for alias, array in outputs.items():
+        np.testing.assert_array_equal(array, tf.make_ndarray(response.outputs[alias]))
 
 
 # ---------------- 3. deadlines and concurrency limits ----------------
@@ -757,7 +789,7 @@ def test_expired_deadline_skips_the_graph(start_gate_server):
         def abort(self, code, details):
             raise grpc.RpcError(code, details)
 
-    servicer = prediction.PredictionService(prediction.RequestRunner(server.manager, server.metrics), 1000)
+    servicer = prediction.PredictionService(request_runner.RequestRunner(server.manager, server.metrics), 1000)
     with pytest.raises(grpc.RpcError) as info:
         servicer.Predict(gate_request(), ExpiredContext())
     assert info.value.args[0] == CODE.DEADLINE_EXCEEDED

@@ -27,7 +27,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from serving import batching
 from serving.config import FREE_PORT, ServeConfig
 from serving.server import batching_parameters_text, create_server
-from serving.tensors import ServingError
+from serving.errors import ServingError
 import serving_test_models as model_builders
 from serving_test_models import wait_for
 

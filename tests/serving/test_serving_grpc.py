@@ -194,7 +194,7 @@ class ExpiredContext:
 
 
 def test_expired_deadline_skips_work(server):
-    from serving.prediction import RequestRunner
+    from serving.request_runner import RequestRunner
 
     calls = []
     runner = RequestRunner(server.manager, server.metrics)
@@ -205,7 +205,7 @@ def test_expired_deadline_skips_work(server):
 
 
 def test_unexpected_exception_is_hidden(server):
-    from serving.prediction import RequestRunner
+    from serving.request_runner import RequestRunner
 
     class Context(ExpiredContext):
         def time_remaining(self):

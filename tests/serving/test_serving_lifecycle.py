@@ -121,7 +121,7 @@ def loads_of(caplog, version):
 
 
 def test_broken_version_never_replaces_working_one(fresh_server, caplog):
-    caplog.set_level(logging.INFO, logger="serving.models")
+    caplog.set_level(logging.INFO, logger="serving.manager")
     server, base = fresh_server()
     write_broken_version(base, 7)
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
@@ -145,7 +145,7 @@ def test_broken_version_never_replaces_working_one(fresh_server, caplog):
 
 def test_broken_newest_version_at_start_serves_the_newest_that_loads(tmp_path, generator_v1, caplog):
     """The deliberate difference: tensorflow_model_server would serve nothing here until 7 loads."""
-    caplog.set_level(logging.INFO, logger="serving.models")
+    caplog.set_level(logging.INFO, logger="serving.manager")
     base = tmp_path / "digitgan"
     shutil.copytree(generator_v1, base / "1")
     write_broken_version(base, 7)
@@ -294,7 +294,7 @@ def test_full_batch_queue_refuses_a_task_and_keeps_the_open_batch_open(fresh_ser
 
     first = threading.Thread(target=send, args=("first", 1))
     first.start()
-    time.sleep(1.0)  # the first task now waits in the open batch (3 s timeout)
+    assert wait_for(lambda: server.batcher.waiting_tasks() == 1)  # the first task waits in the open batch (3 s timeout)
     send("too_large", 4)
     send("fits", 1)
     first.join()

@@ -19,7 +19,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving import metrics as metrics_lib
-from serving import rest
+from serving import json_tensor, rest_api
 from serving.config import FREE_PORT, ServeConfig
 from serving.server import create_server
 import serving_test_models as model_builders
@@ -126,7 +126,7 @@ def reference_write_decimal(value: np.float32) -> str:
 def test_vectorised_float_text_matches_the_rule_on_random_bit_patterns():
     bits = np.random.default_rng(7).integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32)
     values = np.concatenate([bits.view(np.float32), np.float32([0.1, 0.5, 1e-45, 3.4028235e38, 16777217])])
-    texts = rest.float_texts(values)
+    texts = json_tensor.float_texts(values)
     assert texts == [reference_write_decimal(value) for value in values]
     finite = np.isfinite(values)
     assert (np.float32([float(t) for t, ok in zip(texts, finite) if ok]) == values[finite]).all()
@@ -148,7 +148,7 @@ def test_vectorised_float_text_matches_the_rule_on_random_bit_patterns():
     ("aGVs*G8=", None),
 ])
 def test_base64_unescape_follows_absl(text, expected):
-    assert rest.base64_unescape(text) == expected
+    assert json_tensor.base64_unescape(text) == expected
 
 
 def test_lenient_base64_input_over_rest(server):
@@ -307,7 +307,7 @@ def test_histogram_buckets_count_as_tf_histogram():
 
 
 def test_no_metrics_page_without_a_monitoring_config(server):
-    api = rest.RestApi(server.manager, server.metrics, 1000, prometheus_path=None)
+    api = rest_api.RestApi(server.manager, server.metrics, 1000, prometheus_path=None)
     status, _, _ = api.handle("GET", "/monitoring/prometheus/metrics", None)
     assert status == 404
 

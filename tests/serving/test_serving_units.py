@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.config import file_system_storage_path_source_pb2
 
-from serving import models, server, tensors
+from serving import errors, manager, server, tensors
 from serving import batching
 from serving.config import FREE_PORT, ServeConfig
-from serving.tensors import ServingError
+from serving.errors import ServingError
 
 LIMIT = 10_000
 
@@ -79,8 +79,8 @@ def test_rejected(bad):
 
 
 def test_truncate_message():
-    assert tensors.truncate_message("x" * 1024) == "x" * 1024
-    assert tensors.truncate_message("x" * 2000) == "x" * 1024 + "...TRUNCATED"
+    assert errors.truncate_message("x" * 1024) == "x" * 1024
+    assert errors.truncate_message("x" * 2000) == "x" * 1024 + "...TRUNCATED"
 
 
 FIELDS = {dtype: field for dtype, (_np, field) in tensors.DTYPES.items()}
@@ -176,16 +176,16 @@ def test_version_discovery_and_policies(tmp_path):
     for name in ("1", "00017", "3", "temp-4", "not_a_version"):
         os.makedirs(tmp_path / name)
     (tmp_path / "9").write_text("a file, not a directory")
-    found = models.discover_versions(str(tmp_path))
+    found = manager.discover_versions(str(tmp_path))
     assert sorted(found) == [1, 3, 17]
     policy = file_system_storage_path_source_pb2.FileSystemStoragePathSourceConfig.ServableVersionPolicy()
-    assert models.select_versions(policy, list(found)) == {17}
+    assert manager.select_versions(policy, list(found)) == {17}
     policy.latest.num_versions = 2
-    assert models.select_versions(policy, list(found)) == {17, 3}
+    assert manager.select_versions(policy, list(found)) == {17, 3}
     policy.all.SetInParent()
-    assert models.select_versions(policy, list(found)) == {1, 3, 17}
+    assert manager.select_versions(policy, list(found)) == {1, 3, 17}
     policy.specific.versions.extend([3, 99])
-    assert models.select_versions(policy, list(found)) == {3}
+    assert manager.select_versions(policy, list(found)) == {3}
 
 
 def test_tfserving_engine(tmp_path, monkeypatch):

@@ -1,10 +1,9 @@
-"""Model manager: version discovery, policies, loading, warmup and hot swap.
+"""The version manager: version discovery, policies, labels, loading, warmup and hot swap.
 
 Each model has a base path whose int64-named children are versions (TF Serving's
 FileSystemStoragePathSource). A background thread rescans every `poll_seconds`, loads new
-versions into their own TF1 Graph + Session (which loads TF1 and TF2 SavedModels alike, as
-TF Serving's C++ does), replays the warmup file, and only then lets the version take
-traffic and unloads the versions it replaces. A version that fails is reported (state END
+versions (servable.LoadedVersion, each in its own TF1 Graph + Session), replays the warmup
+file, and only then lets the version take traffic and unloads the versions it replaces. A version that fails is reported (state END
 with its error in GetModelStatus) and retried only when its directory changes.
 
 A failed version is skipped: the policy then picks among the versions that load, so with
@@ -22,80 +21,16 @@ from dataclasses import dataclass
 
 import grpc
 import tensorflow as tf
-from tensorflow.core.protobuf import config_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.tensors import ServingError, invalid_argument
+from serving import errors
+from serving.errors import ServingError, invalid_argument
+from serving.servable import LoadedVersion
 
-LOG = logging.getLogger("serving.models")
+LOG = logging.getLogger("serving.manager")
 WARMUP_RELATIVE_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
-MAX_WARMUP_RECORDS = 1000
 STATE = get_model_status_pb2.ModelVersionStatus.State
-
-
-class LoadedVersion:
-    """One loaded SavedModel version: its session, signatures and a reference count."""
-
-    def __init__(self, name: str, version: int, path: str):
-        self.name = name
-        self.version = version
-        self.path = path
-        self.graph = tf.Graph()
-        self.session = tf.compat.v1.Session(graph=self.graph)
-        self.meta_graph = tf.compat.v1.saved_model.loader.load(self.session, ["serve"], path)
-        self.signature_defs = dict(self.meta_graph.signature_def)
-        self._callables: dict = {}
-        self._lock = threading.Lock()
-        self._references = 0
-        self._retired = False
-        self._closed = False
-
-    def run(self, feeds_by_name: dict, fetch_names: list[str]) -> list:
-        """Run the graph feeding tensor names -> arrays; returns fetched arrays in order.
-
-        A CallableOptions callable skips the Python feed-shape check of Session.run, so
-        shapes are judged by the ops, as in TF Serving; dtype errors come from the runtime.
-        """
-        feed_names = tuple(sorted(feeds_by_name))
-        key = (feed_names, tuple(fetch_names))
-        with self._lock:
-            runner = self._callables.get(key)
-            if runner is None:
-                options = config_pb2.CallableOptions(feed=list(feed_names), fetch=list(fetch_names))
-                runner = self.session._make_callable_from_options(options)
-                self._callables[key] = runner
-        return runner(*[feeds_by_name[name] for name in feed_names])
-
-    def acquire(self) -> bool:
-        with self._lock:
-            if self._retired:
-                return False
-            self._references += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self._references -= 1
-            close_now = self._retired and self._references == 0
-        if close_now:
-            self._close()
-
-    def retire(self) -> None:
-        """Stop new use; the session closes once in-flight requests have released it."""
-        with self._lock:
-            self._retired = True
-            close_now = self._references == 0
-        if close_now:
-            self._close()
-
-    def _close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self.session.close()
-        LOG.info("unloaded %s version %d", self.name, self.version)
 
 
 @dataclass
@@ -178,8 +113,7 @@ def validate_server_config(config: model_server_config_pb2.ModelServerConfig) ->
     """Reject configs TF Serving's ServerCore rejects."""
     which = config.WhichOneof("config")
     if which == "custom_model_config":
-        raise invalid_argument("ServerModelConfig type not supported by HandleReloadConfigRequest. "
-                               "Only ModelConfigList is currently supported")
+        raise invalid_argument(errors.RELOAD_CONFIG_NOT_SUPPORTED)
     names = set()
     for model in config.model_config_list.config:
         if not model.name:
@@ -197,7 +131,7 @@ def validate_server_config(config: model_server_config_pb2.ModelServerConfig) ->
 class ModelManager:
     """Keeps the configured models loaded and answers which version serves a request."""
 
-    def __init__(self, config: model_server_config_pb2.ModelServerConfig, poll_seconds: float = 1.0,
+    def __init__(self, config: model_server_config_pb2.ModelServerConfig, poll_seconds: float,
                  warmup=None, on_change=None):
         validate_server_config(config)
         self._models: dict[str, ModelEntry] = {
@@ -373,7 +307,7 @@ class ModelManager:
         """Resolve a ModelSpec to a loaded version and take a reference (release() it)."""
         name = model_spec.name
         if not name:
-            raise invalid_argument("ModelSpec has no name specified.")
+            raise invalid_argument(errors.NO_MODEL_NAME)
         with self._lock:
             entry = self._models.get(name)
             choice = model_spec.WhichOneof("version_choice")
