@@ -92,7 +92,7 @@ def train(
     conditional: bool = typer.Option(DEFAULTS.conditional, "--conditional/--unconditional",
                                      help="Class-conditional GAN (ask for a digit) or the tutorial's unconditional one."),
     data_dir: Optional[str] = typer.Option(None, help="TFDS data dir for MNIST (default: ~/tensorflow_datasets)."),
-    architecture: str = typer.Option(DEFAULTS.architecture, help="Layer widths of G and D: tutorial (TensorFlow's DCGAN tutorial), compact (about 1.8x the images/s on 2 CPU cores) or tutorial_cbn (tutorial, with the digit also conditioning G's BatchNorm)."),
+    architecture: str = typer.Option(DEFAULTS.architecture, help="Layer widths of G and D: tutorial (TensorFlow's DCGAN tutorial), compact (about 1.8x the images/s on 2 CPU cores), tutorial_cbn (tutorial, with the digit also conditioning G's BatchNorm) or tutorial_cbn_3x3 (tutorial_cbn with 3x3 kernels, the default)."),
     generator_average_decay: float = typer.Option(
         DEFAULTS.generator_average_decay, "--generator-average-decay", "--generator-average",
         help="Decay of the moving average of G's weights that samples and exports use (0 = off). "

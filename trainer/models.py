@@ -114,6 +114,10 @@ ARCHITECTURES = {
     # also sets the scale and shift after each upsampling block, a stronger label path than the
     # one-hot at the input alone. Unconditional generators ignore it.
     "tutorial_cbn": Architecture(256, ((128, 1), (64, 2)), (64, 128), 5, digit_batch_norm=True),
+    # tutorial_cbn with 3x3 kernels in G and D: G's transposed convolutions, most of the step's work,
+    # drop from ~80M to ~29M multiply-adds per image, and the step runs 1.4-1.6x the images/s on a
+    # 2-core CPU (docs/experiments.md, issue #14). The default since 2026-12-01.
+    "tutorial_cbn_3x3": Architecture(256, ((128, 1), (64, 2)), (64, 128), 3, digit_batch_norm=True),
 }
 
 
