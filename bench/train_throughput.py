@@ -8,7 +8,7 @@ Variants (same machine, same process, same global batch; images/s, higher is bet
 - tutorial_tf_function_xla: the same step compiled by XLA (`tf.function(jit_compile=True)`);
 - tutorial_eager: the same step without `tf.function` (the seed's eager loop);
 - ours_unconditional / ours_conditional: `trainer.step.make_train_function` (`steps_per_call` steps
-  per call) fed by the real MNIST pipeline; ours_conditional is the default recipe in `--precision`;
+  per call) fed by the real MNIST pipeline; ours_conditional is the default recipe on the tutorial architecture in `--precision`;
 - ours_conditional_synthetic: the same step fed by one in-memory batch repeated, to show whether
   the input pipeline starves the step;
 - ours_compact: ours_conditional with `--architecture compact` (4x4 kernels, narrower G);
@@ -245,7 +245,7 @@ def main() -> None:
     variants["tutorial_tf_function_xla"] = ("tutorial", tutorial_step(batch, compiled=True, jit_compile=True)[0])
     if not arguments.skip_eager:
         variants["tutorial_eager"] = ("tutorial", tutorial_step(batch, compiled=False)[0])
-    # The tutorial's architecture for the side-by-side step comparison (also the default's);
+    # The tutorial's architecture for the side-by-side step comparison (the default's until 2026-12-01; it now uses 3x3 kernels);
     # "ours_compact" is the cheaper architecture option at the same batch.
     for name, conditional, synthetic, architecture in (
             ("ours_unconditional", False, False, "tutorial"), ("ours_conditional", True, False, "tutorial"),

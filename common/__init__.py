@@ -1,5 +1,5 @@
 """Small helpers shared by the trainer, the judge, export and the client: atomic file writes, PNG
-grids, and the scope for Keras's process-global precision policy.
+grids, the scope for Keras's process-global precision policy, and the start-up log filter (quiet).
 
 Nothing here imports TensorFlow at import time, so the client CLI stays light.
 """

@@ -18,6 +18,7 @@ from serving import errors
 from serving.config import CLIENT_CHANNEL_OPTIONS, MODEL_NAME as DEFAULT_MODEL
 
 POLL_SECONDS = 0.2  # wait_until_available: how often a starting server is asked again
+ASK_SECONDS = 1.0  # wait_until_available: the longest one server is waited for before the next is asked
 STARTUP_GRACE_SECONDS = 3.0  # wait_until_available: how long NOT_FOUND may mean "still listing its versions"
 _round_robin = itertools.count()
 _round_robin_lock = threading.Lock()
@@ -178,34 +179,41 @@ def read_latent_dim(server: str, model_name: str, version: int | None, timeout: 
 
 def wait_until_available(server: str, model_name: str = DEFAULT_MODEL, version: int | None = None,
                          timeout: float = 30.0) -> None:
-    """Returns once `model_name` (`version`, if given) is AVAILABLE; ClientError after `timeout` seconds.
+    """Returns once `model_name` (`version`, if given) is AVAILABLE on one of the servers; ClientError after
+    `timeout` seconds.
 
     A server that is still starting is waited for: its port not open yet, or its first version still
-    loading, so `serve ... &` followed at once by `generate` works. A model the server does not know
-    (NOT_FOUND) is an error at once, after a grace of STARTUP_GRACE_SECONDS from the server's first
-    answer (a server that has just opened its port may not have listed its versions yet).
+    loading, so `serve ... &` followed at once by `generate` works. Each server of a list is asked in
+    turn, at most ASK_SECONDS at a time, so a dead one cannot use up the wait. A model the server does
+    not know (NOT_FOUND) is an error at once, after a grace of STARTUP_GRACE_SECONDS from the server's
+    first answer (a server that has just opened its port may not have listed its versions yet).
     """
     deadline = time.monotonic() + timeout
     first_answer = None
+    last = "no answer"
     while True:
-        try:
-            versions = get_status(server, model_name, version, timeout=max(deadline - time.monotonic(), 0.1),
-                                  wait_for_ready=True)
+        for address in _servers(server):
+            ask = min(ASK_SECONDS, deadline - time.monotonic())
+            if ask <= 0:
+                break
+            try:
+                versions = get_status(address, model_name, version, timeout=ask, wait_for_ready=True)
+            except ClientError as error:
+                if error.code == grpc.StatusCode.NOT_FOUND:
+                    first_answer = first_answer or time.monotonic()
+                    if time.monotonic() - first_answer > STARTUP_GRACE_SECONDS:
+                        raise
+                    last = str(error)
+                elif error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    last = last if first_answer else (f"cannot reach digitgan server at {server} within {timeout:g} s "
+                                                      "(is `python cli.py serve` running?)")
+                else:
+                    raise
+                continue
             if any(entry["state"] == "AVAILABLE" for entry in versions):
                 return
             first_answer = first_answer or time.monotonic()
             last = "state " + ", ".join(f"v{entry['version']} {entry['state']}" for entry in versions)
-        except ClientError as error:
-            if error.code == grpc.StatusCode.NOT_FOUND:
-                first_answer = first_answer or time.monotonic()
-                if time.monotonic() - first_answer > STARTUP_GRACE_SECONDS:
-                    raise
-            elif error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                error = ClientError(f"cannot reach digitgan server at {server} within {timeout:g} s "
-                                    "(is `python cli.py serve` running?)", error.code)
-            else:
-                raise
-            last = str(error)
         if time.monotonic() >= deadline:
             raise ClientError(last if first_answer is None else
                               f"model {model_name!r} is not available on {server} after {timeout:g} s ({last})")

@@ -54,3 +54,10 @@ def test_a_model_the_server_does_not_know_is_reported_not_waited_for(server):
 def test_nothing_listening_ends_the_wait_with_a_clear_error():
     with pytest.raises(client.ClientError, match=r"cannot reach digitgan server at .* within 1 s"):
         client.wait_until_available(f"127.0.0.1:{_free_port()}", "digitgan", timeout=1)
+
+
+def test_a_dead_server_in_a_list_does_not_use_up_the_wait(server):
+    """Round robin starts each call at the next address: twice, so the dead one comes first once."""
+    servers = f"127.0.0.1:{_free_port()},127.0.0.1:{server.grpc_port}"
+    for _ in range(2):
+        client.wait_until_available(servers, "digitgan", timeout=20)
