@@ -83,7 +83,7 @@ class Verdict:
 Gate = Callable[[Path], Verdict]
 
 
-def export_bundle(config: ExportConfig, metrics: dict | None = None, gate: Gate | None = None) -> ExportResult:
+def export_bundle(config: ExportConfig, gate: Gate | None = None) -> ExportResult:
     """Exports the generator of `config.run_dir` as `<model_base_path>/<version>`; see the module docstring.
 
     With a `gate`, the validated candidate is judged before the rename; a candidate that falls short
@@ -109,7 +109,7 @@ def export_bundle(config: ExportConfig, metrics: dict | None = None, gate: Gate 
         module = signatures_lib.GeneratorSignatures(generator, train_config.latent_dim, train_config.conditional)
         module.write(str(staging))
         write_warmup(staging, config.model_name, module)
-        metadata = _metadata(config, train_config, checkpoint_path, step, version, metrics)
+        metadata = _metadata(config, train_config, checkpoint_path, step, version)
         files.write_json_atomic(staging / "assets.extra" / METADATA_FILE, metadata)
         described = validate_bundle(staging, module)
         if gate is not None:
@@ -281,8 +281,7 @@ def describe_signatures(served) -> dict:
     return summary
 
 
-def _metadata(config: ExportConfig, train_config: TrainConfig, checkpoint_path: str, step: int, version: int,
-              metrics: dict | None) -> dict:
+def _metadata(config: ExportConfig, train_config: TrainConfig, checkpoint_path: str, step: int, version: int) -> dict:
     return {
         "model_name": config.model_name,
         "version": version,
@@ -292,7 +291,6 @@ def _metadata(config: ExportConfig, train_config: TrainConfig, checkpoint_path: 
         "train_config": dataclasses.asdict(train_config),
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tensorflow_version": tf.__version__,
-        "metrics": metrics or {},
         "commands": list(config.commands),
         "signatures_doc": signatures_lib.__doc__.strip().splitlines()[0],
     }
