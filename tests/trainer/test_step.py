@@ -165,7 +165,8 @@ def test_learning_rates_follow_ttur_and_the_linear_decay_schedule(mnist_data_dir
     early = step_lib.learning_rate_schedule(dataclasses.replace(config, learning_rate_decay_start=0.0), 1e-4)
     np.testing.assert_allclose([float(early(step)) for step in (0, total // 2)], [1e-4, 0.5e-4], atol=1e-9)
     constant = step_lib.set_globals_and_build_state(TrainConfig(batch_size=GLOBAL_BATCH), tf.distribute.get_strategy())
-    assert float(constant.discriminator_optimizer.learning_rate) == np.float32(2e-4)
+    # Without discriminator_learning_rate, D learns at G's rate (the default's, at step 0).
+    assert float(constant.discriminator_optimizer.learning_rate) == np.float32(TrainConfig().learning_rate)
 
 
 def test_dropout_masks_differ_per_replica_and_their_seeds_are_checkpointed(tmp_path):
