@@ -26,6 +26,7 @@ keras-team/keras#23553), with the values each stores and the VmRSS each costs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -165,27 +166,36 @@ def stored_values(version_folder: Path) -> int:
     return sum(int(np.prod(shape)) for name, shape in listed if name != "_CHECKPOINTABLE_OBJECT_GRAPH")
 
 
-def one_version_rss(source: Path, workdir: Path, clients: int, latent: int) -> tuple[float, float]:
-    """(VmRSS with no model, VmRSS serving `source` as v1 under load), in a fresh server subprocess."""
-    base_path = workdir / MODEL_NAME
-    base_path.mkdir(parents=True)
+@contextlib.contextmanager
+def one_version_under_load(source: Path, base_path: Path, clients: int, latent: int):
+    """A fresh server subprocess serving `source` as v1 while `clients` send Predict requests.
+
+    Yields (server, VmRSS MiB with no model, VmRSS MiB with v1 under load, the load generator); the
+    load and the server are stopped on the way out (join the load afterwards for its result).
+    """
     server = start_server(base_path)
-    process, address = server.process, server.address
     load = None
     try:
-        runtime = settle(process.pid)
+        runtime = settle(server.process.pid)
         publish(source, base_path, 1)
-        wait_until(lambda: statuses(address).get(1) == AVAILABLE)
-        load = loadtest.LoadGenerator(address, MODEL_NAME, clients=clients, seconds=3600,
+        wait_until(lambda: statuses(server.address).get(1) == AVAILABLE)
+        load = loadtest.LoadGenerator(server.address, MODEL_NAME, clients=clients, seconds=3600,
                                       request=loadtest.predict_request(MODEL_NAME, latent_dim=latent))
         load.start()
-        one_version = settle(process.pid, 5.0)
+        yield server, runtime, settle(server.process.pid, 5.0), load
     finally:
         if load is not None:
             load.stop()
         server.stop(60)
-    if load is not None:
-        load.join(120)
+
+
+def one_version_rss(source: Path, workdir: Path, clients: int, latent: int) -> tuple[float, float]:
+    """(VmRSS with no model, VmRSS serving `source` as v1 under load), in a fresh server subprocess."""
+    base_path = workdir / MODEL_NAME
+    base_path.mkdir(parents=True)
+    with one_version_under_load(source, base_path, clients, latent) as (_, runtime, one_version, load):
+        pass
+    load.join(120)
     return runtime, one_version
 
 
@@ -244,17 +254,8 @@ def main() -> None:
     if args.compare_storage:
         compare_storage(workdir, args.clients)
 
-    server = start_server(base_path)
-    process, address = server.process, server.address
-    load = None
-    try:
-        runtime = settle(process.pid)
-        publish(source, base_path, 1)
-        wait_until(lambda: statuses(address).get(1) == AVAILABLE)
-        request = loadtest.predict_request(MODEL_NAME, latent_dim=latent)
-        load = loadtest.LoadGenerator(address, MODEL_NAME, clients=args.clients, seconds=3600, request=request)
-        load.start()
-        one_version = settle(process.pid, 5.0)
+    with one_version_under_load(source, base_path, args.clients, latent) as (server, runtime, one_version, load):
+        process, address = server.process, server.address
         print(f"{'runtime, no model loaded':<44} VmRSS {runtime:8.1f} MiB")
         print(f"{'serving one version (v1)':<44} VmRSS {one_version:8.1f} MiB")
         peaks, afters, extras = [], [], []
@@ -268,10 +269,6 @@ def main() -> None:
             source_of_peak = "VmHWM and samples" if hwm else "20 ms samples only"
             print(f"switch v{version - 1} -> v{version}: before {before:7.1f}  peak {peak:7.1f} "
                   f"(+{peak - before:5.1f})  after {after:7.1f} MiB   [peak from {source_of_peak}]")
-    finally:
-        if load is not None:
-            load.stop()
-        server.stop(60)
     result = load.join(120)
     worst = max(peaks)
     model_one = one_version - runtime

@@ -189,8 +189,8 @@ def wait_until_available(server: str, model_name: str = DEFAULT_MODEL, version: 
     first answer (a server that has just opened its port may not have listed its versions yet).
     """
     deadline = time.monotonic() + timeout
-    first_answer = None
-    last = "no answer"
+    first_answer = None  # when a server first answered at all
+    last = f"cannot reach digitgan server at {server} within {timeout:g} s (is `python cli.py serve` running?)"
     while True:
         for address in _servers(server):
             ask = min(ASK_SECONDS, deadline - time.monotonic())
@@ -204,12 +204,9 @@ def wait_until_available(server: str, model_name: str = DEFAULT_MODEL, version: 
                     if time.monotonic() - first_answer > STARTUP_GRACE_SECONDS:
                         raise
                     last = str(error)
-                elif error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    last = last if first_answer else (f"cannot reach digitgan server at {server} within {timeout:g} s "
-                                                      "(is `python cli.py serve` running?)")
-                else:
+                elif error.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
-                continue
+                continue  # NOT_FOUND in the grace, or not reachable: keep the last answer, ask the next server
             if any(entry["state"] == "AVAILABLE" for entry in versions):
                 return
             first_answer = first_answer or time.monotonic()
