@@ -46,7 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import quiet  # noqa: E402
+from common import machine, quiet  # noqa: E402
 
 if __name__ == "__main__":
     quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
@@ -400,9 +400,7 @@ def main() -> None:
     base_path, description, latent = find_or_build_bundle(args.model_base_path, workdir)
     version = max(int(p.name) for p in Path(base_path).iterdir() if p.name.isdigit())
     version_dir = str(Path(base_path) / str(version))
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    print(f"machine: {os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, "
+    print(f"machine: {os.cpu_count()} CPUs ({machine.cpu_model()}), {platform.system()} {platform.release()}, "
           f"TF {tf.__version__}, grpcio {grpc.__version__}, Python {platform.python_version()}")
     print(f"bundle: {description}; latent {latent}")
     mode = f"{args.requests} requests" if args.requests else f"{args.seconds:g} s"

@@ -10,15 +10,26 @@ tf.function tracing each leg repeats);
 data preparation, model building and judging are excluded.
 
 - default: `TrainConfig()` as `python cli.py train` runs it (class-conditional);
-- previous_default: the default recipe until 2026-12-01 (docs/experiments.md, runs #17-#20), every
-  recipe field spelled out, so "half the training time of the old default" can be measured again;
+- previous_default: `python cli.py train` as it was until 2026-12-01 (docs/experiments.md, runs
+  #17-#20), every recipe field spelled out, so "half the training time of the old default" can be
+  measured again; its precision is what `--precision auto` chose then (mixed_bfloat16 on every CPU
+  with AVX512-BF16 or AMX, `previous_auto_precision`), which on some such CPUs is the slower one;
+- previous_default_auto: the same recipe under today's `--precision auto`, to show the recipe's
+  share of the gain apart from the precision's (the two are the same run where both choose alike);
 - tutorial: the tutorial's recipe on the same architecture: unconditional, batch 256, Adam(1e-4)
   with Keras's default beta_1 0.9 (tensorflow.org/tutorials/generative/dcgan).
 
+Each recipe trains and is judged in a process of its own (this script, started again with
+`--only-recipe`), as `python cli.py train` runs it, so a recipe's speed cannot depend on what an
+earlier recipe left in the process (threads, allocator, compiled functions). When they shared one
+process, the second recipe once ran at 1,262 images/s against 1,460 for the same recipe's
+`cli.py train` run on the same machine (docs/experiments.md); the cause was not found.
+
 Usage:
     python bench/time_to_quality.py                       # 600 s each, judged every 150 s (about 35 min)
-    python bench/time_to_quality.py --recipes previous_default,default --budget 1200 --leg-seconds 1200
+    python bench/time_to_quality.py --recipes previous_default,default --budget 3600 --leg-seconds 3600
                                   # both to their last epoch, judged once at the end: the time ratio
+                                  # (add previous_default_auto for the recipe's share alone)
     python bench/time_to_quality.py --recipes default --set classifier_weight=1 --set epochs=8  # a variant
     python bench/time_to_quality.py --budget 60 --leg-seconds 30 --per-digit 50 --default-samples 500  # smoke
 Rounds run one recipe after the other; keep the machine otherwise idle, or the times mean little.
@@ -29,7 +40,7 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -40,24 +51,39 @@ from common import quiet  # noqa: E402
 if __name__ == "__main__":
     quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
 
+import tensorflow as tf  # noqa: E402
+
+from common import machine  # noqa: E402
 from mnist_data import acquire  # noqa: E402
 from quality import epochs, judge as judge_lib, sources  # noqa: E402
-from trainer import loop  # noqa: E402
+from trainer import loop, strategy as strategy_lib  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
+
+# The default recipe until 2026-12-01: tutorial widths (5x5 kernels) with conditional BatchNorm, batch 64, 8 epochs.
+PREVIOUS_DEFAULT = dict(epochs=8, batch_size=64, learning_rate=2e-4, discriminator_learning_rate=None,
+                        learning_rate_schedule="linear_decay", learning_rate_decay_start=0.5, beta_1=0.5, beta_2=0.999,
+                        latent_dim=100, conditional=True, classifier_weight=0.15, architecture="tutorial_cbn",
+                        generator_average_decay=0.999)
 
 RECIPES = {
     # Exactly `python cli.py train`: its epochs, its per-epoch judging (inside the budget), precision auto.
     "default": dict(),
-    # The default until 2026-12-01: tutorial widths (5x5 kernels) with conditional BatchNorm, batch 64, 8 epochs.
-    "previous_default": dict(epochs=8, batch_size=64, learning_rate=2e-4, discriminator_learning_rate=None,
-                             learning_rate_schedule="linear_decay", learning_rate_decay_start=0.5, beta_1=0.5,
-                             beta_2=0.999, latent_dim=100, conditional=True, classifier_weight=0.15, architecture="tutorial_cbn",
-                             generator_average_decay=0.999),
+    # `python cli.py train` until 2026-12-01; main() adds the precision `auto` chose then (previous_auto_precision).
+    "previous_default": dict(PREVIOUS_DEFAULT),
+    # The same recipe in the precision today's `auto` chooses (the recipe's share of the gain, alone).
+    "previous_default_auto": dict(PREVIOUS_DEFAULT),
     # As the tutorial trains: float32, no schedule, no moving average, no judging; as many epochs as the budget allows.
     "tutorial": dict(conditional=False, batch_size=256, learning_rate=1e-4, beta_1=0.9, architecture="tutorial",
                      generator_average_decay=0.0, precision="float32", learning_rate_schedule="constant",
                      classifier_weight=0.0, epochs=1000, evaluate_every_epoch=False),
 }
+
+
+def previous_auto_precision() -> str:
+    """What `--precision auto` chose until 2026-12-01: mixed_bfloat16 on a CPU-only run whenever the CPU has
+    AVX512-BF16 or AMX, faster or not (today's rule is `trainer.strategy.bfloat16_is_faster`)."""
+    on_gpus = strategy_lib.runs_on_gpus(tf.distribute.get_strategy())
+    return "mixed_bfloat16" if strategy_lib.has_bfloat16_instructions() and not on_gpus else "float32"
 
 
 def images_per_second_guess(config: TrainConfig) -> float:
@@ -103,6 +129,23 @@ def run_recipe(name: str, overrides: dict, arguments, run_root: Path) -> list[tu
     return rows
 
 
+def recipe_in_own_process(name: str, run_root: Path) -> list[tuple[float, judge_lib.QualityReport]]:
+    """Runs this script again for recipe `name` alone; returns its rows (read back from a JSON file)."""
+    rows_file = run_root / f"{name}.rows.json"
+    command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--only-recipe", name,
+               "--rows-out", str(rows_file), "--run-root", str(run_root)]
+    completed = subprocess.run(command)
+    if completed.returncode != 0:
+        raise SystemExit(f"recipe {name} failed (exit code {completed.returncode}); its output is above")
+    return [(seconds, judge_lib.QualityReport(**row)) for seconds, row in json.loads(rows_file.read_text())]
+
+
+def child_main(arguments) -> None:
+    """`--only-recipe NAME`: trains and judges one recipe in this process, writes its rows to `--rows-out`."""
+    rows = run_recipe(arguments.only_recipe, RECIPES[arguments.only_recipe], arguments, Path(arguments.run_root))
+    Path(arguments.rows_out).write_text(json.dumps([(seconds, row.to_dict()) for seconds, row in rows]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=600.0, help="training seconds per recipe")
@@ -116,25 +159,39 @@ def main() -> None:
                         help="keep the runs in this folder (one subfolder per recipe) [default: a temporary folder]")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a TrainConfig field of the default recipe (repeatable), e.g. epochs=8")
+    parser.add_argument("--only-recipe", default=None, help=argparse.SUPPRESS)  # set for the per-recipe processes
+    parser.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     RECIPES["default"] = parse_overrides(arguments.set)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s); "
+    RECIPES["previous_default"]["precision"] = previous_auto_precision()
+    unknown = sorted(set(arguments.recipes.split(",")) - set(RECIPES))
+    if unknown:
+        raise SystemExit(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
+    if arguments.only_recipe:
+        return child_main(arguments)
+    print(f"machine: {machine.cpu_model()}, {os.cpu_count()} CPU(s); "
           f"budget {arguments.budget:.0f} s per recipe, judged every {arguments.leg_seconds:.0f} s; "
-          f"default recipe overrides: {RECIPES['default'] or 'none'}")
-    mnist = acquire.load_mnist(arguments.data_dir, report=print)
+          f"default recipe overrides: {RECIPES['default'] or 'none'}", flush=True)
+    today = strategy_lib.resolve_precision("auto", tf.distribute.get_strategy())
+    chosen = {name: RECIPES[name].get("precision", "auto") for name in arguments.recipes.split(",")}
+    print("precision: " + ", ".join(f"{name} {today + ' (auto)' if precision == 'auto' else precision}"
+                                    for name, precision in chosen.items()), flush=True)
+    mnist = acquire.load_mnist(arguments.data_dir, report=print)  # prepared once, before any recipe's clock
     calibration = judge_lib.reference(judge_lib.load_judge(arguments.judge), mnist).calibration
-    print(judge_lib.format_reports([calibration]))
+    print(judge_lib.format_reports([calibration]), flush=True)
     with tempfile.TemporaryDirectory(prefix="digitgan-time-to-quality-") as folder:
         run_root = Path(arguments.run_root or folder)
-        results = {name: run_recipe(name, RECIPES[name], arguments, run_root)
-                   for name in arguments.recipes.split(",")}
+        run_root.mkdir(parents=True, exist_ok=True)
+        results = {name: recipe_in_own_process(name, run_root) for name in arguments.recipes.split(",")}
     print("\nside by side (last judgement of each recipe):")
     print(judge_lib.format_reports([calibration] + [rows[-1][1] for rows in results.values()]))
-    if "default" in results and "previous_default" in results:
-        new, old = results["default"][-1][0], results["previous_default"][-1][0]
-        print(f"training seconds: default {new:.0f} s, previous_default {old:.0f} s: {new / old:.2f}x")
+    for previous in ("previous_default", "previous_default_auto"):
+        if "default" in results and previous in results:
+            new, old = results["default"][-1][0], results[previous][-1][0]
+            print(f"training seconds: default {new:.0f} s, {previous} {old:.0f} s: {new / old:.2f}x")
     # The same figures as one JSON line, for scripts: every judgement of every recipe.
-    print(json.dumps({"bench": "time_to_quality", "budget_seconds": arguments.budget, "calibration": calibration.to_dict(),
+    print(json.dumps({"bench": "time_to_quality", "machine": machine.cpu_model(), "budget_seconds": arguments.budget,
+                      "calibration": calibration.to_dict(),
                       "recipes": {name: [dict(row.to_dict(), training_seconds=round(seconds, 1)) for seconds, row in rows]
                                   for name, rows in results.items()}}))
 

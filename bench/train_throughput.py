@@ -13,9 +13,12 @@ Variants (same machine, same process, same global batch; images/s, higher is bet
   the input pipeline starves the step;
 - ours_compact: ours_conditional with `--architecture compact` (4x4 kernels, narrower G);
 - ours_default: the step of `python cli.py train` with every default, `--precision auto` included
-  (mixed_bfloat16 on CPUs with AVX512-BF16/AMX, float32 elsewhere), at the same global batch;
+  (mixed_bfloat16 where it measured faster: AMX, or AVX512-BF16 on AMD; float32 elsewhere), at the same global batch;
 - ours_default_xla: ours_default with `--xla` (its forward and backward pass compiled by XLA);
-- tutorial_tf_function_bf16 (only where `auto` resolves to mixed_bfloat16): the tutorial's step with
+- ours_default_float32 / ours_default_mixed_bfloat16 (only on CPUs with AVX512-BF16 or AMX): the
+  default step in each precision, to show what `auto` chose from (on such CPUs bfloat16 is not
+  always the faster: docs/experiments.md);
+- tutorial_tf_function_bf16 (only on CPUs with AVX512-BF16 or AMX): the tutorial's step with
   its models built under mixed_bfloat16, to show what precision alone gives.
 All "ours" variants include the update of the generator's moving average (part of the default step).
 
@@ -34,7 +37,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 import typing
@@ -50,7 +52,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from common import precision  # noqa: E402
+from common import machine, precision  # noqa: E402
 from mnist_data import acquire  # noqa: E402
 from trainer import data, step as step_lib, strategy as strategy_lib  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
@@ -260,7 +262,12 @@ def main() -> None:
     variants["ours_default"] = ("ours", ours(default_config, mnist, False) + (default_config.steps_per_call,))
     xla_config = dataclasses.replace(default_config, xla=True)
     variants["ours_default_xla"] = ("ours", ours(xla_config, mnist, False) + (xla_config.steps_per_call,))
-    native_bfloat16 = default_precision == "mixed_bfloat16"
+    # Where the CPU has bfloat16 instructions, both precisions of the default step, to show what "auto" chose from.
+    native_bfloat16 = strategy_lib.has_bfloat16_instructions()
+    if native_bfloat16:
+        for policy in ("float32", "mixed_bfloat16"):
+            policy_config = dataclasses.replace(default_config, precision=policy)
+            variants[f"ours_default_{policy}"] = ("ours", ours(policy_config, mnist, False) + (policy_config.steps_per_call,))
     if native_bfloat16 and arguments.precision != "mixed_bfloat16":
         variants["tutorial_tf_function_bf16"] = ("tutorial", tutorial_bfloat16_step(batch))
 
@@ -285,13 +292,16 @@ def main() -> None:
             best[name] = min(best[name], seconds / steps)
 
     baseline = best["tutorial_tf_function"]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
+    print(f"machine: {machine.cpu_model()}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
           f"batch {batch}, precision {arguments.precision}, best of {arguments.rounds} rounds")
     print(f"{'variant':30} {'ms/step':>9} {'images/s':>9} {'vs tutorial tf.function':>24}")
     for name, seconds in best.items():
         print(f"{name:30} {seconds * 1000:9.0f} {batch / seconds:9.0f} {baseline / seconds:23.2f}x")
     print(f"ours_default is `python cli.py train`'s step: precision auto → {default_precision} here, "
           f"the tutorial's step in {arguments.precision}")
+    if native_bfloat16:
+        print(f"ours_default in mixed_bfloat16 / in float32: {best['ours_default_float32'] / best['ours_default_mixed_bfloat16']:.2f}x "
+              f"(above 1 means bfloat16 is faster; auto chose {default_precision})")
     synthetic, real = best["ours_conditional_synthetic"], best["ours_conditional"]
     print(f"input pipeline gap (real / synthetic step time - 1): {real / synthetic - 1:+.1%}")
     if "tutorial_tf_function_bf16" in best:

@@ -68,25 +68,41 @@ def _hide_gpus() -> bool:
         return False
 
 
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+def resolve_precision(precision: str, strategy: tf.distribute.Strategy, cpu_info: str | None = None) -> str:
+    """The precision a run uses: `precision` itself, or for "auto" the faster one measured not to cost quality.
 
-
-def resolve_precision(precision: str, strategy: tf.distribute.Strategy, cpu_flags: str | None = None) -> str:
-    """The precision a run uses: `precision` itself, or for "auto" the fastest one measured not to cost quality.
-
-    "auto" is mixed_bfloat16 on a CPU-only run whose CPU computes bfloat16 natively (AVX512-BF16 or
-    AMX): 1.33x the images/s of float32 on a 2-core AVX512-BF16 CPU at the same quality
-    (docs/experiments.md). Elsewhere it is float32: without those instructions bfloat16 is emulated
-    and many times slower, and on GPUs mixed_float16 was not measured here. `cpu_flags` is the
-    text of /proc/cpuinfo (read when None; empty where there is none, as on macOS).
+    "auto" is mixed_bfloat16 on a CPU-only run whose CPU runs bfloat16 convolutions faster than
+    float32 (`bfloat16_is_faster`), float32 elsewhere; on GPUs mixed_float16 was not measured here.
+    `cpu_info` is the text of /proc/cpuinfo (read when None; empty where there is none, as on macOS).
     """
     if precision != "auto":
         return precision
-    on_gpus = runs_on_gpus(strategy)
-    if cpu_flags is None:
-        cpu_flags = _read_cpu_flags()
-    native_bf16 = any(flag in cpu_flags.split() for flag in BF16_CPU_FLAGS)
-    return "mixed_bfloat16" if native_bf16 and not on_gpus else "float32"
+    if runs_on_gpus(strategy):
+        return "float32"
+    if cpu_info is None:
+        cpu_info = _read_cpu_info()
+    return "mixed_bfloat16" if bfloat16_is_faster(cpu_info) else "float32"
+
+
+def bfloat16_is_faster(cpu_info: str) -> bool:
+    """Whether oneDNN's bfloat16 convolutions beat float32 on this CPU (`cpu_info`: /proc/cpuinfo's text).
+
+    Measured with the default step (docs/experiments.md): on a 2-core AMD EPYC with AVX512-BF16,
+    bfloat16 ran 1.33x the images/s of float32; on a 2-core Intel Xeon (model 207) with AVX512-BF16
+    but no AMX, 0.63x. So AVX512-BF16 counts on AMD CPUs only. AMX (amx_bf16) counts on any CPU: it
+    is the tile unit oneDNN uses for bfloat16 (not measured here). Without either, bfloat16 is
+    emulated and many times slower.
+    """
+    words = cpu_info.split()
+    if "amx_bf16" in words:
+        return True
+    return "avx512_bf16" in words and "AuthenticAMD" in words
+
+
+def has_bfloat16_instructions(cpu_info: str | None = None) -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX), faster than float32 or not."""
+    words = (_read_cpu_info() if cpu_info is None else cpu_info).split()
+    return "avx512_bf16" in words or "amx_bf16" in words
 
 
 def runs_on_gpus(strategy: tf.distribute.Strategy) -> bool:
@@ -98,7 +114,7 @@ def runs_on_gpus(strategy: tf.distribute.Strategy) -> bool:
     return any("GPU" in device.upper() for device in devices)
 
 
-def _read_cpu_flags() -> str:
+def _read_cpu_info() -> str:
     try:
         return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:

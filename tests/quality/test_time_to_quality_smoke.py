@@ -43,3 +43,8 @@ def test_time_to_quality_smoke_prints_both_recipes_side_by_side(mnist_data_dir, 
     assert figures["recipes"]["default"][-1]["conditional_accuracy"] is not None
     assert figures["recipes"]["tutorial"][-1]["conditional_accuracy"] is None
     assert (tmp_path / "default" / "config.json").exists() and (tmp_path / "tutorial" / "config.json").exists()
+    # Each recipe ran in a process of its own, which handed its rows back through a file.
+    for name in ("default", "tutorial"):
+        handed_back = json.loads((tmp_path / f"{name}.rows.json").read_text())
+        assert handed_back[-1][1]["mnist_score"] == pytest.approx(figures["recipes"][name][-1]["mnist_score"])
+    assert figures["machine"]
