@@ -215,5 +215,6 @@ def test_generator_average_follows_its_formula_on_every_replica(mnist_data_dir, 
 def test_auto_precision_is_bfloat16_only_on_cpus_where_it_measured_faster(cpu_info, expected):
     strategy = tf.distribute.get_strategy()
     assert strategy_lib.resolve_precision("auto", strategy, cpu_info=cpu_info) == expected
+    assert strategy_lib.has_bfloat16_instructions(cpu_info) == ("bf16" in cpu_info)  # faster or not
     for explicit in ("float32", "mixed_bfloat16", "mixed_float16"):
         assert strategy_lib.resolve_precision(explicit, strategy, cpu_info=cpu_info) == explicit
