@@ -99,7 +99,7 @@ def train(
              "--generator-average is the old spelling, kept for one release."),
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="Continue from the run dir's newest checkpoint; --no-resume refuses to touch a run dir that has one."),
-    precision: str = typer.Option(DEFAULTS.precision, help="auto (mixed_bfloat16 on a CPU with AVX512-BF16/AMX, else float32), float32, "
+    precision: str = typer.Option(DEFAULTS.precision, help="auto (mixed_bfloat16 on a CPU-only run where it measured faster: AMX, or AVX512-BF16 on AMD; else float32), float32, "
                                                 "mixed_bfloat16 or mixed_float16 (GPUs)."),
     gpus: Optional[int] = typer.Option(None, help="GPUs to mirror over, 0 = the CPU (default: every visible GPU)."),
     cpu_replicas: Optional[int] = typer.Option(None, help="Split the CPU into N logical devices and mirror over them."),

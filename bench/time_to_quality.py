@@ -97,7 +97,7 @@ def parse_overrides(pairs: list[str]) -> dict:
     for pair in pairs:
         key, separator, value = pair.partition("=")
         if not separator:
-            raise SystemExit(f"--set takes KEY=VALUE, got {pair!r}")
+            raise ValueError(f"--set takes KEY=VALUE, got {pair!r}")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -134,7 +134,10 @@ def recipe_in_own_process(name: str, run_root: Path) -> list[tuple[float, judge_
     rows_file = run_root / f"{name}.rows.json"
     command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--only-recipe", name,
                "--rows-out", str(rows_file), "--run-root", str(run_root)]
-    completed = subprocess.run(command)
+    try:
+        completed = subprocess.run(command)
+    except KeyboardInterrupt:  # the child got the same Ctrl-C and stopped at its next step
+        raise SystemExit(f"interrupted during recipe {name}") from None
     if completed.returncode != 0:
         raise SystemExit(f"recipe {name} failed (exit code {completed.returncode}); its output is above")
     return [(seconds, judge_lib.QualityReport(**row)) for seconds, row in json.loads(rows_file.read_text())]
@@ -162,13 +165,19 @@ def main() -> None:
     parser.add_argument("--only-recipe", default=None, help=argparse.SUPPRESS)  # set for the per-recipe processes
     parser.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
-    RECIPES["default"] = parse_overrides(arguments.set)
+    try:
+        RECIPES["default"] = parse_overrides(arguments.set)
+    except ValueError as error:
+        parser.error(str(error))  # exit code 2, with the usage
     RECIPES["previous_default"]["precision"] = previous_auto_precision()
     unknown = sorted(set(arguments.recipes.split(",")) - set(RECIPES))
     if unknown:
-        raise SystemExit(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
+        parser.error(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
     if arguments.only_recipe:
         return child_main(arguments)
+    if arguments.run_root and Path(arguments.run_root).exists() and any(Path(arguments.run_root).iterdir()):
+        # A recipe's folder with checkpoints in it would resume from them and time only the rest.
+        parser.error(f"--run-root {arguments.run_root} is not empty; give a new or empty folder")
     print(f"machine: {machine.cpu_model()}, {os.cpu_count()} CPU(s); "
           f"budget {arguments.budget:.0f} s per recipe, judged every {arguments.leg_seconds:.0f} s; "
           f"default recipe overrides: {RECIPES['default'] or 'none'}", flush=True)
@@ -176,13 +185,15 @@ def main() -> None:
     chosen = {name: RECIPES[name].get("precision", "auto") for name in arguments.recipes.split(",")}
     print("precision: " + ", ".join(f"{name} {today + ' (auto)' if precision == 'auto' else precision}"
                                     for name, precision in chosen.items()), flush=True)
-    mnist = acquire.load_mnist(arguments.data_dir, report=print)  # prepared once, before any recipe's clock
-    calibration = judge_lib.reference(judge_lib.load_judge(arguments.judge), mnist).calibration
-    print(judge_lib.format_reports([calibration]), flush=True)
+    # Prepared here, so no recipe's clock includes downloading or converting MNIST.
+    mnist = acquire.load_mnist(arguments.data_dir, report=print)
     with tempfile.TemporaryDirectory(prefix="digitgan-time-to-quality-") as folder:
         run_root = Path(arguments.run_root or folder)
         run_root.mkdir(parents=True, exist_ok=True)
         results = {name: recipe_in_own_process(name, run_root) for name in arguments.recipes.split(",")}
+    # The judge's calibration row, computed after the recipes so this process holds no accelerator
+    # memory while they train; the shipped judge gives the same row on every machine.
+    calibration = judge_lib.reference(judge_lib.load_judge(arguments.judge), mnist).calibration
     print("\nside by side (last judgement of each recipe):")
     print(judge_lib.format_reports([calibration] + [rows[-1][1] for rows in results.values()]))
     for previous in ("previous_default", "previous_default_auto"):

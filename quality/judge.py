@@ -322,13 +322,16 @@ def judge_images(judge: Judge, reference_data: Reference, source: str, condition
 
 
 def format_reports(reports: list[QualityReport]) -> str:
-    """A fixed-width table, one row per report (the calibration row included by the caller)."""
-    header = f"{'source':<34} {'samples':>8} {'MNIST score':>11} {'Fréchet':>9} {'ratio':>6} {'cond. acc.':>10} {'coverage':>13}"
+    """A fixed-width table, one row per report (the calibration row included by the caller); the
+    source column is as wide as the longest source, so no name is cut."""
+    width = max([34] + [len(report.source) for report in reports])
+    header = (f"{'source':<{width}} {'samples':>8} {'MNIST score':>11} {'Fréchet':>9} {'ratio':>6} {'cond. acc.':>10} "
+              f"{'coverage':>13}")
     rows = [header]
     for report in reports:
         accuracy = "-" if report.conditional_accuracy is None else f"{report.conditional_accuracy:.2%}"
         spread = "-" if not report.coverage else f"{min(report.coverage):.1%}-{max(report.coverage):.1%}"
-        rows.append(f"{report.source[:34]:<34} {report.samples:>8} {report.mnist_score:>11.3f} "
+        rows.append(f"{report.source:<{width}} {report.samples:>8} {report.mnist_score:>11.3f} "
                     f"{report.frechet_distance:>9.3f} {report.frechet_ratio:>6.2f} {accuracy:>10} {spread:>13}")
     return "\n".join(rows)
 

@@ -87,16 +87,14 @@ def resolve_precision(precision: str, strategy: tf.distribute.Strategy, cpu_info
 def bfloat16_is_faster(cpu_info: str) -> bool:
     """Whether oneDNN's bfloat16 convolutions beat float32 on this CPU (`cpu_info`: /proc/cpuinfo's text).
 
-    Measured with the default step (docs/experiments.md): on a 2-core AMD EPYC with AVX512-BF16,
-    bfloat16 ran 1.33x the images/s of float32; on a 2-core Intel Xeon (model 207) with AVX512-BF16
-    but no AMX, 0.63x. So AVX512-BF16 counts on AMD CPUs only. AMX (amx_bf16) counts on any CPU: it
-    is the tile unit oneDNN uses for bfloat16 (not measured here). Without either, bfloat16 is
-    emulated and many times slower.
+    Measured with the default step (docs/experiments.md, bench/README.md): on a 2-core AMD EPYC with
+    AVX512-BF16, bfloat16 ran 1.33x the images/s of float32; on a 2-core Intel Xeon (model 207) with
+    AVX512-BF16 but no AMX, 0.63x; on a 2-core Intel Xeon with AMX, 1.24x (batch 256). So AMX (amx_bf16) counts
+    on any CPU, AVX512-BF16 on AMD CPUs only (vendor "AuthenticAMD"; other vendors were not
+    measured). Without either, bfloat16 is emulated and many times slower.
     """
     words = cpu_info.split()
-    if "amx_bf16" in words:
-        return True
-    return "avx512_bf16" in words and "AuthenticAMD" in words
+    return has_bfloat16_instructions(cpu_info) and ("amx_bf16" in words or "AuthenticAMD" in words)
 
 
 def has_bfloat16_instructions(cpu_info: str | None = None) -> bool:

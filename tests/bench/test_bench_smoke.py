@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import strategy
+from trainer import strategy as strategy_lib
 
 pytestmark = pytest.mark.slow  # each starts a benchmark subprocess (and servers): minutes, not seconds
 
@@ -69,7 +69,7 @@ def test_train_throughput_smoke_prints_every_variant_and_the_kernel_bound(mnist_
                      output, re.M), output[-2000:]
     figures = json_figures(output, "train_throughput")
     assert figures["variants"]["ours_default"]["images_per_s"] > 0 and figures["kernel_bound_ms_per_step"]["float32"] > 0
-    if strategy.has_bfloat16_instructions():  # both precisions of the default step, side by side
+    if strategy_lib.has_bfloat16_instructions():  # both precisions of the default step, side by side
         assert {"ours_default_float32", "ours_default_mixed_bfloat16"} <= set(figures["variants"])
         assert re.search(rf"^ours_default in mixed_bfloat16 / in float32: {NUMBER}x \(above 1 means bfloat16 is faster; "
                          rf"auto chose {figures['default_precision']}\)", output, re.M), output[-2000:]

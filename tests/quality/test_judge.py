@@ -100,3 +100,15 @@ def test_bad_images_are_refused(judge_and_reference):
         judge.read(np.zeros((4, 28, 28), np.float32))
     with pytest.raises(judge_lib.EvaluationError, match="in \\[0, 1\\]"):
         judge.read(np.full((4, 28, 28, 1), 255.0, np.float32))
+
+
+def test_format_reports_keeps_long_sources_whole_and_columns_aligned():
+    reports = [judge_lib.QualityReport("real test split vs real train", 10000, 9.753, 2.209, 1.0, 0.9907, None,
+                                       [0.089, 0.114]),
+               judge_lib.QualityReport("previous_default after 646 s (step 7496)", 10000, 9.896, 4.179, 1.89, 0.998),
+               judge_lib.QualityReport("tutorial after 600 s (step 1928)", 10000, 2.861, 481.242, 352.4)]
+    lines = judge_lib.format_reports(reports).splitlines()
+    assert lines[2].startswith("previous_default after 646 s (step 7496) ")
+    assert len({line.index(" 10000 ") for line in lines[1:]}) == 1  # the samples column lines up
+    assert lines[2].split()[-2:] == ["99.80%", "-"]  # no coverage measured
+    assert lines[3].split()[-2:] == ["-", "-"]  # unconditional: no accuracy either
