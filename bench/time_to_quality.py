@@ -50,6 +50,9 @@ from common import quiet  # noqa: E402
 
 if __name__ == "__main__":
     quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
+    # On a GPU, each process takes memory as it needs it, so this parent (which loads MNIST and
+    # judges) leaves the GPU to the recipe's own process while that trains.
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
 import tensorflow as tf  # noqa: E402
 
@@ -116,6 +119,8 @@ def run_recipe(name: str, overrides: dict, arguments, run_root: Path) -> list[tu
         target = step + max(1, int(leg * rate / config.batch_size))
         result = loop.train(dataclasses.replace(config, max_steps=target), report=lambda line: None, progress=False,
                             epoch_judge=epochs.EpochQuality)  # as `cli.py train` plugs it in
+        if result.interrupted_by is not None:  # Ctrl-C or SIGTERM: the loop saved a checkpoint; stop here
+            raise KeyboardInterrupt
         if result.step == step:  # the run's epochs ended before the budget did
             break
         spent += result.seconds
@@ -134,12 +139,18 @@ def recipe_in_own_process(name: str, run_root: Path) -> list[tuple[float, judge_
     rows_file = run_root / f"{name}.rows.json"
     command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--only-recipe", name,
                "--rows-out", str(rows_file), "--run-root", str(run_root)]
+    process = subprocess.Popen(command)
     try:
-        completed = subprocess.run(command)
-    except KeyboardInterrupt:  # the child got the same Ctrl-C and stopped at its next step
-        raise SystemExit(f"interrupted during recipe {name}") from None
-    if completed.returncode != 0:
-        raise SystemExit(f"recipe {name} failed (exit code {completed.returncode}); its output is above")
+        returncode = process.wait()
+    except KeyboardInterrupt:  # the child got the same Ctrl-C (one process group): let it save its checkpoint
+        try:
+            process.wait()
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+            process.kill()
+        print(f"interrupted during recipe {name}", file=sys.stderr)
+        raise SystemExit(130) from None
+    if returncode != 0:
+        raise SystemExit(f"recipe {name} failed (exit code {returncode}); its output is above")
     return [(seconds, judge_lib.QualityReport(**row)) for seconds, row in json.loads(rows_file.read_text())]
 
 
@@ -175,9 +186,12 @@ def main() -> None:
         parser.error(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
     if arguments.only_recipe:
         return child_main(arguments)
-    if arguments.run_root and Path(arguments.run_root).exists() and any(Path(arguments.run_root).iterdir()):
+    if arguments.run_root and Path(arguments.run_root).exists() and (
+            not Path(arguments.run_root).is_dir() or any(Path(arguments.run_root).iterdir())):
         # A recipe's folder with checkpoints in it would resume from them and time only the rest.
-        parser.error(f"--run-root {arguments.run_root} is not empty; give a new or empty folder")
+        parser.error(f"--run-root {arguments.run_root} is not empty (or not a folder); give a new or empty folder")
+    if arguments.judge and not Path(arguments.judge).is_dir():  # found now, not after the first recipe's training
+        parser.error(f"--judge {arguments.judge} is not a folder; give one written by `cli.py train-judge`")
     print(f"machine: {machine.cpu_model()}, {os.cpu_count()} CPU(s); "
           f"budget {arguments.budget:.0f} s per recipe, judged every {arguments.leg_seconds:.0f} s; "
           f"default recipe overrides: {RECIPES['default'] or 'none'}", flush=True)
@@ -191,8 +205,8 @@ def main() -> None:
         run_root = Path(arguments.run_root or folder)
         run_root.mkdir(parents=True, exist_ok=True)
         results = {name: recipe_in_own_process(name, run_root) for name in arguments.recipes.split(",")}
-    # The judge's calibration row, computed after the recipes so this process holds no accelerator
-    # memory while they train; the shipped judge gives the same row on every machine.
+    # The judge's calibration row, computed after the recipes, so that the judge's model is not
+    # resident in this process while they train; the shipped judge gives the same row on every machine.
     calibration = judge_lib.reference(judge_lib.load_judge(arguments.judge), mnist).calibration
     print("\nside by side (last judgement of each recipe):")
     print(judge_lib.format_reports([calibration] + [rows[-1][1] for rows in results.values()]))
@@ -208,4 +222,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C while preparing data or judging: one line, no traceback
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

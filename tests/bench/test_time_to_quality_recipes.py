@@ -5,8 +5,11 @@ The end-to-end smoke run is tests/quality/test_time_to_quality_smoke.py.
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 INTEL_AVX512_BF16 = "vendor_id : GenuineIntel\nflags : fpu avx2 avx512f avx512_bf16 avx512_vnni"
 INTEL_AMX = "vendor_id : GenuineIntel\nflags : fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile"
 AMD_AVX2 = "vendor_id : AuthenticAMD\nflags : fpu avx2"
+# Both rules answer float32 for a run on GPUs, whatever the CPU has.
+cpu_only = pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="auto is float32 on GPUs")
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +33,7 @@ def time_to_quality():
     return module
 
 
+@cpu_only
 @pytest.mark.parametrize("cpu_info, then, today", [
     (INTEL_AVX512_BF16, "mixed_bfloat16", "float32"),  # the old rule took the slower precision here
     (INTEL_AMX, "mixed_bfloat16", "mixed_bfloat16"),  # both rules agree: previous_default == previous_default_auto
@@ -39,7 +45,7 @@ def test_previous_default_trains_in_the_precision_auto_chose_then(time_to_qualit
     assert strategy_lib.resolve_precision("auto", tf.distribute.get_strategy()) == today
 
 
-def test_previous_default_spells_out_every_recipe_field_that_changed(time_to_quality):
+def test_previous_default_is_a_different_recipe_from_today(time_to_quality):
     from trainer.config import TrainConfig
     previous = TrainConfig(**time_to_quality.PREVIOUS_DEFAULT)
     today = TrainConfig()
@@ -65,3 +71,26 @@ def test_a_non_empty_run_root_is_refused_with_exit_code_2_and_left_untouched(tmp
     assert f"--run-root {tmp_path} is not empty" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(path.name for path in tmp_path.rglob("*")) == ["checkpoint", "checkpoints", "default"]
+
+
+@pytest.mark.slow  # trains in a subprocess until its first checkpoint
+def test_ctrl_c_saves_the_recipe_checkpoint_and_ends_with_one_line(mnist_data_dir, tmp_path):
+    command = [sys.executable, str(REPO / "bench" / "time_to_quality.py"), "--recipes", "default",
+               "--data-dir", mnist_data_dir, "--run-root", str(tmp_path)]
+    # A session of its own, so the Ctrl-C reaches the bench and its recipe process, as a terminal's would.
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    checkpoint_index = tmp_path / "default" / "checkpoints" / "checkpoint"
+    deadline = time.monotonic() + 300
+    while not checkpoint_index.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # polls for the first checkpoint (every 200 steps), the event to interrupt after
+    assert checkpoint_index.exists(), process.communicate(timeout=60)
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "interrupted during recipe default" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    saved = [int(path.name.split("-")[1].split(".")[0]) for path in checkpoint_index.parent.glob("ckpt-*.index")]
+    # The stop saves the step it reached (the periodic checkpoint at 200 when it stopped right there),
+    # and the recipe is not judged or continued after it.
+    assert saved and max(saved) >= 200, saved
+    assert "default after" not in stdout, stdout[-2000:]
