@@ -89,9 +89,10 @@ def bfloat16_is_faster(cpu_info: str) -> bool:
 
     Measured with the default step (docs/experiments.md, bench/README.md): on a 2-core AMD EPYC with
     AVX512-BF16, bfloat16 ran 1.33x the images/s of float32; on a 2-core Intel Xeon (model 207) with
-    AVX512-BF16 but no AMX, 0.63x; on a 2-core Intel Xeon with AMX, 1.24x (batch 256). So AMX (amx_bf16) counts
-    on any CPU, AVX512-BF16 on AMD CPUs only (vendor "AuthenticAMD"; other vendors were not
-    measured). Without either, bfloat16 is emulated and many times slower.
+    AVX512-BF16 but no AMX, 0.63x; on a 2-core Intel Xeon with AMX, 1.24x (batch 256). So AMX
+    (amx_bf16, Intel's tile unit, which oneDNN uses for bfloat16) counts on any CPU, AVX512-BF16 only
+    on AMD CPUs (vendor "AuthenticAMD"; other vendors were not measured). Without either, bfloat16
+    is emulated and many times slower.
     """
     words = cpu_info.split()
     return has_bfloat16_instructions(cpu_info) and ("amx_bf16" in words or "AuthenticAMD" in words)
