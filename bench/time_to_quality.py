@@ -119,8 +119,8 @@ def run_recipe(name: str, overrides: dict, arguments, run_root: Path) -> list[tu
         target = step + max(1, int(leg * rate / config.batch_size))
         result = loop.train(dataclasses.replace(config, max_steps=target), report=lambda line: None, progress=False,
                             epoch_judge=epochs.EpochQuality)  # as `cli.py train` plugs it in
-        if result.interrupted_by is not None:  # Ctrl-C or SIGTERM: the loop saved a checkpoint; stop here
-            raise KeyboardInterrupt
+        if result.interrupted_by is not None:  # Ctrl-C or SIGTERM: the loop saved a checkpoint; the parent says so
+            raise SystemExit(130)
         if result.step == step:  # the run's epochs ended before the budget did
             break
         spent += result.seconds
@@ -186,8 +186,8 @@ def main() -> None:
         parser.error(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
     if arguments.only_recipe:
         return child_main(arguments)
-    if arguments.run_root and Path(arguments.run_root).exists() and (
-            not Path(arguments.run_root).is_dir() or any(Path(arguments.run_root).iterdir())):
+    given_root = Path(arguments.run_root) if arguments.run_root else None
+    if given_root is not None and given_root.exists() and (not given_root.is_dir() or any(given_root.iterdir())):
         # A recipe's folder with checkpoints in it would resume from them and time only the rest.
         parser.error(f"--run-root {arguments.run_root} is not empty (or not a folder); give a new or empty folder")
     if arguments.judge and not Path(arguments.judge).is_dir():  # found now, not after the first recipe's training
@@ -202,7 +202,7 @@ def main() -> None:
     # Prepared here, so no recipe's clock includes downloading or converting MNIST.
     mnist = acquire.load_mnist(arguments.data_dir, report=print)
     with tempfile.TemporaryDirectory(prefix="digitgan-time-to-quality-") as folder:
-        run_root = Path(arguments.run_root or folder)
+        run_root = given_root or Path(folder)
         run_root.mkdir(parents=True, exist_ok=True)
         results = {name: recipe_in_own_process(name, run_root) for name in arguments.recipes.split(",")}
     # The judge's calibration row, computed after the recipes, so that the judge's model is not
