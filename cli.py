@@ -83,6 +83,8 @@ def train(
     classifier_weight: float = typer.Option(
         DEFAULTS.classifier_weight, help="Weight of the auxiliary classifier loss (AC-GAN: D also names the digit, G must make it "
                   "readable); 0 = off. Ignored (0) with --unconditional."),
+    discriminator_dropout: float = typer.Option(
+        DEFAULTS.discriminator_dropout, help="Dropout rate after each of D's convolutions (the tutorial's 0.3); 0 = none."),
     beta_1: float = typer.Option(DEFAULTS.beta_1, help="Adam beta_1 of G and D."),
     beta_2: float = typer.Option(DEFAULTS.beta_2, help="Adam beta_2 of G and D."),
     latent_dim: int = typer.Option(DEFAULTS.latent_dim, help="Length of the generator's noise vector."),
@@ -127,7 +129,7 @@ def train(
             run_dir=run_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
             discriminator_learning_rate=discriminator_learning_rate, learning_rate_schedule=learning_rate_schedule,
             learning_rate_decay_start=learning_rate_decay_start, classifier_weight=classifier_weight,
-            latent_dim=latent_dim, conditional=conditional, max_steps=max_steps, seed=seed, data_dir=data_dir,
+            discriminator_dropout=discriminator_dropout, latent_dim=latent_dim, conditional=conditional, max_steps=max_steps, seed=seed, data_dir=data_dir,
             architecture=architecture, generator_average_decay=generator_average_decay,
             resume=resume, precision=precision, gpus=gpus, cpu_replicas=cpu_replicas, steps_per_call=steps_per_call,
             xla=xla, checkpoint_every_steps=checkpoint_every_steps, evaluate_every_epoch=evaluate_every_epoch)

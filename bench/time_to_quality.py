@@ -66,7 +66,7 @@ from trainer.config import TrainConfig  # noqa: E402
 PREVIOUS_DEFAULT = dict(epochs=8, batch_size=64, learning_rate=2e-4, discriminator_learning_rate=None,
                         learning_rate_schedule="linear_decay", learning_rate_decay_start=0.5, beta_1=0.5, beta_2=0.999,
                         latent_dim=100, conditional=True, classifier_weight=0.15, architecture="tutorial_cbn",
-                        generator_average_decay=0.999)
+                        generator_average_decay=0.999, discriminator_dropout=0.3)
 
 RECIPES = {
     # Exactly `python cli.py train`: its epochs, its per-epoch judging (inside the budget), precision auto.
@@ -78,7 +78,7 @@ RECIPES = {
     # As the tutorial trains: float32, no schedule, no moving average, no judging; as many epochs as the budget allows.
     "tutorial": dict(conditional=False, batch_size=256, learning_rate=1e-4, beta_1=0.9, architecture="tutorial",
                      generator_average_decay=0.0, precision="float32", learning_rate_schedule="constant",
-                     classifier_weight=0.0, epochs=1000, evaluate_every_epoch=False),
+                     classifier_weight=0.0, epochs=1000, evaluate_every_epoch=False, discriminator_dropout=0.3),
 }
 
 

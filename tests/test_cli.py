@@ -18,7 +18,7 @@ TRAIN_OPTIONS = ["--epochs", "--batch-size", "--learning-rate", "--latent-dim", 
                  "--cpu-replicas", "--steps-per-call", "--checkpoint-every-steps", "--architecture", "--generator-average-decay",
                  "--evaluate-every-epoch", "--no-evaluate-every-epoch",
                  "--discriminator-learning-rate", "--learning-rate-schedule", "--learning-rate-decay-start",
-                 "--classifier-weight", "--xla", "--no-xla"]
+                 "--classifier-weight", "--discriminator-dropout", "--xla", "--no-xla"]
 
 
 def _plain(text: str) -> str:

@@ -49,6 +49,8 @@ class TrainConfig:
     of real images, and G is pushed to make fakes D reads as the digit asked for; 0 = none. Higher
     raises conditional accuracy and costs diversity (docs/experiments.md). Unconditional runs have no
     digit to name: for them it is set to 0."""
+    discriminator_dropout: float = 0.3
+    """Dropout rate after each of D's convolutions (the tutorial's 0.3); 0 = no dropout layers."""
     architecture: str = "tutorial_cbn_3x3"
     """Layer widths of G and D: "tutorial" (the TensorFlow DCGAN tutorial's), "compact", "tutorial_cbn" (the
     tutorial's with the digit also conditioning G's BatchNorm) or "tutorial_cbn_3x3" (tutorial_cbn with 3x3
@@ -96,6 +98,7 @@ class TrainConfig:
                  self.learning_rate_schedule, f"one of {', '.join(LEARNING_RATE_SCHEDULES)}")
         _require(0 <= self.learning_rate_decay_start < 1, "learning_rate_decay_start", self.learning_rate_decay_start,
                  "in [0, 1)")
+        _require(0 <= self.discriminator_dropout < 1, "discriminator_dropout", self.discriminator_dropout, "in [0, 1)")
         _require(self.classifier_weight >= 0, "classifier_weight", self.classifier_weight, "0 or more")
         if not self.conditional:
             object.__setattr__(self, "classifier_weight", 0.0)  # frozen; config.json shows what ran

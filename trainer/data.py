@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+PREFETCH_BATCHES = 2  # batches ready ahead of the step: slicing uint8 arrays is far quicker than a step
+
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     """Full global batches per epoch (the remainder is dropped, so every replica gets equal, static shapes)."""
@@ -38,7 +40,12 @@ def epoch_dataset_fn(images: np.ndarray, labels: np.ndarray, global_batch_size: 
         dataset = tf.data.Dataset.from_tensor_slices((images[shard], labels[shard].astype(np.int32)))
         # Batches stay uint8 (4x less to copy); the step scales them inside its compiled graph,
         # which measured faster than a tf.data map on 2 cores (bench/train_throughput.py).
-        return dataset.batch(per_replica, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        dataset = dataset.batch(per_replica, drop_remainder=True).prefetch(PREFETCH_BATCHES)
+        # No tf.data autotuning: its background thread took CPU from the step on 2 cores, and deleting
+        # an epoch's iterator waited for it, about 4 s at half the epoch ends (docs/experiments.md).
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        return dataset.with_options(options)
 
     return dataset_fn
 

@@ -81,7 +81,8 @@ def set_globals_and_build_state(config: TrainConfig, strategy: tf.distribute.Str
                                            architecture=config.architecture)
         discriminator = models.build_discriminator(config.conditional, per_replica_dropout=several_replicas,
                                                    architecture=config.architecture,
-                                                   classifier_head=config.classifier_weight > 0)
+                                                   classifier_head=config.classifier_weight > 0,
+                                                   dropout=config.discriminator_dropout)
         generator_optimizer = _adam(config, config.learning_rate)
         discriminator_optimizer = _adam(config, config.discriminator_learning_rate or config.learning_rate)
         # Optimizers must be built before the first distributed step, or the first

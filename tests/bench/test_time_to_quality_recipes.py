@@ -53,6 +53,13 @@ def test_previous_default_is_a_different_recipe_from_today(time_to_quality):
     assert previous != today  # so the bench compares two recipes, not one twice
 
 
+def test_previous_default_spells_out_every_recipe_field(time_to_quality):
+    """A field left out would follow today's default, so the old recipe would change with it."""
+    from trainer.config import TrainConfig, recipe
+    learned = set(recipe(TrainConfig())) - {"max_steps", "seed"}  # how long and which seed: the bench's choice
+    assert learned <= set(time_to_quality.PREVIOUS_DEFAULT), learned - set(time_to_quality.PREVIOUS_DEFAULT)
+
+
 def test_set_overrides_parse_as_json_and_reject_a_pair_without_equals(time_to_quality):
     assert time_to_quality.parse_overrides(["epochs=8", "architecture=tutorial_cbn", "xla=true"]) == {
         "epochs": 8, "architecture": "tutorial_cbn", "xla": True}

@@ -15,6 +15,15 @@ def test_epoch_order_sees_each_example_once_and_resumes_mid_epoch():
     assert resumed == full[3 * 8:]
 
 
+def test_the_pipeline_runs_without_tf_data_autotuning():
+    """Autotuning's thread took CPU from the step on 2 cores and stalled each new epoch (docs/experiments.md)."""
+    import tensorflow as tf
+
+    images, labels = np.zeros((16, 28, 28, 1), np.uint8), np.zeros(16, np.int64)
+    dataset = data.epoch_dataset_fn(images, labels, global_batch_size=8, seed=0, epoch=0)(tf.distribute.InputContext())
+    assert dataset.options().autotune.enabled is False
+
+
 def _epoch_examples(images, labels, skip):
     import tensorflow as tf
 

@@ -1,6 +1,7 @@
 """Model builders: shapes, dtypes, and that the digit reaches G's BatchNorm in `tutorial_cbn`."""
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -50,3 +51,20 @@ def test_unconditional_generator_ignores_digit_batch_norm():
     conditional = models.build_generator(16, conditional=False, architecture="tutorial_cbn")
     plain = models.build_generator(16, conditional=False, architecture="tutorial")
     assert conditional.count_params() == plain.count_params()
+
+
+def test_discriminator_without_dropout_has_no_dropout_layers_and_trains_deterministically():
+    images, digits = tf.random.uniform([4, 28, 28, 1], -1, 1, seed=3), tf.constant([0, 1, 2, 3])
+    with_dropout = models.build_discriminator(architecture="tutorial_cbn_3x3")
+    without = models.build_discriminator(architecture="tutorial_cbn_3x3", dropout=0.0)
+    assert any(isinstance(layer, keras.layers.Dropout) for layer in with_dropout.layers)
+    assert not any("dropout" in layer.name for layer in without.layers)
+    assert without.count_params() == with_dropout.count_params()  # dropout has no weights: checkpoints still match
+    np.testing.assert_array_equal(without([images, digits], training=True).numpy(),
+                                  without([images, digits], training=False).numpy())
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0])
+def test_config_refuses_a_dropout_rate_outside_0_to_1(rate):
+    with pytest.raises(ValueError, match=f"discriminator_dropout must be in \\[0, 1\\), got {rate}"):
+        config_lib.TrainConfig(discriminator_dropout=rate)
