@@ -84,7 +84,7 @@ def train(
         DEFAULTS.classifier_weight, help="Weight of the auxiliary classifier loss (AC-GAN: D also names the digit, G must make it "
                   "readable); 0 = off. Ignored (0) with --unconditional."),
     discriminator_dropout: float = typer.Option(
-        DEFAULTS.discriminator_dropout, help="Dropout rate after each of D's convolutions (the tutorial's 0.3); 0 = none."),
+        DEFAULTS.discriminator_dropout, help="Dropout rate after each of D's convolutions; 0 = none (the default; the tutorial's D uses 0.3)."),
     beta_1: float = typer.Option(DEFAULTS.beta_1, help="Adam beta_1 of G and D."),
     beta_2: float = typer.Option(DEFAULTS.beta_2, help="Adam beta_2 of G and D."),
     latent_dim: int = typer.Option(DEFAULTS.latent_dim, help="Length of the generator's noise vector."),

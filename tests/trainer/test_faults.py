@@ -40,9 +40,10 @@ MAX_STEPS = 20
 SEED = 3
 KILLS = 4  # kill -9s in the faulted run; one of them lands in a checkpoint write
 # A tiny run: 2 replicas, one step per call and a checkpoint every 2 steps, so kills land anywhere.
-RUN = dict(batch_size=16, cpu_replicas=2, steps_per_call=1, checkpoint_every_steps=2, seed=SEED)
+# With D's dropout (the default has none): its per-replica masks are random state a resume must restore too.
+RUN = dict(batch_size=16, cpu_replicas=2, steps_per_call=1, checkpoint_every_steps=2, seed=SEED, discriminator_dropout=0.3)
 CLI_RUN = ["--batch-size", "16", "--cpu-replicas", "2", "--steps-per-call", "1", "--checkpoint-every-steps", "2",
-           "--seed", str(SEED)]
+           "--seed", str(SEED), "--discriminator-dropout", "0.3"]
 # What TensorFlow writes before a save is complete: `<prefix>_temp/` (the shards), `*.tempstate*`
 # (a file before its rename) and `checkpoint.tmp*` (the state file before its rename).
 PARTIAL_WRITE = re.compile(r"_temp$|tempstate|^checkpoint\.tmp")

@@ -171,7 +171,8 @@ def test_learning_rates_follow_ttur_and_the_linear_decay_schedule(mnist_data_dir
 
 def test_dropout_masks_differ_per_replica_and_their_seeds_are_checkpointed(tmp_path):
     strategy = _two_replicas()
-    state = step_lib.set_globals_and_build_state(TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2), strategy)
+    config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2, discriminator_dropout=0.3)  # the default D has none
+    state = step_lib.set_globals_and_build_state(config, strategy)
     dropout = state.discriminator.get_layer("down1_dropout")
     per_replica = strategy.run(tf.function(lambda: dropout(tf.ones([4, 8]), training=True)))
     first, second = (value.numpy() for value in strategy.experimental_local_results(per_replica))
