@@ -129,7 +129,8 @@ def train(
             run_dir=run_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
             discriminator_learning_rate=discriminator_learning_rate, learning_rate_schedule=learning_rate_schedule,
             learning_rate_decay_start=learning_rate_decay_start, classifier_weight=classifier_weight,
-            discriminator_dropout=discriminator_dropout, latent_dim=latent_dim, conditional=conditional, max_steps=max_steps, seed=seed, data_dir=data_dir,
+            discriminator_dropout=discriminator_dropout, latent_dim=latent_dim, conditional=conditional,
+            max_steps=max_steps, seed=seed, data_dir=data_dir,
             architecture=architecture, generator_average_decay=generator_average_decay,
             resume=resume, precision=precision, gpus=gpus, cpu_replicas=cpu_replicas, steps_per_call=steps_per_call,
             xla=xla, checkpoint_every_steps=checkpoint_every_steps, evaluate_every_epoch=evaluate_every_epoch)

@@ -68,6 +68,8 @@ PREVIOUS_DEFAULT = dict(epochs=8, batch_size=64, learning_rate=2e-4, discriminat
                         latent_dim=100, conditional=True, classifier_weight=0.15, architecture="tutorial_cbn",
                         generator_average_decay=0.999, discriminator_dropout=0.3)
 
+INTERRUPTED = 130  # the exit code of a recipe process, and of this script, stopped by Ctrl-C or SIGTERM
+
 RECIPES = {
     # Exactly `python cli.py train`: its epochs, its per-epoch judging (inside the budget), precision auto.
     "default": dict(),
@@ -120,7 +122,7 @@ def run_recipe(name: str, overrides: dict, arguments, run_root: Path) -> list[tu
         result = loop.train(dataclasses.replace(config, max_steps=target), report=lambda line: None, progress=False,
                             epoch_judge=epochs.EpochQuality)  # as `cli.py train` plugs it in
         if result.interrupted_by is not None:  # Ctrl-C or SIGTERM: the loop saved a checkpoint; the parent says so
-            raise SystemExit(130)
+            raise SystemExit(INTERRUPTED)
         if result.step == step:  # the run's epochs ended before the budget did
             break
         spent += result.seconds
@@ -142,13 +144,15 @@ def recipe_in_own_process(name: str, run_root: Path) -> list[tuple[float, judge_
     process = subprocess.Popen(command)
     try:
         returncode = process.wait()
+        if returncode == INTERRUPTED:  # the child can end before this process handles its own copy of the Ctrl-C
+            raise KeyboardInterrupt
     except KeyboardInterrupt:  # the child got the same Ctrl-C (one process group): let it save its checkpoint
         try:
             process.wait()
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once
             process.kill()
         print(f"interrupted during recipe {name}", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise SystemExit(INTERRUPTED) from None
     if returncode != 0:
         raise SystemExit(f"recipe {name} failed (exit code {returncode}); its output is above")
     return [(seconds, judge_lib.QualityReport(**row)) for seconds, row in json.loads(rows_file.read_text())]
@@ -226,4 +230,4 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:  # Ctrl-C while preparing data or judging: one line, no traceback
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)

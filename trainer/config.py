@@ -48,7 +48,8 @@ class TrainConfig:
     """Weight of an auxiliary classifier loss (AC-GAN, Odena et al. 2017): D also learns to name the digit
     of real images, and G is pushed to make fakes D reads as the digit asked for; 0 = none. Higher
     raises conditional accuracy; up to 0.6 it also lowered the Fréchet ratio in the runs here, 0.8 did
-    not lower it further, and 1 cost diversity on an older recipe (docs/experiments.md). Unconditional runs have no digit to name: for them it is set to 0."""
+    not lower it further, and 1 cost diversity on an older recipe (docs/experiments.md). Unconditional
+    runs have no digit to name: for them it is set to 0."""
     discriminator_dropout: float = 0.0
     """Dropout rate after each of D's convolutions; 0 = no dropout layers (the default: at 6 epochs the
     tutorial's 0.3 judged no better, and its masks cost about 15% of the step; docs/experiments.md)."""
@@ -140,6 +141,7 @@ class TrainConfig:
         except json.JSONDecodeError as error:
             raise ValueError(f"'{path}' is not valid JSON: {error}") from None
         known = {field.name for field in dataclasses.fields(cls)}
+        values.setdefault("discriminator_dropout", 0.3)  # run dirs from before the field all had the tutorial's 0.3
         return cls(**{key: value for key, value in values.items() if key in known})
 
 

@@ -80,6 +80,25 @@ def test_a_non_empty_run_root_is_refused_with_exit_code_2_and_left_untouched(tmp
     assert sorted(path.name for path in tmp_path.rglob("*")) == ["checkpoint", "checkpoints", "default"]
 
 
+def test_a_recipe_process_ended_by_ctrl_c_stops_the_bench_with_one_line(time_to_quality, monkeypatch, tmp_path, capsys):
+    """The recipe's process can exit (130) before the bench handles its own copy of the Ctrl-C."""
+    class EndedByCtrlC:  # stands in for the recipe's process: no need to train to see how its end is read
+        def __init__(self, command):
+            self.command = command
+
+        def wait(self):
+            return time_to_quality.INTERRUPTED
+
+        def kill(self):
+            raise AssertionError("the process had ended; nothing to kill")
+
+    monkeypatch.setattr(time_to_quality.subprocess, "Popen", EndedByCtrlC)
+    with pytest.raises(SystemExit) as stop:
+        time_to_quality.recipe_in_own_process("default", tmp_path)
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "interrupted during recipe default\n"
+
+
 @pytest.mark.slow  # trains in a subprocess until its first checkpoint
 def test_ctrl_c_saves_the_recipe_checkpoint_and_ends_with_one_line(mnist_data_dir, tmp_path):
     command = [sys.executable, str(REPO / "bench" / "time_to_quality.py"), "--recipes", "default",

@@ -1,6 +1,8 @@
 """Model builders: shapes, dtypes, and that the digit reaches G's BatchNorm in `tutorial_cbn`."""
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -68,3 +70,12 @@ def test_discriminator_without_dropout_has_no_dropout_layers_and_trains_determin
 def test_config_refuses_a_dropout_rate_outside_0_to_1(rate):
     with pytest.raises(ValueError, match=f"discriminator_dropout must be in \\[0, 1\\), got {rate}"):
         config_lib.TrainConfig(discriminator_dropout=rate)
+
+
+def test_a_config_json_from_before_the_dropout_field_reads_as_the_tutorials_dropout(tmp_path):
+    path = config_lib.TrainConfig(run_dir=str(tmp_path)).save()
+    assert config_lib.TrainConfig.load(str(tmp_path)).discriminator_dropout == 0.0  # recorded: kept
+    values = json.loads(path.read_text())
+    del values["discriminator_dropout"]  # as config.json was written before the field existed
+    path.write_text(json.dumps(values))
+    assert config_lib.TrainConfig.load(str(tmp_path)).discriminator_dropout == 0.3
