@@ -41,8 +41,8 @@ def epoch_dataset_fn(images: np.ndarray, labels: np.ndarray, global_batch_size: 
         # Batches stay uint8 (4x less to copy); the step scales them inside its compiled graph,
         # which measured faster than a tf.data map on 2 cores (bench/train_throughput.py).
         dataset = dataset.batch(per_replica, drop_remainder=True).prefetch(PREFETCH_BATCHES)
-        # No tf.data autotuning: its background thread took CPU from the step on 2 cores, and deleting
-        # an epoch's iterator waited for it, about 4 s at half the epoch ends (docs/experiments.md).
+        # No tf.data autotuning: with it, deleting an epoch's iterator blocked for about 4 s at half
+        # the epoch ends on 2 cores (docs/experiments.md); two batches ahead are plenty here.
         options = tf.data.Options()
         options.autotune.enabled = False
         return dataset.with_options(options)
