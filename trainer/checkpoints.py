@@ -77,8 +77,8 @@ def _restore_one(checkpoint: tf.train.Checkpoint, state: step_lib.GanState, path
     except (AssertionError, ValueError) as error:
         raise ValueError(f"checkpoint {path} does not match this model ({type(error).__name__}); "
                          "was it trained with other --latent-dim / --conditional / --architecture / "
-                         "--generator-average-decay / --discriminator-dropout options (see its config.json), or by an older digitgan? "
-                         "Use those, or a new --run-dir") from None
+                         "--generator-average-decay / --discriminator-dropout options (see its config.json), "
+                         "or by an older digitgan? Use those, or a new --run-dir") from None
     except (tf.errors.OpError, IndexError, OSError) as error:  # TF reports a short read as IndexError
         return f"unreadable ({type(error).__name__}: {_first_line(error)})"
     non_finite = state.non_finite_variables()
