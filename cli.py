@@ -261,9 +261,9 @@ def evaluate(
 ) -> None:
     """Measure quality with the project's MNIST judge: MNIST score, Fréchet distance, conditional accuracy, coverage."""
     from quality import judge, sources
-    from serving import client
+    from client import grpc_client
 
-    with user_errors(client.ClientError):
+    with user_errors(grpc_client.ClientError):
         if (server is None) == (run_dir is None and checkpoint is None):
             raise ValueError("give exactly one of --run-dir/--checkpoint (a training run) or --server (a served model)")
         config = sources.EvaluateConfig(per_digit=per_digit, default_samples=default_samples, seed=seed, data_dir=data_dir,
@@ -306,9 +306,9 @@ def generate(
     data_dir: Optional[str] = typer.Option(None, help="--compare-real: TFDS data dir with MNIST."),
 ) -> None:
     """Ask a served model for digits over gRPC and write them as a PNG grid (or .npy)."""
-    from serving import client
+    from client import grpc_client
 
-    with user_errors(client.ClientError):
+    with user_errors(grpc_client.ClientError):
         if output_format not in ("png", "npy"):
             raise ValueError(f"--format must be png or npy, got {output_format!r}")
         if count < 1:
@@ -316,12 +316,12 @@ def generate(
         if compare_real and (output_format != "png" or interpolate):
             raise ValueError("--compare-real makes a PNG of sampled digits; leave out --format npy and --interpolate")
         digits = parse_digits(digit)
-        client.wait_until_available(server, model_name, version, timeout)  # e.g. right after `serve ... &`
+        grpc_client.wait_until_available(server, model_name, version, timeout)  # e.g. right after `serve ... &`
         if interpolate:
-            images, served_version = client.interpolate(server, model_name, digits=digits, steps=count, seed=seed,
+            images, served_version = grpc_client.interpolate(server, model_name, digits=digits, steps=count, seed=seed,
                                                         version=version, timeout=timeout)
         else:
-            images, served_version = client.generate(server, model_name, digits=digits, count=count, seed=seed,
+            images, served_version = grpc_client.generate(server, model_name, digits=digits, count=count, seed=seed,
                                                      version=version, timeout=timeout)
         columns = count if digits or interpolate else None
         if compare_real:
@@ -403,10 +403,10 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Show the model's versions and their states (GetModelStatus)."""
-    from serving import client
+    from client import grpc_client
 
-    with user_errors(client.ClientError):
-        versions = client.get_status(server, model_name, version=version)
+    with user_errors(grpc_client.ClientError):
+        versions = grpc_client.get_status(server, model_name, version=version)
     if as_json:
         typer.echo(json.dumps(versions, indent=2))
         return
@@ -439,10 +439,10 @@ def metadata(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Show the model's signatures (GetModelMetadata)."""
-    from serving import client
+    from client import grpc_client
 
-    with user_errors(client.ClientError):
-        described = client.get_metadata(server, model_name, version=version)
+    with user_errors(grpc_client.ClientError):
+        described = grpc_client.get_metadata(server, model_name, version=version)
     if as_json:
         typer.echo(json.dumps(described, indent=2))
         return

@@ -9,7 +9,7 @@ like:
   * gRPC Predict to the project's server running in a *subprocess* (so the client's Python does
     not share a GIL with the server; the same as `python cli.py serve --port 0 --rest-port 0`),
     1 and 64 images per request, 1 client (a blocking stub) and 16 concurrent clients
-    (serving.loadtest's asyncio clients), batching off and on;
+    (bench.loadtest's asyncio clients), batching off and on;
   * the transport floor: the same 1 and 16 clients against a server that runs no model and
     answers with a precomputed 1-image response, and from it upper bounds on what unbatched and
     batched serving can reach on this machine (client, gRPC and model sharing the same cores);
@@ -56,12 +56,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
+from bench.server_process import ServerProcess  # noqa: E402
+from client.grpc_client import CHANNEL_OPTIONS  # noqa: E402
 from serving import config as serve_config  # noqa: E402
-from serving.process import ServerProcess  # noqa: E402
 
 MODEL_NAME = serve_config.MODEL_NAME
 WIDTH = 52
-GRPC_OPTIONS = list(serve_config.CLIENT_CHANNEL_OPTIONS)
+GRPC_OPTIONS = list(CHANNEL_OPTIONS)
 
 
 # ---------------- the bundle ----------------
@@ -211,7 +212,7 @@ def predict_request(noise: np.ndarray) -> predict_pb2.PredictRequest:
 
 
 def bench_grpc(port: int, latent: int, size: int, clients: int, args) -> dict:
-    """One client: a plain blocking stub in this process. Several: serving.loadtest's asyncio
+    """One client: a plain blocking stub in this process. Several: bench.loadtest's asyncio
     clients on one channel, the cheapest Python client here (about 0.2 ms of CPU a request), so
     as much of the 2 cores as possible is left to the server."""
     request = predict_request(np.random.default_rng(1).standard_normal((size, latent)).astype(np.float32))
@@ -225,7 +226,7 @@ def bench_grpc(port: int, latent: int, size: int, clients: int, args) -> dict:
 
 def bench_load(target: str, request, clients: int, seconds: float, size: int) -> dict:
     """Closed-loop load from `clients` coroutines after a short warm-up; every request must succeed."""
-    from serving.loadtest import LoadGenerator
+    from bench.loadtest import LoadGenerator
 
     LoadGenerator(target, clients=clients, seconds=min(1.0, seconds), request=request).run()
     result = LoadGenerator(target, clients=clients, seconds=seconds, request=request).run()

@@ -48,9 +48,9 @@ if __name__ == "__main__":
 import grpc  # noqa: E402
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc  # noqa: E402
 
-from serving import loadtest  # noqa: E402
+from bench import loadtest  # noqa: E402
+from bench.server_process import ServerProcess  # noqa: E402
 from serving.config import MODEL_BASE_PATH  # noqa: E402
-from serving.process import ServerProcess  # noqa: E402
 from serving_latency import MODEL_NAME, find_or_build_bundle  # noqa: E402
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE

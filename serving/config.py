@@ -18,9 +18,6 @@ MODEL_BASE_PATH = "models/digitgan"  # where `cli.py export` writes versions and
 GRPC_PORT = 8500  # tensorflow_model_server's --port default
 REST_PORT = 8501  # the port TF Serving's documentation and images use for --rest_api_port
 SERVER = f"localhost:{GRPC_PORT}"  # what clients dial by default
-# Client channels accept replies this large: 64 images are ~200 KB, leave room for larger batches.
-CLIENT_MAX_RECEIVE_BYTES = 256 * MEBIBYTE
-CLIENT_CHANNEL_OPTIONS = (("grpc.max_receive_message_length", CLIENT_MAX_RECEIVE_BYTES),)
 ENGINES = ("builtin", "tfserving")
 # rest_port=FREE_PORT asks the operating system for a free REST port (tests, benches); the CLI
 # does not offer it, because `--rest_api_port=0` means "no REST" in tensorflow_model_server.

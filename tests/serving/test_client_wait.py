@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from serving import client
+from client import grpc_client
 from serving.config import ServeConfig
 from serving.server import create_server
 
@@ -26,9 +26,9 @@ def test_the_client_waits_for_a_server_that_starts_after_it_asked(model_root):
     def ask():
         asked.set()
         try:
-            client.wait_until_available(f"127.0.0.1:{port}", "digitgan", timeout=120)
-            outcome["images"] = client.generate(f"127.0.0.1:{port}", "digitgan", digits=[7], count=2)[0]
-        except client.ClientError as error:
+            grpc_client.wait_until_available(f"127.0.0.1:{port}", "digitgan", timeout=120)
+            outcome["images"] = grpc_client.generate(f"127.0.0.1:{port}", "digitgan", digits=[7], count=2)[0]
+        except grpc_client.ClientError as error:
             outcome["error"] = error
 
     waiter = threading.Thread(target=ask)
@@ -47,17 +47,17 @@ def test_the_client_waits_for_a_server_that_starts_after_it_asked(model_root):
 
 
 def test_a_model_the_server_does_not_know_is_reported_not_waited_for(server):
-    with pytest.raises(client.ClientError, match=r"model 'no_such_model' not found on .*: Could not find any versions"):
-        client.wait_until_available(f"127.0.0.1:{server.grpc_port}", "no_such_model", timeout=60)
+    with pytest.raises(grpc_client.ClientError, match=r"model 'no_such_model' not found on .*: Could not find any versions"):
+        grpc_client.wait_until_available(f"127.0.0.1:{server.grpc_port}", "no_such_model", timeout=60)
 
 
 def test_nothing_listening_ends_the_wait_with_a_clear_error():
-    with pytest.raises(client.ClientError, match=r"cannot reach digitgan server at .* within 1 s"):
-        client.wait_until_available(f"127.0.0.1:{_free_port()}", "digitgan", timeout=1)
+    with pytest.raises(grpc_client.ClientError, match=r"cannot reach digitgan server at .* within 1 s"):
+        grpc_client.wait_until_available(f"127.0.0.1:{_free_port()}", "digitgan", timeout=1)
 
 
 def test_a_dead_server_in_a_list_does_not_use_up_the_wait(server):
     """Round robin starts each call at the next address: twice, so the dead one comes first once."""
     servers = f"127.0.0.1:{_free_port()},127.0.0.1:{server.grpc_port}"
     for _ in range(2):
-        client.wait_until_available(servers, "digitgan", timeout=20)
+        grpc_client.wait_until_available(servers, "digitgan", timeout=20)
