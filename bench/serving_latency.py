@@ -18,13 +18,12 @@ like:
 
 The bundle: `--model-base-path` if given, else `models/digitgan` if it exists, else a bundle of the
 real generator architecture (trainer.models + export.signatures, untrained weights: same cost)
-written to a temporary folder; if that cannot be built, the small test look-alike from
-tests/serving/serving_test_models.py (its cost is far from the real one, as the output says).
+written to a temporary folder.
 
-    .venv/bin/python bench/serving_latency.py                 # default run, ~2-3 minutes
-    .venv/bin/python bench/serving_latency.py --seconds 2     # quicker
-    .venv/bin/python bench/serving_latency.py --requests 500  # fixed request count per 1-client cell
-    .venv/bin/python bench/serving_latency.py --rest-only     # only REST :predict, 1 and 64 images, 1 client
+    .venv/bin/python -m bench.serving_latency                 # default run, ~2-3 minutes
+    .venv/bin/python -m bench.serving_latency --seconds 2     # quicker
+    .venv/bin/python -m bench.serving_latency --requests 500  # fixed request count per 1-client cell
+    .venv/bin/python -m bench.serving_latency --rest-only     # only REST :predict, 1 and 64 images, 1 client
 
 No timing is asserted; targets are reported as met / NOT met with the figures.
 """
@@ -44,9 +43,9 @@ import threading
 import time
 from pathlib import Path
 
+from common import machine, quiet
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from common import machine, quiet  # noqa: E402
 
 if __name__ == "__main__":
     quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
@@ -78,31 +77,27 @@ def find_or_build_bundle(base_path: str | None, workdir: str) -> tuple[str, str,
             return str(base.resolve()), f"exported bundle {path}", latent
         if base_path:
             raise SystemExit(f"no numeric version folder under {base_path}")
-    target = Path(workdir) / MODEL_NAME / "1"
+    return build_bundle(Path(workdir) / MODEL_NAME / "1")
+
+
+def build_bundle(target: Path) -> tuple[str, str, int]:
+    """The default recipe's generator, untrained, exported to `target` (same cost as a trained one)."""
+    from export import bundle as bundle_lib, signatures as signatures_lib
+    from trainer import models
+    from trainer.config import TrainConfig
+
+    defaults = TrainConfig()  # the default recipe's generator, as `cli.py train` builds it
+    latent = defaults.latent_dim
+    generator = models.build_generator(latent, conditional=True, architecture=defaults.architecture)
+    module = signatures_lib.GeneratorSignatures(generator, latent, conditional=True)
+    module.write(str(target))
     try:
-        from export import bundle as bundle_lib, signatures as signatures_lib
-        from trainer import models
-        from trainer.config import TrainConfig
-
-        defaults = TrainConfig()  # the default recipe's generator, as `cli.py train` builds it
-        latent = defaults.latent_dim
-        generator = models.build_generator(latent, conditional=True, architecture=defaults.architecture)
-        module = signatures_lib.GeneratorSignatures(generator, latent, conditional=True)
-        module.write(str(target))
-        try:
-            bundle_lib.write_warmup(target, MODEL_NAME, module)
-        except Exception:  # warmup file is optional for the benchmark
-            pass
-        params = sum(int(np.prod(w.shape)) for w in generator.weights)
-        return str(target.parent), (f"real digitgan generator ({defaults.architecture}), untrained weights "
-                                    f"({params:,} parameters), written to a temp dir"), latent
-    except Exception as error:  # trainer/export unavailable: fall back to the test look-alike
-        sys.path.insert(0, str(ROOT / "tests" / "serving"))
-        import serving_test_models
-
-        serving_test_models.build_generator(str(target))
-        return str(target.parent), (f"test look-alike generator (one 100x784 matmul; NOT the real cost), "
-                                    f"because the real one failed: {error}"), serving_test_models.LATENT_DIM
+        bundle_lib.write_warmup(target, MODEL_NAME, module)
+    except Exception:  # warmup file is optional for the benchmark
+        pass
+    params = sum(int(np.prod(w.shape)) for w in generator.weights)
+    return str(target.parent), (f"real digitgan generator ({defaults.architecture}), untrained weights "
+                                f"({params:,} parameters), written to a temp dir"), latent
 
 
 def latent_dim_of(path: str) -> int:
@@ -306,7 +301,7 @@ def serve_fixed_response() -> None:
 
 def bench_floor(latent: int, args) -> dict[int, dict]:
     """Clients (1, 16) -> their row against the no-model server, measured as bench_grpc measures."""
-    process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--floor-server"],
+    process = subprocess.Popen([sys.executable, "-m", "bench.serving_latency", "--floor-server"], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         match = re.match(r"floor server on port (\d+)", process.stdout.readline())
@@ -382,7 +377,7 @@ def fmt(row: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.serving_latency", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measured cell (default 3)")
     parser.add_argument("--requests", type=int, default=None,
                         help="fixed request count per in-process and 1-client cell instead of --seconds "

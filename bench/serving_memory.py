@@ -19,8 +19,8 @@ same untrained default-recipe generator: as `export` writes it now (each weight 
 as it wrote it before (Keras `ExportArchive.track(model)`, which stores every weight twice,
 keras-team/keras#23553), with the values each stores and the VmRSS each costs.
 
-    .venv/bin/python bench/serving_memory.py                  # about 2-3 minutes
-    .venv/bin/python bench/serving_memory.py --switches 5     # more switches (leak check)
+    .venv/bin/python -m bench.serving_memory                  # about 2-3 minutes
+    .venv/bin/python -m bench.serving_memory --switches 5     # more switches (leak check)
 """
 
 from __future__ import annotations
@@ -31,16 +31,12 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from common import quiet  # noqa: E402
+from common import quiet
 
 if __name__ == "__main__":
     quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
@@ -50,8 +46,8 @@ from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
 from bench import loadtest  # noqa: E402
 from bench.server_process import ServerProcess  # noqa: E402
+from bench.serving_latency import MODEL_NAME, find_or_build_bundle  # noqa: E402
 from serving.config import MODEL_BASE_PATH  # noqa: E402
-from serving_latency import MODEL_NAME, find_or_build_bundle  # noqa: E402
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 END = get_model_status_pb2.ModelVersionStatus.END
@@ -232,7 +228,7 @@ def measure_switch(pid: int, address: str, source: Path, base_path: Path, versio
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.serving_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-base-path", default=None,
                         help=f"folder of numeric versions to copy from (default: {MODEL_BASE_PATH}, else built)")
     parser.add_argument("--switches", type=int, default=6, help="hot switches to measure (default 6)")

@@ -26,12 +26,12 @@ process, the second recipe once ran at 1,262 images/s against 1,460 for the same
 `cli.py train` run on the same machine (docs/experiments.md); the cause was not found.
 
 Usage:
-    python bench/time_to_quality.py                       # 600 s each, judged every 150 s (about 35 min)
-    python bench/time_to_quality.py --recipes previous_default,default --budget 3600 --leg-seconds 3600
+    python -m bench.time_to_quality                       # 600 s each, judged every 150 s (about 35 min)
+    python -m bench.time_to_quality --recipes previous_default,default --budget 3600 --leg-seconds 3600
                                   # both to their last epoch, judged once at the end: the time ratio
                                   # (add previous_default_auto for the recipe's share alone)
-    python bench/time_to_quality.py --recipes default --set classifier_weight=1 --set epochs=8  # a variant
-    python bench/time_to_quality.py --budget 60 --leg-seconds 30 --per-digit 50 --default-samples 500  # smoke
+    python -m bench.time_to_quality --recipes default --set classifier_weight=1 --set epochs=8  # a variant
+    python -m bench.time_to_quality --budget 60 --leg-seconds 30 --per-digit 50 --default-samples 500  # smoke
 Rounds run one recipe after the other; keep the machine otherwise idle, or the times mean little.
 """
 from __future__ import annotations
@@ -45,8 +45,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import quiet  # noqa: E402
+from common import quiet
+
+ROOT = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
     quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
@@ -136,12 +137,18 @@ def run_recipe(name: str, overrides: dict, arguments, run_root: Path) -> list[tu
     return rows
 
 
-def recipe_in_own_process(name: str, run_root: Path) -> list[tuple[float, judge_lib.QualityReport]]:
-    """Runs this script again for recipe `name` alone; returns its rows (read back from a JSON file)."""
+def recipe_in_own_process(name: str, run_root: Path, path_options: list[str] = ()
+                          ) -> list[tuple[float, judge_lib.QualityReport]]:
+    """Runs this script again for recipe `name` alone; returns its rows (read back from a JSON file).
+
+    The child runs from the repository root, so its paths are absolute: `path_options` (see
+    `absolute_path_options`) repeat the user's relative ones, and the last of an option wins.
+    """
+    run_root = run_root.resolve()
     rows_file = run_root / f"{name}.rows.json"
-    command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--only-recipe", name,
-               "--rows-out", str(rows_file), "--run-root", str(run_root)]
-    process = subprocess.Popen(command)
+    command = [sys.executable, "-m", "bench.time_to_quality", *sys.argv[1:], *path_options,
+               "--only-recipe", name, "--rows-out", str(rows_file), "--run-root", str(run_root)]
+    process = subprocess.Popen(command, cwd=ROOT)
     try:
         returncode = process.wait()
         if returncode == INTERRUPTED:  # the child can end before this process handles its own copy of the Ctrl-C
@@ -158,6 +165,12 @@ def recipe_in_own_process(name: str, run_root: Path) -> list[tuple[float, judge_
     return [(seconds, judge_lib.QualityReport(**row)) for seconds, row in json.loads(rows_file.read_text())]
 
 
+def absolute_path_options(arguments) -> list[str]:
+    """--data-dir and --judge, where given, as absolute paths."""
+    given = (("--data-dir", arguments.data_dir), ("--judge", arguments.judge))
+    return [item for option, path in given if path for item in (option, str(Path(path).resolve()))]
+
+
 def child_main(arguments) -> None:
     """`--only-recipe NAME`: trains and judges one recipe in this process, writes its rows to `--rows-out`."""
     rows = run_recipe(arguments.only_recipe, RECIPES[arguments.only_recipe], arguments, Path(arguments.run_root))
@@ -165,7 +178,8 @@ def child_main(arguments) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.time_to_quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=600.0, help="training seconds per recipe")
     parser.add_argument("--leg-seconds", type=float, default=150.0, help="training seconds between judgements")
     parser.add_argument("--per-digit", type=int, default=1000)
@@ -208,7 +222,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="digitgan-time-to-quality-") as folder:
         run_root = given_root or Path(folder)
         run_root.mkdir(parents=True, exist_ok=True)
-        results = {name: recipe_in_own_process(name, run_root) for name in arguments.recipes.split(",")}
+        results = {name: recipe_in_own_process(name, run_root, absolute_path_options(arguments))
+                   for name in arguments.recipes.split(",")}
     # The judge's calibration row, computed after the recipes, so that the judge's model is not
     # resident in this process while they train; the shipped judge gives the same row on every machine.
     calibration = judge_lib.reference(judge_lib.load_judge(arguments.judge), mnist).calibration

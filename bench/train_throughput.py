@@ -28,7 +28,7 @@ mixed_bfloat16, with the nominal GFLOP/s each reaches. A step runs each of them 
 twice), so their time in the faster precision is a floor under any step on this architecture: when
 it is above half the tutorial's step, no faster step reaches 2x; only less arithmetic can.
 
-Usage: python bench/train_throughput.py [--batch-size 256] [--steps 10] [--rounds 2] [--precision float32]
+Usage: python -m bench.train_throughput [--batch-size 256] [--steps 10] [--rounds 2] [--precision float32]
 Rounds alternate the variants so machine noise hits them alike; the best round of each is reported.
 """
 from __future__ import annotations
@@ -37,13 +37,10 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 import typing
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import quiet  # noqa: E402
+from common import quiet
 
 if __name__ == "__main__":
     quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
@@ -226,7 +223,7 @@ def time_ours(train, iterator, steps: int, steps_per_call: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=2)

@@ -37,7 +37,7 @@ def json_figures(output: str, bench: str) -> dict:
 
 
 def test_serving_latency_smoke_prints_every_cell_the_bound_and_the_targets():
-    output = run_bench(str(REPO / "bench" / "serving_latency.py"), "--seconds", "0.3")
+    output = run_bench("-m", "bench.serving_latency", "--seconds", "0.3")
     for label in ("in-process TF1 Session, 2 threads, 16 img", "gRPC batching off,  1 img, 16 clients",
                   "gRPC batching on ,  1 img, 16 clients", "gRPC, no model (transport floor),  1 img, 16 clients"):
         row = re.search(rf"^{re.escape(label)}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+(\d+)$", output, re.M)
@@ -56,7 +56,7 @@ def test_serving_latency_smoke_prints_every_cell_the_bound_and_the_targets():
 
 
 def test_train_throughput_smoke_prints_every_variant_and_the_kernel_bound(mnist_data_dir):
-    output = run_bench(str(REPO / "bench" / "train_throughput.py"), "--skip-eager", "--batch-size", "16",
+    output = run_bench("-m", "bench.train_throughput", "--skip-eager", "--batch-size", "16",
                        "--steps", "2", "--rounds", "1", "--data-dir", mnist_data_dir)
     for variant in ("tutorial_tf_function", "tutorial_tf_function_tfdata", "tutorial_tf_function_xla",
                     "ours_unconditional", "ours_conditional", "ours_conditional_synthetic", "ours_compact",
@@ -76,7 +76,7 @@ def test_train_throughput_smoke_prints_every_variant_and_the_kernel_bound(mnist_
 
 
 def test_serving_memory_smoke_prints_the_switch_and_its_json_line():
-    output = run_bench(str(REPO / "bench" / "serving_memory.py"), "--switches", "1", "--clients", "1")
+    output = run_bench("-m", "bench.serving_memory", "--switches", "1", "--clients", "1")
     assert re.search(rf"^switch v1 -> v2: before\s+{NUMBER}\s+peak\s+{NUMBER}", output, re.M), output[-2000:]
     assert re.search(r"peak during a switch / one version: +[\d.]+x .* target < 2x: (met|NOT met)", output), output[-2000:]
     figures = json_figures(output, "serving_memory")

@@ -1,10 +1,9 @@
-"""bench/time_to_quality.py's recipes and arguments: what `previous_default` trains in, and what it refuses.
+"""`python -m bench.time_to_quality`'s recipes and arguments: what `previous_default` trains in, and what it refuses.
 
-The end-to-end smoke run is tests/quality/test_time_to_quality_smoke.py.
+The end-to-end smoke run is tests/bench/test_time_to_quality_smoke.py.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -27,10 +26,9 @@ cpu_only = pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reas
 
 @pytest.fixture(scope="module")
 def time_to_quality():
-    spec = importlib.util.spec_from_file_location("time_to_quality", REPO / "bench" / "time_to_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import time_to_quality
+
+    return time_to_quality
 
 
 @cpu_only
@@ -72,7 +70,7 @@ def test_a_non_empty_run_root_is_refused_with_exit_code_2_and_left_untouched(tmp
     earlier = tmp_path / "default" / "checkpoints"
     earlier.mkdir(parents=True)
     (earlier / "checkpoint").write_text("an earlier run")
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "time_to_quality.py"), "--recipes", "default",
+    result = subprocess.run([sys.executable, "-m", "bench.time_to_quality", "--recipes", "default",
                              "--run-root", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"--run-root {tmp_path} is not empty" in result.stderr
@@ -83,7 +81,7 @@ def test_a_non_empty_run_root_is_refused_with_exit_code_2_and_left_untouched(tmp
 def test_a_recipe_process_ended_by_ctrl_c_stops_the_bench_with_one_line(time_to_quality, monkeypatch, tmp_path, capsys):
     """The recipe's process can exit (130) before the bench handles its own copy of the Ctrl-C."""
     class EndedByCtrlC:  # stands in for the recipe's process: no need to train to see how its end is read
-        def __init__(self, command):
+        def __init__(self, command, **options):
             self.command = command
 
         def wait(self):
@@ -101,7 +99,7 @@ def test_a_recipe_process_ended_by_ctrl_c_stops_the_bench_with_one_line(time_to_
 
 @pytest.mark.slow  # trains in a subprocess until its first checkpoint
 def test_ctrl_c_saves_the_recipe_checkpoint_and_ends_with_one_line(mnist_data_dir, tmp_path):
-    command = [sys.executable, str(REPO / "bench" / "time_to_quality.py"), "--recipes", "default",
+    command = [sys.executable, "-m", "bench.time_to_quality", "--recipes", "default",
                "--data-dir", mnist_data_dir, "--run-root", str(tmp_path)]
     # A session of its own, so the Ctrl-C reaches the bench and its recipe process, as a terminal's would.
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
