@@ -376,7 +376,10 @@ def fmt(row: dict) -> str:
     return (f"{row['p50']:8.2f} {row['p99']:8.2f} {row['rps']:9.1f} {row['ips']:10.1f} {row['n']:7d}")
 
 
-def main() -> None:
+LABELS = {"tf2": "TF2 signature", "tf1": "TF1 Session (server path)", "tf1x2": "TF1 Session, 2 threads"}
+
+
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.serving_latency", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measured cell (default 3)")
     parser.add_argument("--requests", type=int, default=None,
@@ -387,15 +390,11 @@ def main() -> None:
     parser.add_argument("--rest-only", action="store_true",
                         help="measure only REST :predict (1 and 64 images, 1 client, batching off) and stop")
     parser.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)  # bench_floor's child
-    args = parser.parse_args()
-    if args.floor_server:
-        return serve_fixed_response()
+    return parser.parse_args()
 
-    started = time.perf_counter()
-    workdir = tempfile.mkdtemp(prefix="serving_bench_")
-    base_path, description, latent = find_or_build_bundle(args.model_base_path, workdir)
-    version = max(int(p.name) for p in Path(base_path).iterdir() if p.name.isdigit())
-    version_dir = str(Path(base_path) / str(version))
+
+def print_setup(description: str, latent: int, args) -> None:
+    """The machine, the bundle, the server and how each cell is measured, then the table's header."""
     print(f"machine: {os.cpu_count()} CPUs ({machine.cpu_model()}), {platform.system()} {platform.release()}, "
           f"TF {tf.__version__}, grpcio {grpc.__version__}, Python {platform.python_version()}")
     print(f"bundle: {description}; latent {latent}")
@@ -403,20 +402,22 @@ def main() -> None:
     print(f"server: subprocess, run_server(ServeConfig(port=0, rest_port=0)); batching on = "
           f"serving/deploy/batching.config {deploy_batching_parameters()}")
     print(f"each cell: {mode} after warm-up; p50/p99 in ms; rps = requests/s; ips = images/s\n")
-
     header = f"{'path':{WIDTH}s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>9s} {'images/s':>10s} {'n':>7s}"
     print(header)
     print("-" * len(header))
-    if args.rest_only:
-        print(f"(load average {os.getloadavg()[0]:.2f} at start)", flush=True)
-        rest_only(base_path, latent, args)
-        print(f"\ntotal time {time.perf_counter() - started:.0f} s")
-        return
-    local = bench_in_process(version_dir, latent, args)
-    labels = {"tf2": "TF2 signature", "tf1": "TF1 Session (server path)", "tf1x2": "TF1 Session, 2 threads"}
-    for (kind, size), row in local.items():
-        print(f"{'in-process ' + labels[kind] + f', {size:2d} img':{WIDTH}s} {fmt(row)}", flush=True)
 
+
+def in_process_rows(version_dir: str, latent: int, args) -> dict:
+    """The in-process cells, printed as they are measured."""
+    local = bench_in_process(version_dir, latent, args)
+    for (kind, size), row in local.items():
+        print(f"{'in-process ' + LABELS[kind] + f', {size:2d} img':{WIDTH}s} {fmt(row)}", flush=True)
+    return local
+
+
+def grpc_rows(base_path: str, latent: int, args) -> tuple[dict, dict | None]:
+    """The gRPC cells, batching off then on (printed as measured), and the `sample` signature's
+    outputs compared with batching off."""
     remote, png = {}, None
     for batching in (False, True):
         server = start_server(base_path, batching)
@@ -431,88 +432,142 @@ def main() -> None:
                 png = bench_sample_png(server.grpc_port, args)
         finally:
             server.stop()
+    return remote, png
 
+
+def floor_rows(latent: int, args) -> dict[int, dict]:
+    """The transport floor's cells (1 and 16 clients), printed."""
     floors = bench_floor(latent, args)
     for clients, row in floors.items():
         print(f"{f'gRPC, no model (transport floor),  1 img, {clients:2d} clients':{WIDTH}s} {fmt(row)}", flush=True)
-    floor = floors[16]
+    return floors
 
+
+def print_encoding(encoding: dict, png: dict | None) -> None:
+    """float_val vs tensor_content for 64 images, and the `sample` signature's images vs png_bytes."""
     print("\nresponse encoding, 64 images (64x28x28x1 float32): serialize on the server, parse + "
           "tf.make_ndarray on the client")
-    encoding = bench_encoding(latent, args)
     for name, row in encoding.items():
         print(f"  {name:15s} {row['bytes']:9,d} bytes  encode {row['encode']:7.3f} ms  decode {row['decode']:7.3f} ms")
     print("  (the server sends float_val, as TF Serving does by default)")
-    if png is not None:
-        print("\nsample signature, 64 images over gRPC (1 client, batching off), incl. client decode:")
-        if "error" in png:
-            print(f"  not measured: {png['error']}")
-        else:
-            for name, row in png.items():
-                decode = "tf.make_ndarray" if name == "images" else "PIL decode of each PNG"
-                print(f"  output_filter {name!r:11s} {row['bytes']:9,d} bytes  p50 {row['p50']:7.2f} ms ({decode})")
+    if png is None:
+        return
+    print("\nsample signature, 64 images over gRPC (1 client, batching off), incl. client decode:")
+    if "error" in png:
+        print(f"  not measured: {png['error']}")
+        return
+    for name, row in png.items():
+        decode = "tf.make_ndarray" if name == "images" else "PIL decode of each PNG"
+        print(f"  output_filter {name!r:11s} {row['bytes']:9,d} bytes  p50 {row['p50']:7.2f} ms ({decode})")
 
-    tf1_1 = local[("tf1", 1)]
-    tf1_64 = max(local[("tf1", 64)], local[("tf1x2", 64)], key=lambda row: row["ips"])
-    grpc_1 = remote[(False, 1, 1)]
+
+def print_ratios(local: dict, remote: dict, floors: dict, encoding: dict) -> None:
+    """gRPC against in-process, batched against unbatched, float_val against tensor_content."""
+    tf1_1, tf1_64_seq, grpc_1 = local[("tf1", 1)], local[("tf1", 64)], remote[(False, 1, 1)]
+    tf1_64 = best_in_process_batched(local)
     off16, on16 = remote[(False, 1, 16)], remote[(True, 1, 16)]
+    grpc_64 = remote[(False, 64, 1)]
     print("\nratios")
-    ratio_lat = grpc_1["p50"] / tf1_1["p50"]
-    extra = grpc_1["p50"] - tf1_1["p50"]
-    print(f"  gRPC p50 / in-process (TF1) p50, 1 img 1 client      {ratio_lat:6.2f}x  "
-          f"({extra:+.2f} ms; vs TF2 in-process {grpc_1['p50'] / local[('tf2', 1)]['p50']:.2f}x)")
-    tf1_64_seq = local[("tf1", 64)]
+    print(f"  gRPC p50 / in-process (TF1) p50, 1 img 1 client      {grpc_1['p50'] / tf1_1['p50']:6.2f}x  "
+          f"({grpc_1['p50'] - tf1_1['p50']:+.2f} ms; "
+          f"vs TF2 in-process {grpc_1['p50'] / local[('tf2', 1)]['p50']:.2f}x)")
     print(f"  gRPC p50 of the no-model server, 1 img 1 client      {floors[1]['p50']:6.2f} ms  (what gRPC and the "
           f"client take of the +1 ms)")
-    print(f"  gRPC p50 / in-process p50, 64 img 1 client           "
-          f"{remote[(False, 64, 1)]['p50'] / tf1_64_seq['p50']:6.2f}x  "
-          f"({remote[(False, 64, 1)]['p50'] - tf1_64_seq['p50']:+.2f} ms)")
+    print(f"  gRPC p50 / in-process p50, 64 img 1 client           {grpc_64['p50'] / tf1_64_seq['p50']:6.2f}x  "
+          f"({grpc_64['p50'] - tf1_64_seq['p50']:+.2f} ms)")
     print(f"  in-process images/s, 64-img / 1-img calls (TF1)      "
-          f"{local[('tf1', 64)]['ips'] / tf1_1['ips']:6.2f}x  (the most batching can gain on this CPU)")
-    ratio_batch = on16["rps"] / off16["rps"]
-    print(f"  batched rps / unbatched rps (16 clients, 1 img)      {ratio_batch:6.2f}x  "
+          f"{tf1_64_seq['ips'] / tf1_1['ips']:6.2f}x  (the most batching can gain on this CPU)")
+    print(f"  batched rps / unbatched rps (16 clients, 1 img)      {on16['rps'] / off16['rps']:6.2f}x  "
           f"({on16['rps']:.0f} vs {off16['rps']:.0f} req/s)")
-    ratio_peak = on16["ips"] / tf1_64["ips"]
-    print(f"  batched gRPC images/s / in-process batched images/s  {ratio_peak:6.2f}x  "
+    print(f"  batched gRPC images/s / in-process batched images/s  {on16['ips'] / tf1_64['ips']:6.2f}x  "
           f"({on16['ips']:.0f} vs {tf1_64['ips']:.0f} images/s: 16 clients x 1 img vs best in-process 64-img rate)")
     best = max(remote.values(), key=lambda row: row["ips"])
     print(f"  best gRPC images/s / in-process batched images/s     {best['ips'] / tf1_64['ips']:6.2f}x")
-    enc = encoding
+    round_trip = {name: row["encode"] + row["decode"] for name, row in encoding.items()}
     print(f"  float_val / tensor_content (encode+decode, 64 img)   "
-          f"{(enc['float_val']['encode'] + enc['float_val']['decode']) / (enc['tensor_content']['encode'] + enc['tensor_content']['decode']):6.2f}x")
+          f"{round_trip['float_val'] / round_trip['tensor_content']:6.2f}x")
 
-    # What 2 shared cores allow at best: each request costs the transport floor's time (gRPC and
-    # client, no model) plus its share of a model run's time on the same cores, and nothing else.
+
+def best_in_process_batched(local: dict) -> dict:
+    """The faster in-process 64-image cell: one caller or two."""
+    return max(local[("tf1", 64)], local[("tf1x2", 64)], key=lambda row: row["ips"])
+
+
+def print_bounds(local: dict, remote: dict, floor: dict) -> dict[str, float]:
+    """Upper bounds on req/s, unbatched and batched, and this server against them.
+
+    What 2 shared cores allow at best: each request costs the transport floor's time (gRPC and
+    client, no model) plus its share of a model run's time on the same cores, and nothing else.
+    """
     seconds_per_request = 1 / floor["rps"]
     bound1 = 1 / (seconds_per_request + 1 / local[("tf1x2", 1)]["ips"])
     bound16 = 1 / (seconds_per_request + 1 / local[("tf1x2", 16)]["ips"])
+    off16, on16 = remote[(False, 1, 16)], remote[(True, 1, 16)]
     print(f"  upper bound, 16 clients x 1 img, unbatched           {bound1:6.0f} req/s  (floor {floor['rps']:.0f} "
           f"req/s + in-process 1-img cost, {local[('tf1x2', 1)]['ips']:.0f} images/s)")
     print(f"  upper bound, 16 clients x 1 img, batched             {bound16:6.0f} req/s  (floor + in-process "
           f"16-img cost, {local[('tf1x2', 16)]['ips']:.0f} images/s)")
     print(f"  batched / unbatched, both at their bounds            {bound16 / bound1:6.2f}x")
+    tf1_64 = best_in_process_batched(local)
     print(f"  batched bound / in-process batched                   {bound16 / tf1_64['ips']:6.2f}x")
     print(f"  this server / the bounds: unbatched, batched         {off16['rps'] / bound1:6.2f}x, "
           f"{on16['rps'] / bound16:.2f}x")
+    return {"unbatched": bound1, "batched": bound16}
 
+
+def print_targets(local: dict, remote: dict, bounds: dict[str, float]) -> dict[str, bool]:
+    """Each target, met or NOT met, with its figure; returns whether each was met."""
+    extra = remote[(False, 1, 1)]["p50"] - local[("tf1", 1)]["p50"]
+    off16, on16 = remote[(False, 1, 16)], remote[(True, 1, 16)]
+    ratio_batch = on16["rps"] / off16["rps"]
+    tf1_64 = best_in_process_batched(local)
+    ratio_peak = on16["ips"] / tf1_64["ips"]
     print("\ntargets")
     verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     print(f"  gRPC p50 within in-process p50 + 1 ms (1 img):        {verdict(extra <= 1.0)} ({extra:+.2f} ms)")
     print(f"  batched >= 3x unbatched rps (16 clients, 1 img):       {verdict(ratio_batch >= 3)} ({ratio_batch:.2f}x; "
-          f"{bound16 / bound1:.2f}x at the bounds)")
+          f"{bounds['batched'] / bounds['unbatched']:.2f}x at the bounds)")
     print(f"  batched >= 70% of in-process batched throughput:      {verdict(ratio_peak >= 0.7)} "
-          f"({ratio_peak:.0%}; {bound16 / tf1_64['ips']:.0%} at the bound)")
-    print(f"\ntotal time {time.perf_counter() - started:.0f} s")
-    # The same figures as one JSON line, for scripts (each cell: p50/p99/mean in ms, rps, ips, n).
-    cells = {f"in-process {labels[kind]}, {size} img": row for (kind, size), row in local.items()}
+          f"({ratio_peak:.0%}; {bounds['batched'] / tf1_64['ips']:.0%} at the bound)")
+    return {"grpc_p50_within_in_process_plus_1ms": extra <= 1.0,
+            "batched_at_least_3x_unbatched": ratio_batch >= 3,
+            "batched_at_least_70pct_of_in_process": ratio_peak >= 0.7}
+
+
+def print_json(local: dict, remote: dict, floors: dict, encoding: dict, bounds: dict, targets: dict) -> None:
+    """The same figures as one JSON line, for scripts (each cell: p50/p99/mean in ms, rps, ips, n)."""
+    cells = {f"in-process {LABELS[kind]}, {size} img": row for (kind, size), row in local.items()}
     cells.update({f"gRPC batching {'on' if batching else 'off'}, {size} img, {clients} clients": row
                   for (batching, size, clients), row in remote.items()})
     cells.update({f"gRPC, no model (transport floor), 1 img, {clients} clients": row for clients, row in floors.items()})
     print(json.dumps({"bench": "serving_latency", "cells": _rounded(cells), "encoding": _rounded(encoding),
-                      "bounds_requests_per_s": _rounded({"unbatched": bound1, "batched": bound16}),
-                      "targets": {"grpc_p50_within_in_process_plus_1ms": extra <= 1.0,
-                                  "batched_at_least_3x_unbatched": ratio_batch >= 3,
-                                  "batched_at_least_70pct_of_in_process": ratio_peak >= 0.7}}))
+                      "bounds_requests_per_s": _rounded(bounds), "targets": targets}))
+
+
+def main() -> None:
+    args = parse_arguments()
+    if args.floor_server:
+        return serve_fixed_response()
+    started = time.perf_counter()
+    workdir = tempfile.mkdtemp(prefix="serving_bench_")
+    base_path, description, latent = find_or_build_bundle(args.model_base_path, workdir)
+    version = max(int(p.name) for p in Path(base_path).iterdir() if p.name.isdigit())
+    print_setup(description, latent, args)
+    if args.rest_only:
+        print(f"(load average {os.getloadavg()[0]:.2f} at start)", flush=True)
+        rest_only(base_path, latent, args)
+        print(f"\ntotal time {time.perf_counter() - started:.0f} s")
+        return
+    local = in_process_rows(str(Path(base_path) / str(version)), latent, args)
+    remote, png = grpc_rows(base_path, latent, args)
+    floors = floor_rows(latent, args)
+    encoding = bench_encoding(latent, args)
+    print_encoding(encoding, png)
+    print_ratios(local, remote, floors, encoding)
+    bounds = print_bounds(local, remote, floors[16])
+    targets = print_targets(local, remote, bounds)
+    print(f"\ntotal time {time.perf_counter() - started:.0f} s")
+    print_json(local, remote, floors, encoding, bounds, targets)
 
 
 def _rounded(value):

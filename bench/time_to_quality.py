@@ -177,7 +177,8 @@ def child_main(arguments) -> None:
     Path(arguments.rows_out).write_text(json.dumps([(seconds, row.to_dict()) for seconds, row in rows]))
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
+    """The command line, checked; the recipes' table completed (--set, previous_default's precision)."""
     parser = argparse.ArgumentParser(prog="python -m bench.time_to_quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=600.0, help="training seconds per recipe")
@@ -203,13 +204,18 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
     if arguments.only_recipe:
-        return child_main(arguments)
+        return arguments
     given_root = Path(arguments.run_root) if arguments.run_root else None
     if given_root is not None and given_root.exists() and (not given_root.is_dir() or any(given_root.iterdir())):
         # A recipe's folder with checkpoints in it would resume from them and time only the rest.
         parser.error(f"--run-root {arguments.run_root} is not empty (or not a folder); give a new or empty folder")
     if arguments.judge and not Path(arguments.judge).is_dir():  # found now, not after the first recipe's training
         parser.error(f"--judge {arguments.judge} is not a folder; give one written by `cli.py train-judge`")
+    return arguments
+
+
+def print_setup(arguments) -> None:
+    """The machine, the budget, the default recipe's overrides and each recipe's precision."""
     print(f"machine: {machine.cpu_model()}, {os.cpu_count()} CPU(s); "
           f"budget {arguments.budget:.0f} s per recipe, judged every {arguments.leg_seconds:.0f} s; "
           f"default recipe overrides: {RECIPES['default'] or 'none'}", flush=True)
@@ -217,27 +223,48 @@ def main() -> None:
     chosen = {name: RECIPES[name].get("precision", "auto") for name in arguments.recipes.split(",")}
     print("precision: " + ", ".join(f"{name} {today + ' (auto)' if precision == 'auto' else precision}"
                                     for name, precision in chosen.items()), flush=True)
-    # Prepared here, so no recipe's clock includes downloading or converting MNIST.
-    mnist = acquire.load_mnist(arguments.data_dir, report=print)
+
+
+def run_recipes(arguments) -> dict[str, list[tuple[float, judge_lib.QualityReport]]]:
+    """Each recipe in a process of its own, one after the other: name -> its rows."""
     with tempfile.TemporaryDirectory(prefix="digitgan-time-to-quality-") as folder:
-        run_root = given_root or Path(folder)
+        run_root = Path(arguments.run_root) if arguments.run_root else Path(folder)
         run_root.mkdir(parents=True, exist_ok=True)
-        results = {name: recipe_in_own_process(name, run_root, absolute_path_options(arguments))
-                   for name in arguments.recipes.split(",")}
-    # The judge's calibration row, computed after the recipes, so that the judge's model is not
-    # resident in this process while they train; the shipped judge gives the same row on every machine.
-    calibration = judge_lib.reference(judge_lib.load_judge(arguments.judge), mnist).calibration
+        return {name: recipe_in_own_process(name, run_root, absolute_path_options(arguments))
+                for name in arguments.recipes.split(",")}
+
+
+def print_side_by_side(calibration: judge_lib.QualityReport, results: dict) -> None:
+    """The last judgement of each recipe under the judge's calibration row, and the time ratios."""
     print("\nside by side (last judgement of each recipe):")
     print(judge_lib.format_reports([calibration] + [rows[-1][1] for rows in results.values()]))
     for previous in ("previous_default", "previous_default_auto"):
         if "default" in results and previous in results:
             new, old = results["default"][-1][0], results[previous][-1][0]
             print(f"training seconds: default {new:.0f} s, {previous} {old:.0f} s: {new / old:.2f}x")
-    # The same figures as one JSON line, for scripts: every judgement of every recipe.
+
+
+def print_json(arguments, calibration: judge_lib.QualityReport, results: dict) -> None:
+    """The same figures as one JSON line, for scripts: every judgement of every recipe."""
     print(json.dumps({"bench": "time_to_quality", "machine": machine.cpu_model(), "budget_seconds": arguments.budget,
                       "calibration": calibration.to_dict(),
                       "recipes": {name: [dict(row.to_dict(), training_seconds=round(seconds, 1)) for seconds, row in rows]
                                   for name, rows in results.items()}}))
+
+
+def main() -> None:
+    arguments = parse_arguments()
+    if arguments.only_recipe:
+        return child_main(arguments)
+    print_setup(arguments)
+    # Prepared here, so no recipe's clock includes downloading or converting MNIST.
+    mnist = acquire.load_mnist(arguments.data_dir, report=print)
+    results = run_recipes(arguments)
+    # The judge's calibration row, computed after the recipes, so that the judge's model is not
+    # resident in this process while they train; the shipped judge gives the same row on every machine.
+    calibration = judge_lib.reference(judge_lib.load_judge(arguments.judge), mnist).calibration
+    print_side_by_side(calibration, results)
+    print_json(arguments, calibration, results)
 
 
 if __name__ == "__main__":
