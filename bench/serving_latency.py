@@ -20,7 +20,7 @@ The bundle: `--model-base-path` if given, else `models/digitgan` if it exists, e
 real generator architecture (trainer.models + export.signatures, untrained weights: same cost)
 written to a temporary folder.
 
-    .venv/bin/python -m bench.serving_latency                 # default run, ~2-3 minutes
+    .venv/bin/python -m bench.serving_latency                 # default run, a few minutes
     .venv/bin/python -m bench.serving_latency --seconds 2     # quicker
     .venv/bin/python -m bench.serving_latency --requests 500  # fixed request count per 1-client cell
     .venv/bin/python -m bench.serving_latency --rest-only     # only REST :predict, 1 and 64 images, 1 client
@@ -151,7 +151,7 @@ def bench_in_process(version_dir: str, latent: int, args) -> dict:
         results[("tf2", size)] = summarize(lat, wall, size)
         lat, wall = run_for(lambda: tf1.run({feed_name: noise}, [fetch_name]), args.seconds, args.requests)
         results[("tf1", size)] = summarize(lat, wall, size)
-    # Two callers at once (one per core here), as the server runs concurrent requests or batches.
+    # Two callers at once, as the server runs concurrent requests or batches.
     for size in (1, 16, 64):
         noise = rng.standard_normal((size, latent)).astype(np.float32)
         results[("tf1x2", size)] = run_threads(lambda: tf1.run({feed_name: noise}, [fetch_name]), 2, size, args)
@@ -208,8 +208,8 @@ def predict_request(noise: np.ndarray) -> predict_pb2.PredictRequest:
 
 def bench_grpc(port: int, latent: int, size: int, clients: int, args) -> dict:
     """One client: a plain blocking stub in this process. Several: bench.loadtest's asyncio
-    clients on one channel, the cheapest Python client here (about 0.2 ms of CPU a request), so
-    as much of the 2 cores as possible is left to the server."""
+    clients on one channel, the cheapest Python client here (bench/README.md), so as much of the
+    shared cores as possible is left to the server."""
     request = predict_request(np.random.default_rng(1).standard_normal((size, latent)).astype(np.float32))
     if clients > 1:
         return bench_load(f"127.0.0.1:{port}", request, clients, args.seconds, size)
@@ -496,7 +496,7 @@ def best_in_process_batched(local: dict) -> dict:
 def print_bounds(local: dict, remote: dict, floor: dict) -> dict[str, float]:
     """Upper bounds on req/s, unbatched and batched, and this server against them.
 
-    What 2 shared cores allow at best: each request costs the transport floor's time (gRPC and
+    What the shared cores allow at best: each request costs the transport floor's time (gRPC and
     client, no model) plus its share of a model run's time on the same cores, and nothing else.
     """
     seconds_per_request = 1 / floor["rps"]

@@ -19,7 +19,7 @@ same untrained default-recipe generator: as `export` writes it now (each weight 
 as it wrote it before (Keras `ExportArchive.track(model)`, which stores every weight twice,
 keras-team/keras#23553), with the values each stores and the VmRSS each costs.
 
-    .venv/bin/python -m bench.serving_memory                  # about 2-3 minutes
+    .venv/bin/python -m bench.serving_memory                  # a few minutes
     .venv/bin/python -m bench.serving_memory --switches 5     # more switches (leak check)
 """
 

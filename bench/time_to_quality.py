@@ -10,23 +10,20 @@ tf.function tracing each leg repeats);
 data preparation, model building and judging are excluded.
 
 - default: `TrainConfig()` as `python cli.py train` runs it (class-conditional);
-- previous_default: `python cli.py train` as it was until 2026-12-01 (docs/experiments.md, runs
-  #17-#20), every recipe field spelled out, so "half the training time of the old default" can be
-  measured again; its precision is what `--precision auto` chose then (mixed_bfloat16 on every CPU
-  with AVX512-BF16 or AMX, `previous_auto_precision`), which on some such CPUs is the slower one;
+- previous_default: the previous default recipe (docs/experiments.md), every field spelled out, so
+  the time against it can be measured again; in the precision the old `auto` rule chose
+  (`previous_auto_precision`), which on some CPUs is the slower one;
 - previous_default_auto: the same recipe under today's `--precision auto`, to show the recipe's
   share of the gain apart from the precision's (the two are the same run where both choose alike);
 - tutorial: the tutorial's recipe on the same architecture: unconditional, batch 256, Adam(1e-4)
   with Keras's default beta_1 0.9 (tensorflow.org/tutorials/generative/dcgan).
 
-Each recipe trains and is judged in a process of its own (this script, started again with
-`--only-recipe`), as `python cli.py train` runs it, so a recipe's speed cannot depend on what an
-earlier recipe left in the process (threads, allocator, compiled functions). When they shared one
-process, the second recipe once ran at 1,262 images/s against 1,460 for the same recipe's
-`cli.py train` run on the same machine (docs/experiments.md); the cause was not found.
+Each recipe trains and is judged in a process of its own (this module again, with `--only-recipe`),
+as `python cli.py train` runs it, so a recipe's speed cannot depend on what an earlier recipe left
+in the process (threads, allocator, compiled functions; docs/experiments.md has the run that showed it).
 
 Usage:
-    python -m bench.time_to_quality                       # 600 s each, judged every 150 s (about 35 min)
+    python -m bench.time_to_quality                       # 600 s of training each, judged every 150 s
     python -m bench.time_to_quality --recipes previous_default,default --budget 3600 --leg-seconds 3600
                                   # both to their last epoch, judged once at the end: the time ratio
                                   # (add previous_default_auto for the recipe's share alone)
@@ -63,7 +60,7 @@ from quality import epochs, judge as judge_lib, sources  # noqa: E402
 from trainer import loop, strategy as strategy_lib  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 
-# The default recipe until 2026-12-01: tutorial widths (5x5 kernels) with conditional BatchNorm, batch 64, 8 epochs.
+# The previous default recipe (docs/experiments.md), every field spelled out so today's defaults cannot change it.
 PREVIOUS_DEFAULT = dict(epochs=8, batch_size=64, learning_rate=2e-4, discriminator_learning_rate=None,
                         learning_rate_schedule="linear_decay", learning_rate_decay_start=0.5, beta_1=0.5, beta_2=0.999,
                         latent_dim=100, conditional=True, classifier_weight=0.15, architecture="tutorial_cbn",
@@ -74,7 +71,7 @@ INTERRUPTED = 130  # the exit code of a recipe process, and of this script, stop
 RECIPES = {
     # Exactly `python cli.py train`: its epochs, its per-epoch judging (inside the budget), precision auto.
     "default": dict(),
-    # `python cli.py train` until 2026-12-01; main() adds the precision `auto` chose then (previous_auto_precision).
+    # The previous default; parse_arguments() adds the precision the old `auto` chose (previous_auto_precision).
     "previous_default": dict(PREVIOUS_DEFAULT),
     # The same recipe in the precision today's `auto` chooses (the recipe's share of the gain, alone).
     "previous_default_auto": dict(PREVIOUS_DEFAULT),
@@ -86,7 +83,7 @@ RECIPES = {
 
 
 def previous_auto_precision() -> str:
-    """What `--precision auto` chose until 2026-12-01: mixed_bfloat16 on a CPU-only run whenever the CPU has
+    """What the old `--precision auto` rule chose: mixed_bfloat16 on a CPU-only run whenever the CPU has
     AVX512-BF16 or AMX, faster or not (today's rule is `trainer.strategy.bfloat16_is_faster`)."""
     on_gpus = strategy_lib.runs_on_gpus(tf.distribute.get_strategy())
     return "mixed_bfloat16" if strategy_lib.has_bfloat16_instructions() and not on_gpus else "float32"

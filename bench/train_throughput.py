@@ -13,7 +13,7 @@ Variants (same machine, same process, same global batch; images/s, higher is bet
   the input pipeline starves the step;
 - ours_compact: ours_conditional with `--architecture compact` (4x4 kernels, narrower G);
 - ours_default: the step of `python cli.py train` with every default, `--precision auto` included
-  (mixed_bfloat16 where it measured faster: AMX, or AVX512-BF16 on AMD; float32 elsewhere), at the same global batch;
+  (as `trainer.strategy.resolve_precision` chooses), at the same global batch;
 - ours_default_xla: ours_default with `--xla` (its forward and backward pass compiled by XLA);
 - ours_default_float32 / ours_default_mixed_bfloat16 (only on CPUs with AVX512-BF16 or AMX): the
   default step in each precision, to show what `auto` chose from (on such CPUs bfloat16 is not

@@ -40,9 +40,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     post_slots: threading.BoundedSemaphore  # one per inference POST allowed to run at once
     max_concurrent_posts: int
     protocol_version = "HTTP/1.1"
-    # The status line and headers go out in one write and the body in another; with Nagle's
-    # algorithm on, the body then waits for the client's delayed ACK of the headers (~40 ms on
-    # Linux), which was most of a 1-image :predict on a kept-alive connection.
+    # Headers and body go out in two writes; with Nagle's algorithm on, the body would wait for the
+    # client's delayed ACK of the headers (what that cost a 1-image :predict: bench/README.md).
     disable_nagle_algorithm = True
 
     def do_GET(self):

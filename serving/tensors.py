@@ -54,9 +54,8 @@ _WIDE_FIELD_DTYPE = {"int_val": np.int32, "int64_val": np.int64, "uint32_val": n
                      "uint64_val": np.uint64}
 
 
-# float_val and double_val are packed fixed-width fields: on the wire their payload is exactly the
-# array's little-endian bytes, so a response is filled with a few bulk byte copies instead of one
-# Python float per element (64 images: about 0.02 ms instead of 1 ms) and still reads as float_val.
+# Packed float_val/double_val payloads are the array's little-endian bytes: a few bulk copies
+# instead of one Python float per element, still read as float_val (timings: bench/README.md).
 _PACKED_FIXED_WIDTH = {
     types_pb2.DT_FLOAT: (tensor_pb2.TensorProto.FLOAT_VAL_FIELD_NUMBER, np.dtype("<f4")),
     types_pb2.DT_DOUBLE: (tensor_pb2.TensorProto.DOUBLE_VAL_FIELD_NUMBER, np.dtype("<f8")),
