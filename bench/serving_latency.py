@@ -82,11 +82,11 @@ def find_or_build_bundle(base_path: str | None, workdir: str) -> tuple[str, str,
 
 def build_bundle(target: Path) -> tuple[str, str, int]:
     """The default recipe's generator, untrained, exported to `target` (same cost as a trained one)."""
+    from configs import recipes
     from export import bundle as bundle_lib, signatures as signatures_lib
     from trainer import models
-    from trainer.config import TrainConfig
 
-    defaults = TrainConfig()  # the default recipe's generator, as `cli.py train` builds it
+    defaults = recipes.build("default")  # the default recipe's generator, as `cli.py train` builds it
     latent = defaults.latent_dim
     generator = models.build_generator(latent, conditional=True, architecture=defaults.architecture)
     module = signatures_lib.GeneratorSignatures(generator, latent, conditional=True)

@@ -133,11 +133,11 @@ def write_storage_bundles(workdir: Path) -> tuple[list[tuple[str, Path]], int, i
     """
     import keras
 
+    from configs import recipes
     from export import bundle as bundle_lib, signatures as signatures_lib
     from trainer import models
-    from trainer.config import TrainConfig
 
-    defaults = TrainConfig()
+    defaults = recipes.build("default")
     generator = models.build_generator(defaults.latent_dim, conditional=True, architecture=defaults.architecture)
     module = signatures_lib.GeneratorSignatures(generator, defaults.latent_dim, conditional=True)
     once, twice = workdir / "once" / "1", workdir / "twice" / "1"

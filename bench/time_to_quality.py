@@ -9,14 +9,14 @@ loop does between them (checkpoints, sample grids, the default's per-epoch judgi
 tf.function tracing each leg repeats);
 data preparation, model building and judging are excluded.
 
-- default: `TrainConfig()` as `python cli.py train` runs it (class-conditional);
-- previous_default: the previous default recipe (docs/experiments.md), every field spelled out, so
-  the time against it can be measured again; in the precision the old `auto` rule chose
-  (`previous_auto_precision`), which on some CPUs is the slower one;
-- previous_default_auto: the same recipe under today's `--precision auto`, to show the recipe's
-  share of the gain apart from the precision's (the two are the same run where both choose alike);
-- tutorial: the tutorial's recipe on the same architecture: unconditional, batch 256, Adam(1e-4)
-  with Keras's default beta_1 0.9 (tensorflow.org/tutorials/generative/dcgan).
+The recipes are configs/recipes.py's, as `python cli.py train --config NAME` trains them, except:
+- default: with this bench's `--set FIELD=VALUE` settings, if any;
+- previous_default: in the precision the old `--precision auto` rule chose
+  (`previous_auto_precision`), which on some CPUs is the slower one, so the time against it can be
+  measured again;
+- previous_default_auto (this bench's own): the same fields under today's `--precision auto`, to
+  show the recipe's share of the gain apart from the precision's (the same run where both choose alike);
+- tutorial: as many epochs as the budget allows.
 
 Each recipe trains and is judged in a process of its own (this module again, with `--only-recipe`),
 as `python cli.py train` runs it, so a recipe's speed cannot depend on what an earlier recipe left
@@ -55,31 +55,33 @@ if __name__ == "__main__":
 import tensorflow as tf  # noqa: E402
 
 from common import machine  # noqa: E402
+from configs import recipes  # noqa: E402
 from mnist_data import acquire  # noqa: E402
 from quality import epochs, judge as judge_lib, sources  # noqa: E402
 from trainer import loop, strategy as strategy_lib  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 
-# The previous default recipe (docs/experiments.md), every field spelled out so today's defaults cannot change it.
-PREVIOUS_DEFAULT = dict(epochs=8, batch_size=64, learning_rate=2e-4, discriminator_learning_rate=None,
-                        learning_rate_schedule="linear_decay", learning_rate_decay_start=0.5, beta_1=0.5, beta_2=0.999,
-                        latent_dim=100, conditional=True, classifier_weight=0.15, architecture="tutorial_cbn",
-                        generator_average_decay=0.999, discriminator_dropout=0.3)
-
 INTERRUPTED = 130  # the exit code of a recipe process, and of this script, stopped by Ctrl-C or SIGTERM
+BUDGET_EPOCHS = 1000  # the tutorial's epochs here: as many as the budget allows
 
-RECIPES = {
-    # Exactly `python cli.py train`: its epochs, its per-epoch judging (inside the budget), precision auto.
-    "default": dict(),
-    # The previous default; parse_arguments() adds the precision the old `auto` chose (previous_auto_precision).
-    "previous_default": dict(PREVIOUS_DEFAULT),
-    # The same recipe in the precision today's `auto` chooses (the recipe's share of the gain, alone).
-    "previous_default_auto": dict(PREVIOUS_DEFAULT),
-    # As the tutorial trains: float32, no schedule, no moving average, no judging; as many epochs as the budget allows.
-    "tutorial": dict(conditional=False, batch_size=256, learning_rate=1e-4, beta_1=0.9, architecture="tutorial",
-                     generator_average_decay=0.0, precision="float32", learning_rate_schedule="constant",
-                     classifier_weight=0.0, epochs=1000, evaluate_every_epoch=False, discriminator_dropout=0.3),
-}
+
+def recipe_names() -> tuple[str, ...]:
+    return (*recipes.names(), "previous_default_auto")
+
+
+def recipe_fields(name: str, settings: dict) -> dict:
+    """The TrainConfig fields recipe `name` trains with in this bench (the module docstring's list);
+    `settings` (from `--set`) apply to the default recipe."""
+    if name == "previous_default_auto":
+        return recipes.overrides("previous_default")
+    fields = recipes.overrides(name)
+    if name == "default":
+        fields.update(settings)
+    elif name == "previous_default":
+        fields["precision"] = previous_auto_precision()
+    elif name == "tutorial":
+        fields["epochs"] = BUDGET_EPOCHS
+    return fields
 
 
 def previous_auto_precision() -> str:
@@ -94,23 +96,9 @@ def images_per_second_guess(config: TrainConfig) -> float:
     return 600.0 * (1.0 if config.conditional else 1.1)
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """["key=value", ...] → {key: value}; values are read as JSON where they parse (numbers, true, null)."""
-    overrides = {}
-    for pair in pairs:
-        key, separator, value = pair.partition("=")
-        if not separator:
-            raise ValueError(f"--set takes KEY=VALUE, got {pair!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
-
-
-def run_recipe(name: str, overrides: dict, arguments, run_root: Path) -> list[tuple[float, judge_lib.QualityReport]]:
+def run_recipe(name: str, fields: dict, arguments, run_root: Path) -> list[tuple[float, judge_lib.QualityReport]]:
     """Trains `name` in legs until the budget is spent; returns (training seconds, figures) after each leg."""
-    config = TrainConfig(run_dir=str(run_root / name), data_dir=arguments.data_dir, **overrides)
+    config = TrainConfig(run_dir=str(run_root / name), data_dir=arguments.data_dir, **fields)
     evaluate_config = sources.EvaluateConfig(per_digit=arguments.per_digit, default_samples=arguments.default_samples,
                                              data_dir=arguments.data_dir, judge_dir=arguments.judge)
     rate, spent, step, rows = images_per_second_guess(config), 0.0, 0, []
@@ -170,12 +158,13 @@ def absolute_path_options(arguments) -> list[str]:
 
 def child_main(arguments) -> None:
     """`--only-recipe NAME`: trains and judges one recipe in this process, writes its rows to `--rows-out`."""
-    rows = run_recipe(arguments.only_recipe, RECIPES[arguments.only_recipe], arguments, Path(arguments.run_root))
+    fields = recipe_fields(arguments.only_recipe, arguments.settings)
+    rows = run_recipe(arguments.only_recipe, fields, arguments, Path(arguments.run_root))
     Path(arguments.rows_out).write_text(json.dumps([(seconds, row.to_dict()) for seconds, row in rows]))
 
 
 def parse_arguments() -> argparse.Namespace:
-    """The command line, checked; the recipes' table completed (--set, previous_default's precision)."""
+    """The command line, checked; `settings` holds --set's fields, read by `recipes.parse_settings`."""
     parser = argparse.ArgumentParser(prog="python -m bench.time_to_quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=600.0, help="training seconds per recipe")
@@ -187,19 +176,18 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--recipes", default="default,tutorial")
     parser.add_argument("--run-root", default=None,
                         help="keep the runs in this folder (one subfolder per recipe) [default: a temporary folder]")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a TrainConfig field of the default recipe (repeatable), e.g. epochs=8")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a TrainConfig field of the default recipe (repeatable), e.g. epochs=8")
     parser.add_argument("--only-recipe", default=None, help=argparse.SUPPRESS)  # set for the per-recipe processes
     parser.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     try:
-        RECIPES["default"] = parse_overrides(arguments.set)
+        arguments.settings = recipes.parse_settings(arguments.set)
     except ValueError as error:
         parser.error(str(error))  # exit code 2, with the usage
-    RECIPES["previous_default"]["precision"] = previous_auto_precision()
-    unknown = sorted(set(arguments.recipes.split(",")) - set(RECIPES))
+    unknown = sorted(set(arguments.recipes.split(",")) - set(recipe_names()))
     if unknown:
-        parser.error(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
+        parser.error(f"unknown recipe(s) {unknown}; choose from {sorted(recipe_names())}")
     if arguments.only_recipe:
         return arguments
     given_root = Path(arguments.run_root) if arguments.run_root else None
@@ -215,9 +203,10 @@ def print_setup(arguments) -> None:
     """The machine, the budget, the default recipe's overrides and each recipe's precision."""
     print(f"machine: {machine.cpu_model()}, {os.cpu_count()} CPU(s); "
           f"budget {arguments.budget:.0f} s per recipe, judged every {arguments.leg_seconds:.0f} s; "
-          f"default recipe overrides: {RECIPES['default'] or 'none'}", flush=True)
+          f"default recipe overrides: {arguments.settings or 'none'}", flush=True)
     today = strategy_lib.resolve_precision("auto", tf.distribute.get_strategy())
-    chosen = {name: RECIPES[name].get("precision", "auto") for name in arguments.recipes.split(",")}
+    chosen = {name: recipe_fields(name, arguments.settings).get("precision", "auto")
+              for name in arguments.recipes.split(",")}
     print("precision: " + ", ".join(f"{name} {today + ' (auto)' if precision == 'auto' else precision}"
                                     for name, precision in chosen.items()), flush=True)
 

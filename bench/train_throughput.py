@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from common import machine, precision  # noqa: E402
+from configs import recipes  # noqa: E402
 from mnist_data import acquire  # noqa: E402
 from trainer import data, step as step_lib, strategy as strategy_lib  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
@@ -346,7 +347,7 @@ def main() -> None:
     mnist = acquire.load_mnist(arguments.data_dir)
     tutorial_images = (mnist.train_images[: batch * 4].astype(np.float32) / 127.5 - 1.0).reshape(4, batch, 28, 28, 1)
     keras.mixed_precision.set_global_policy(arguments.precision)
-    default_config = TrainConfig(batch_size=batch)
+    default_config = recipes.build("default", batch_size=batch)
     default_precision = strategy_lib.resolve_precision(default_config.precision, tf.distribute.get_strategy())
     native_bfloat16 = strategy_lib.has_bfloat16_instructions()
     variants = tutorial_variants(arguments, mnist)

@@ -40,13 +40,15 @@ def time_to_quality():
 def test_previous_default_trains_in_the_precision_auto_chose_then(time_to_quality, monkeypatch, cpu_info, then, today):
     monkeypatch.setattr(strategy_lib, "_read_cpu_info", lambda: cpu_info)
     assert time_to_quality.previous_auto_precision() == then
+    assert time_to_quality.recipe_fields("previous_default", {})["precision"] == then
+    assert "precision" not in time_to_quality.recipe_fields("previous_default_auto", {})  # today's auto
     assert strategy_lib.resolve_precision("auto", tf.distribute.get_strategy()) == today
 
 
 def test_previous_default_is_a_different_recipe_from_today(time_to_quality):
     from trainer.config import TrainConfig
-    previous = TrainConfig(**time_to_quality.PREVIOUS_DEFAULT)
-    today = TrainConfig()
+    previous = TrainConfig(**time_to_quality.recipe_fields("previous_default_auto", {}))
+    today = TrainConfig(**time_to_quality.recipe_fields("default", {}))
     assert (previous.epochs, previous.architecture, previous.classifier_weight) == (8, "tutorial_cbn", 0.15)
     assert previous != today  # so the bench compares two recipes, not one twice
 
@@ -55,14 +57,24 @@ def test_previous_default_spells_out_every_recipe_field(time_to_quality):
     """A field left out would follow today's default, so the old recipe would change with it."""
     from trainer.config import TrainConfig, recipe
     learned = set(recipe(TrainConfig())) - {"max_steps", "seed"}  # how long and which seed: the bench's choice
-    assert learned <= set(time_to_quality.PREVIOUS_DEFAULT), learned - set(time_to_quality.PREVIOUS_DEFAULT)
+    spelled_out = set(time_to_quality.recipe_fields("previous_default_auto", {}))
+    assert learned <= spelled_out, learned - spelled_out
 
 
-def test_set_overrides_parse_as_json_and_reject_a_pair_without_equals(time_to_quality):
-    assert time_to_quality.parse_overrides(["epochs=8", "architecture=tutorial_cbn", "xla=true"]) == {
-        "epochs": 8, "architecture": "tutorial_cbn", "xla": True}
-    with pytest.raises(ValueError, match="KEY=VALUE, got 'epochs'"):
-        time_to_quality.parse_overrides(["epochs"])
+def test_set_changes_only_the_default_recipe_and_a_pair_without_equals_is_refused(time_to_quality, monkeypatch,
+                                                                                   capsys):
+    monkeypatch.setattr(sys, "argv", ["time_to_quality", "--set", "epochs=3", "--set", "architecture=tutorial_cbn",
+                                      "--set", "xla=true"])
+    settings = time_to_quality.parse_arguments().settings
+    assert settings == {"epochs": 3, "architecture": "tutorial_cbn", "xla": True}
+    assert time_to_quality.recipe_fields("default", settings) == settings
+    assert time_to_quality.recipe_fields("tutorial", settings)["epochs"] == time_to_quality.BUDGET_EPOCHS
+    assert time_to_quality.recipe_fields("previous_default_auto", settings)["epochs"] == 8  # its own, not --set's
+    monkeypatch.setattr(sys, "argv", ["time_to_quality", "--set", "epochs"])
+    with pytest.raises(SystemExit) as refused:
+        time_to_quality.parse_arguments()
+    assert refused.value.code == 2
+    assert "FIELD=VALUE, like epochs=3; got 'epochs'" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # starts the script in a subprocess (TensorFlow's import: seconds)
