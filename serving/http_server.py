@@ -9,6 +9,7 @@ bad gzip are refused here, and at most `max_concurrent_posts` POSTs run at once.
 
 from __future__ import annotations
 
+import errno
 import http.server
 import logging
 import socket
@@ -21,6 +22,7 @@ import grpc
 
 from serving.errors import INTERNAL_ERROR
 from serving.json_tensor import error_json
+from serving.ports import in_use_error
 
 LOG = logging.getLogger("serving.http_server")
 
@@ -237,7 +239,12 @@ class RestServer:
         handler = type("RestHandler", (_Handler,), {
             "api": api, "max_body_bytes": max_body_bytes, "max_concurrent_posts": max_concurrent_posts,
             "post_slots": threading.BoundedSemaphore(max_concurrent_posts)})
-        self.httpd = http.server.ThreadingHTTPServer((host, port), handler)
+        try:
+            self.httpd = http.server.ThreadingHTTPServer((host, port), handler)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise in_use_error("REST", host, port, "--rest-port") from None
+            raise
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="rest", daemon=True)
@@ -247,4 +254,8 @@ class RestServer:
 
     def stop(self) -> None:
         self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def close(self) -> None:
+        """Give back the port of a server that was never started."""
         self.httpd.server_close()
