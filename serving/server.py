@@ -167,7 +167,7 @@ class ModelServer:
         try:
             if config.rest_port != 0:  # 0: no REST, as tensorflow_model_server's --rest_api_port=0
                 api = rest_api.RestApi(self.manager, self.metrics, config.max_request_elements, self.batcher,
-                                       self.prometheus_path)
+                                       self.prometheus_path, cors=config.rest_api_enable_cors_support)
                 rest_port = 0 if config.rest_port == FREE_PORT else config.rest_port
                 self._rest_server = http_server.RestServer(api, config.host, rest_port, config.max_message_bytes,
                                                            config.max_concurrent_rest_requests)
@@ -287,6 +287,7 @@ def run_server(config: ServeConfig) -> int:
     print(f"gRPC listening on {config.host}:{server.grpc_port}", flush=True)
     if server.rest_port is not None:
         print(f"REST listening on {config.host}:{server.rest_port}", flush=True)
+        print(f"playground page at http://{_host_for_grpc(config.host)}:{server.rest_port}/", flush=True)
         if server.prometheus_path is not None:
             print(f"Prometheus metrics at {server.prometheus_path} on the REST port", flush=True)
     for line in missing_version_lines(server.manager.base_paths()):
@@ -349,6 +350,8 @@ def tfserving_command(config: ServeConfig, batching_file: str | None = None) -> 
             command.append(f"--batching_parameters_file={batching_file}")
     if config.monitoring_config_file is not None:
         command.append(f"--monitoring_config_file={os.path.abspath(config.monitoring_config_file)}")
+    if config.rest_api_enable_cors_support:
+        command.append("--rest_api_enable_cors_support=true")
     return command
 
 
