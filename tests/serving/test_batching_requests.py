@@ -19,8 +19,8 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from serving.config import FREE_PORT, ServeConfig
-from serving.server import create_server
+from serving.config import FREE_PORT
+from serving_test_models import running_server
 
 ROWS = 4  # max_batch_size, and the rows each test sends into the batcher
 DIGIT_ERROR = "digit must be in 0..9"
@@ -28,13 +28,10 @@ DIGIT_ERROR = "digit must be in 0..9"
 
 @pytest.fixture(scope="module")
 def batching_server(model_root):
-    model_server = create_server(ServeConfig(
-        model_base_path=str(model_root / "digitgan"), port=0, rest_port=FREE_PORT, poll_seconds=0, grace_seconds=1.0,
-        enable_batching=True, max_batch_size=ROWS, batch_timeout_micros=60_000_000, num_batch_threads=1))
-    model_server.start()
-    assert model_server.wait_until_ready(60)
-    yield model_server
-    model_server.stop(1.0)
+    with running_server(model_base_path=str(model_root / "digitgan"), port=0, rest_port=FREE_PORT, poll_seconds=0,
+                        grace_seconds=1.0, enable_batching=True, max_batch_size=ROWS,
+                        batch_timeout_micros=60_000_000, num_batch_threads=1) as model_server:
+        yield model_server
 
 
 @pytest.fixture(scope="module")

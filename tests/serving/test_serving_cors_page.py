@@ -11,7 +11,7 @@ import pytest
 
 from serving import server as server_lib
 from serving.config import FREE_PORT, ServeConfig
-from serving.server import create_server
+from serving_test_models import running_server
 
 PREDICT = "/v1/models/digitgan:predict"
 CORS = {"access-control-allow-origin": "*", "access-control-allow-methods": "POST, GET",
@@ -23,12 +23,9 @@ SAMPLE = json.dumps({"signature_name": "sample", "inputs": {"digit": [7], "seed"
 
 @pytest.fixture(scope="module")
 def cors_server(model_root):
-    model_server = create_server(ServeConfig(model_base_path=str(model_root / "digitgan"), port=0, rest_port=FREE_PORT,
-                                             poll_seconds=0, grace_seconds=1.0, rest_api_enable_cors_support=True))
-    model_server.start()
-    assert model_server.wait_until_ready(60)
-    yield model_server
-    model_server.stop(1.0)
+    with running_server(model_base_path=str(model_root / "digitgan"), port=0, rest_port=FREE_PORT, poll_seconds=0,
+                        grace_seconds=1.0, rest_api_enable_cors_support=True) as model_server:
+        yield model_server
 
 
 def http_request(model_server, method: str, path: str, body: str | None = None, headers: dict | None = None):

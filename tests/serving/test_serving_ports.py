@@ -16,6 +16,7 @@ from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 from serving import ports
 from serving.config import FREE_PORT, ServeConfig
 from serving.server import create_server
+from serving_test_models import running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,12 +24,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def first(model_root):
     """A running server on free gRPC and REST ports."""
-    model_server = create_server(ServeConfig(model_base_path=str(model_root / "digitgan"), port=0,
-                                             rest_port=FREE_PORT, poll_seconds=0, grace_seconds=0.5))
-    model_server.start()
-    assert model_server.wait_until_ready(60)
-    yield model_server
-    model_server.stop(0.5)
+    with running_server(model_base_path=str(model_root / "digitgan"), port=0, rest_port=FREE_PORT,
+                        poll_seconds=0) as model_server:
+        yield model_server
 
 
 def second_config(model_root, **ports_given) -> ServeConfig:
