@@ -186,6 +186,10 @@ def serve(
     pretrained: bool = typer.Option(False, "--pretrained", help="Serve the pretrained bundle that ships with the project "
                                     "(pretrained/digitgan/, trained by the default recipe) instead of --model-base-path: "
                                     "digits at once, no training and no network."),
+    rest_api_enable_cors_support: bool = typer.Option(
+        SERVE_DEFAULTS.rest_api_enable_cors_support, "--rest-api-enable-cors-support",
+        help="Let web pages on other origins call the REST API: CORS headers on every /v1/ reply, as "
+             "tensorflow_model_server's --rest_api_enable_cors_support."),
 ) -> None:
     """Serve exported bundles over TF Serving's gRPC (and REST) API until Ctrl-C/SIGTERM."""
     with user_errors():
@@ -203,7 +207,8 @@ def serve(
             max_enqueued_batches=max_enqueued_batches, num_batch_threads=num_batch_threads,
             max_request_elements=max_request_elements, max_message_bytes=max_message_bytes,
             max_concurrent_rpcs=max_concurrent_rpcs, max_concurrent_rest_requests=max_concurrent_rest_requests,
-            engine=engine, monitoring_config_file=monitoring_config_file)
+            engine=engine, monitoring_config_file=monitoring_config_file,
+            rest_api_enable_cors_support=rest_api_enable_cors_support)
     from serving import server
 
     with user_errors(OSError):

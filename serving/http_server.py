@@ -4,11 +4,13 @@ It reads requests and frames replies; what a request means is the `api` object's
 (rest_api.RestApi: `handle(method, path, body)` and `refuse(method, path, code, message,
 http_status)`, each returning (HTTP status, body, content type)). Request bodies may be gzip
 (`Content-Encoding`) or chunked (`Transfer-Encoding`); bodies over the limit, bad framing and
-bad gzip are refused here, and at most `max_concurrent_posts` POSTs run at once.
+bad gzip are refused here, and at most `max_concurrent_posts` POSTs run at once. `OPTIONS` is the
+api's `preflight(path, origin)`, and every reply carries the api's `extra_headers(path)` (CORS).
 """
 
 from __future__ import annotations
 
+import errno
 import http.server
 import logging
 import socket
@@ -21,6 +23,7 @@ import grpc
 
 from serving.errors import INTERNAL_ERROR
 from serving.json_tensor import error_json
+from serving.ports import in_use_error
 
 LOG = logging.getLogger("serving.http_server")
 
@@ -46,6 +49,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         self._dispatch("GET", None)
+
+    def do_OPTIONS(self):
+        """A CORS preflight; a body (browsers send none) is read and dropped, as TF Serving reads it."""
+        length = self.headers.get("Content-Length", "0").strip()
+        if self.headers.get("Transfer-Encoding") is None and length.isdigit() and int(length) <= self.max_body_bytes:
+            self._drain(int(length))
+        else:
+            self.close_connection = True  # the body is not read: nothing after it can be parsed
+        self._send(*self.api.preflight(self.path, self.headers.get("Origin")))
 
     def do_POST(self):
         chunked, length, framing_error = self._body_framing()
@@ -196,6 +208,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
+        for name, value in self.api.extra_headers(getattr(self, "path", "")):
+            self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")  # so the client opens a new one for its next request
         self.end_headers()
@@ -236,7 +250,12 @@ class RestServer:
         handler = type("RestHandler", (_Handler,), {
             "api": api, "max_body_bytes": max_body_bytes, "max_concurrent_posts": max_concurrent_posts,
             "post_slots": threading.BoundedSemaphore(max_concurrent_posts)})
-        self.httpd = http.server.ThreadingHTTPServer((host, port), handler)
+        try:
+            self.httpd = http.server.ThreadingHTTPServer((host, port), handler)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise in_use_error("REST", host, port, "--rest-port") from None
+            raise
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="rest", daemon=True)
@@ -246,4 +265,8 @@ class RestServer:
 
     def stop(self) -> None:
         self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def close(self) -> None:
+        """Give back the port of a server that was never started."""
         self.httpd.server_close()
