@@ -17,7 +17,7 @@ import grpc
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2
 
-from serving import errors, inference, json_tensor
+from serving import errors, inference, json_tensor, v2_rest
 from serving.errors import invalid_argument
 from serving.request_runner import RequestRunner, model_status
 
@@ -36,17 +36,21 @@ class RestApi:
     """
 
     def __init__(self, manager, metrics, max_request_elements: int, batcher=None,
-                 prometheus_path: str | None = None):
+                 prometheus_path: str | None = None, v2=None):
         self.manager = manager
         self.metrics = metrics
         self.max_request_elements = max_request_elements
         self.batcher = batcher
         self.prometheus_path = prometheus_path  # None: no metrics page, as TF without a monitoring config
+        self.v2 = v2  # v2_rest.V2RestApi: the Open Inference Protocol's routes under /v2, or None
 
-    def handle(self, method: str, raw_path: str, body: bytes | None):
+    def handle(self, method: str, raw_path: str, body: bytes | None, headers=None):
+        """(HTTP status, body, content type), and a dict of extra headers for /v2 replies."""
         path = urllib.parse.urlsplit(raw_path).path
         if self.prometheus_path is not None and path == self.prometheus_path:
             return 200, self.metrics.render().encode(), "text/plain"
+        if self.v2 is not None and v2_rest.is_v2_path(path):
+            return self.v2.handle(method, path, body, headers)
         if not _is_api_path(path):
             return 404, json_tensor.error_json(f"Not found: {method} {path}"), "application/json"
         started = time.monotonic()
