@@ -5,6 +5,7 @@ data extension both ways, errors, metrics, batching shared with Predict, and the
 giving the same digits over v2 as over TF Serving's Predict.
 """
 
+import contextlib
 import http.client
 import io
 import json
@@ -95,6 +96,18 @@ def rest(server, method, path, body=None, headers=None):
 def rest_json(server, method, path, document=None):
     status, _headers, body = rest(server, method, path, None if document is None else json.dumps(document).encode())
     return status, json.loads(body)
+
+
+@contextlib.contextmanager
+def running_server(**settings):
+    """A model server with REST on a free port and the given ServeConfig settings, ready to serve."""
+    server = create_server(ServeConfig(port=0, rest_port=FREE_PORT, poll_seconds=0, grace_seconds=1.0, **settings))
+    server.start()
+    try:
+        assert server.wait_until_ready(120)
+        yield server
+    finally:
+        server.stop(1.0)
 
 
 def grpc_error(call):
@@ -370,12 +383,8 @@ def test_metrics_count_v2_inference(server, http_client, grpc_client):
 def test_v2_rest_v2_grpc_and_predict_meet_in_one_batch(model_root):
     """One batcher behind both APIs: a batch of three rows runs only when full (its timeout is
     far away), and a Predict, a v2 gRPC and a v2 REST request fill it together."""
-    server = create_server(ServeConfig(model_base_path=str(model_root / "digitgan"), port=0, rest_port=FREE_PORT,
-                                       poll_seconds=0, grace_seconds=1.0, enable_batching=True, max_batch_size=3,
-                                       batch_timeout_micros=120_000_000, num_batch_threads=1))
-    server.start()
-    try:
-        assert server.wait_until_ready(60)
+    with running_server(model_base_path=str(model_root / "digitgan"), enable_batching=True, max_batch_size=3,
+                        batch_timeout_micros=120_000_000, num_batch_threads=1) as server:
         rows = {name: noise(1, seed) for seed, name in enumerate(("predict", "v2_grpc", "v2_rest"))}
         results, failures = {}, []
 
@@ -407,22 +416,16 @@ def test_v2_rest_v2_grpc_and_predict_meet_in_one_batch(model_root):
                 assert wait_for(lambda: server.batcher.waiting_tasks() == count)
         for thread in threads:
             thread.join(60)
-        assert failures == []
+        assert failures == [] and set(results) == set(calls)
         for name, images in results.items():
             np.testing.assert_allclose(images, models.expected_images(rows[name]), rtol=1e-5, atol=1e-6)
-    finally:
-        server.stop(1.0)
 
 
 # ---------------- the pretrained bundle ----------------
 @pytest.fixture(scope="module")
 def pretrained_server():
-    server = create_server(ServeConfig(model_base_path=str(PRETRAINED), port=0, rest_port=FREE_PORT, poll_seconds=0,
-                                       grace_seconds=1.0))
-    server.start()
-    assert server.wait_until_ready(120)
-    yield server
-    server.stop(1.0)
+    with running_server(model_base_path=str(PRETRAINED)) as server:
+        yield server
 
 
 @pytest.mark.slow
