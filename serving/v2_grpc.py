@@ -47,7 +47,7 @@ class GRPCInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerReadyResponse(ready=self.models.server_ready())
 
     def ModelReady(self, request, context):
-        """ready false, not an error, for a model or version that is not loaded (as Triton answers)."""
+        """ready false, not an error, for a model, signature or version that is not loaded."""
         ready, _why = self.models.model_ready(request.name, request.version)
         return service_pb2.ModelReadyResponse(ready=ready)
 
