@@ -10,6 +10,9 @@ like:
     not share a GIL with the server; the same as `python cli.py serve --port 0 --rest-port 0`),
     1 and 64 images per request, 1 client (a blocking stub) and 16 concurrent clients
     (bench.loadtest's asyncio clients), batching off and on;
+  * the Open Inference Protocol (KServe "v2") beside TF Serving's API on one server: a 1-image
+    request as gRPC Predict, REST :predict, v2 gRPC ModelInfer and v2 REST infer (tritonclient, the
+    protocol's client library, with binary tensor data both ways), 1 client, batching off;
   * the transport floor: the same 1 and 16 clients against a server that runs no model and
     answers with a precomputed 1-image response, and from it upper bounds on what unbatched and
     batched serving can reach on this machine (client, gRPC and model sharing the same cores);
@@ -24,6 +27,7 @@ written to a temporary folder.
     .venv/bin/python -m bench.serving_latency --seconds 2     # quicker
     .venv/bin/python -m bench.serving_latency --requests 500  # fixed request count per 1-client cell
     .venv/bin/python -m bench.serving_latency --rest-only     # only REST :predict, 1 and 64 images, 1 client
+    .venv/bin/python -m bench.serving_latency --v2-only       # only Predict vs v2 (gRPC, REST), 1 image, 1 client
 
 No timing is asserted; targets are reported as met / NOT met with the figures.
 """
@@ -31,6 +35,7 @@ No timing is asserted; targets are reported as met / NOT met with the figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -238,9 +243,23 @@ def bench_rest(port: int, latent: int, size: int, args) -> dict:
     import json
 
     noise = np.random.default_rng(1).standard_normal((size, latent)).astype(np.float32)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    call = rest_predict_call(connection, noise)
+    try:
+        images = np.asarray(json.loads(call())["predictions"])
+        assert images.shape == (size, 28, 28, 1), images.shape
+        latencies, wall = run_for(call, args.seconds, args.requests)
+    finally:
+        connection.close()
+    return summarize(latencies, wall, size)
+
+
+def rest_predict_call(connection, noise: np.ndarray):
+    """call() -> the JSON reply of one REST :predict of `noise` (row format) on `connection`."""
+    import json
+
     body = json.dumps({"instances": noise.tolist()}).encode()
     path = f"/v1/models/{MODEL_NAME}:predict"
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 
     def call() -> bytes:
         connection.request("POST", path, body, {"Content-Type": "application/json"})
@@ -249,14 +268,7 @@ def bench_rest(port: int, latent: int, size: int, args) -> dict:
         if reply.status != 200:
             raise SystemExit(f"REST predict failed: HTTP {reply.status} {payload[:300]!r}")
         return payload
-
-    try:
-        images = np.asarray(json.loads(call())["predictions"])
-        assert images.shape == (size, 28, 28, 1), images.shape
-        latencies, wall = run_for(call, args.seconds, args.requests)
-    finally:
-        connection.close()
-    return summarize(latencies, wall, size)
+    return call
 
 
 def rest_only(base_path: str, latent: int, args) -> None:
@@ -268,6 +280,79 @@ def rest_only(base_path: str, latent: int, args) -> None:
             print(f"{f'REST :predict batching off, {size:2d} img,  1 client':{WIDTH}s} {fmt(row)}", flush=True)
     finally:
         server.stop()
+
+
+# ---------------- the Open Inference Protocol (KServe "v2") beside Predict ----------------
+V2_PATHS = ("gRPC Predict", "REST :predict", "v2 gRPC ModelInfer", "v2 REST infer")
+
+
+def bench_v2(base_path: str, latent: int, args) -> dict[str, dict]:
+    """Label -> row of a 1-image request from 1 client to one server (batching off): TF Serving's
+    Predict over gRPC (a plain stub) and REST (`:predict`), and the same noise over v2 with
+    tritonclient, gRPC ModelInfer and REST infer (binary tensor data both ways, its default).
+
+    The four take turns request by request, so a machine whose load changes during the run
+    slows each of them alike; every path must give the images Predict gives.
+    """
+    import http.client
+
+    import tritonclient.grpc as triton_grpc
+    import tritonclient.http as triton_http
+
+    noise = np.random.default_rng(1).standard_normal((1, latent)).astype(np.float32)
+    server = start_server(base_path, batching=False, rest=True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(server.stop)
+        channel = stack.enter_context(grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}", options=GRPC_OPTIONS))
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = predict_request(noise)
+        connection = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=60)
+        stack.callback(connection.close)
+        calls = [lambda: tf.make_ndarray(stub.Predict(request, timeout=60).outputs["images"]),
+                 rest_predict_call(connection, noise)]
+        for module, port in ((triton_grpc, server.grpc_port), (triton_http, server.rest_port)):
+            client = module.InferenceServerClient(f"127.0.0.1:{port}")
+            stack.callback(client.close)
+            calls.append(v2_infer_call(module, client, noise))
+        expected = calls[0]()
+        for call in calls[2:]:
+            if not np.array_equal(call(), expected):
+                raise SystemExit("a v2 request gave other images than Predict for the same noise")
+        latencies = run_interleaved(calls, args)
+    return {label: summarize(times, wall, 1) for label, (times, wall) in zip(V2_PATHS, latencies)}
+
+
+def v2_infer_call(module, client, noise: np.ndarray):
+    """call() -> the images of one v2 infer of `noise` to the model `digitgan` with tritonclient."""
+    tensor = module.InferInput("noise", list(noise.shape), "FP32")
+    tensor.set_data_from_numpy(noise)
+    return lambda: client.infer(MODEL_NAME, [tensor]).as_numpy("images")
+
+
+def run_interleaved(calls: list, args, warmup: int = 5) -> list[tuple[list[float], float]]:
+    """(latencies, seconds spent in them) of each call, the calls taking turns: --seconds each in
+    all (or --requests each)."""
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    latencies: list[list[float]] = [[] for _ in calls]
+    started = time.perf_counter()
+    while True:
+        for call, times in zip(calls, latencies):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        if args.requests is not None:
+            if len(latencies[0]) >= args.requests:
+                break
+        elif time.perf_counter() - started >= args.seconds * len(calls):
+            break
+    return [(times, sum(times)) for times in latencies]
+
+
+def print_v2(rows: dict[str, dict]) -> None:
+    for label, row in rows.items():
+        print(f"{label + ', batching off, 1 img, 1 client':{WIDTH}s} {fmt(row)}", flush=True)
 
 
 # ---------------- the transport floor: a server that runs no model ----------------
@@ -389,6 +474,8 @@ def parse_arguments() -> argparse.Namespace:
                         help=f"folder of numeric versions to serve (default: {serve_config.MODEL_BASE_PATH}, else built)")
     parser.add_argument("--rest-only", action="store_true",
                         help="measure only REST :predict (1 and 64 images, 1 client, batching off) and stop")
+    parser.add_argument("--v2-only", action="store_true",
+                        help="measure only a 1-image request as Predict (gRPC, REST) and over v2 (gRPC, REST), and stop")
     parser.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)  # bench_floor's child
     return parser.parse_args()
 
@@ -534,12 +621,14 @@ def print_targets(local: dict, remote: dict, bounds: dict[str, float]) -> dict[s
             "batched_at_least_70pct_of_in_process": ratio_peak >= 0.7}
 
 
-def print_json(local: dict, remote: dict, floors: dict, encoding: dict, bounds: dict, targets: dict) -> None:
+def print_json(local: dict, remote: dict, floors: dict, v2: dict, encoding: dict, bounds: dict,
+               targets: dict) -> None:
     """The same figures as one JSON line, for scripts (each cell: p50/p99/mean in ms, rps, ips, n)."""
     cells = {f"in-process {LABELS[kind]}, {size} img": row for (kind, size), row in local.items()}
     cells.update({f"gRPC batching {'on' if batching else 'off'}, {size} img, {clients} clients": row
                   for (batching, size, clients), row in remote.items()})
     cells.update({f"gRPC, no model (transport floor), 1 img, {clients} clients": row for clients, row in floors.items()})
+    cells.update({f"{label}, 1 img, 1 client": row for label, row in v2.items()})
     print(json.dumps({"bench": "serving_latency", "cells": _rounded(cells), "encoding": _rounded(encoding),
                       "bounds_requests_per_s": _rounded(bounds), "targets": targets}))
 
@@ -558,8 +647,15 @@ def main() -> None:
         rest_only(base_path, latent, args)
         print(f"\ntotal time {time.perf_counter() - started:.0f} s")
         return
+    if args.v2_only:
+        print(f"(load average {os.getloadavg()[0]:.2f} at start)", flush=True)
+        print_v2(bench_v2(base_path, latent, args))
+        print(f"\ntotal time {time.perf_counter() - started:.0f} s")
+        return
     local = in_process_rows(str(Path(base_path) / str(version)), latent, args)
     remote, png = grpc_rows(base_path, latent, args)
+    v2 = bench_v2(base_path, latent, args)
+    print_v2(v2)
     floors = floor_rows(latent, args)
     encoding = bench_encoding(latent, args)
     print_encoding(encoding, png)
@@ -567,7 +663,7 @@ def main() -> None:
     bounds = print_bounds(local, remote, floors[16])
     targets = print_targets(local, remote, bounds)
     print(f"\ntotal time {time.perf_counter() - started:.0f} s")
-    print_json(local, remote, floors, encoding, bounds, targets)
+    print_json(local, remote, floors, v2, encoding, bounds, targets)
 
 
 def _rounded(value):

@@ -1,11 +1,12 @@
 """The HTTP server of the REST port, as TF Serving's http_server.cc and net_http run it.
 
 It reads requests and frames replies; what a request means is the `api` object's business
-(rest_api.RestApi: `handle(method, path, body)` and `refuse(method, path, code, message,
-http_status)`, each returning (HTTP status, body, content type)). Request bodies may be gzip
-(`Content-Encoding`) or chunked (`Transfer-Encoding`); bodies over the limit, bad framing and
-bad gzip are refused here, and at most `max_concurrent_posts` POSTs run at once. `OPTIONS` is the
-api's `preflight(path, origin)`, and every reply carries the api's `extra_headers(path)` (CORS).
+(rest_api.RestApi: `handle(method, path, body, headers)` and `refuse(method, path, code, message,
+http_status)`, each returning (HTTP status, body, content type), and `handle` optionally a dict
+of extra reply headers after them). Request bodies may be gzip (`Content-Encoding`) or chunked
+(`Transfer-Encoding`); bodies over the limit, bad framing and bad gzip are refused here, and at
+most `max_concurrent_posts` POSTs run at once. `OPTIONS` is the api's `preflight(path, origin)`,
+and every reply carries the api's `extra_headers(path)` (CORS).
 """
 
 from __future__ import annotations
@@ -198,15 +199,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str, body):
         try:
-            status, payload, content_type = self.api.handle(method, self.path, body)
+            reply = self.api.handle(method, self.path, body, self.headers)
         except Exception:
             LOG.exception("unexpected REST error")
-            status, payload, content_type = 500, error_json(INTERNAL_ERROR), "application/json"
-        self._send(status, payload, content_type)
+            reply = 500, error_json(INTERNAL_ERROR), "application/json"
+        self._send(*reply)
 
-    def _send(self, status: int, payload: bytes, content_type: str):
+    def _send(self, status: int, payload: bytes, content_type: str, headers: dict | None = None):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(payload)))
         for name, value in self.api.extra_headers(getattr(self, "path", "")):
             self.send_header(name, value)

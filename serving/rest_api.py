@@ -23,7 +23,7 @@ import grpc
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2
 
-from serving import errors, inference, json_tensor, page
+from serving import errors, inference, json_tensor, page, v2_rest
 from serving.errors import invalid_argument
 from serving.request_runner import RequestRunner, model_status
 
@@ -48,20 +48,24 @@ class RestApi:
     """
 
     def __init__(self, manager, metrics, max_request_elements: int, batcher=None,
-                 prometheus_path: str | None = None, cors: bool = False):
+                 prometheus_path: str | None = None, cors: bool = False, v2=None):
         self.manager = manager
         self.metrics = metrics
         self.max_request_elements = max_request_elements
         self.batcher = batcher
         self.prometheus_path = prometheus_path  # None: no metrics page, as TF without a monitoring config
         self.cors = cors
+        self.v2 = v2  # v2_rest.V2RestApi: the Open Inference Protocol's routes under /v2, or None
 
-    def handle(self, method: str, raw_path: str, body: bytes | None):
+    def handle(self, method: str, raw_path: str, body: bytes | None, headers=None):
+        """(HTTP status, body, content type), and a dict of extra headers for /v2 replies."""
         path = urllib.parse.urlsplit(raw_path).path
         if self.prometheus_path is not None and path == self.prometheus_path:
             return 200, self.metrics.render().encode(), "text/plain"
         if method == "GET" and (asset := page.asset(path)) is not None:
             return asset
+        if self.v2 is not None and v2_rest.is_v2_path(path):
+            return self.v2.handle(method, path, body, headers)
         if not _is_api_path(path):
             return 404, json_tensor.error_json(f"Not found: {method} {path}"), "application/json"
         started = time.monotonic()
@@ -83,13 +87,13 @@ class RestApi:
     def preflight(self, raw_path: str, origin: str | None):
         """The reply to an OPTIONS request, as http_server.cc's dispatcher gives it.
 
-        Under /v1/: 200 with an empty body when Origin holds "http://" or "https://", else
+        Under /v1/ (and /v2, alike): 200 with an empty body when Origin holds "http://" or "https://", else
         FAILED_PRECONDITION (400; TF Serving sends it without a body, we send the JSON error),
         counted like any request under /v1/ (model ""). Elsewhere: 404.
         """
         started = time.monotonic()
         path = urllib.parse.urlsplit(raw_path).path
-        if not _is_api_path(path):
+        if not self._is_any_api_path(path):
             return 404, json_tensor.error_json(f"Not found: OPTIONS {path}"), "application/json"
         if PREFLIGHT_ORIGIN.search(origin or ""):
             code, reply = grpc.StatusCode.OK, (200, b"", LIBEVENT_CONTENT_TYPE)
@@ -101,9 +105,13 @@ class RestApi:
 
     def extra_headers(self, raw_path: str) -> tuple[tuple[str, str], ...]:
         """Headers a reply to `raw_path` carries beyond Content-Type and Content-Length."""
-        if self.cors and _is_api_path(urllib.parse.urlsplit(raw_path).path):
+        if self.cors and self._is_any_api_path(urllib.parse.urlsplit(raw_path).path):
             return CORS_HEADERS
         return ()
+
+    def _is_any_api_path(self, path: str) -> bool:
+        """Under TF Serving's /v1/, or the Open Inference Protocol's /v2 when it is on: where CORS applies."""
+        return _is_api_path(path) or (self.v2 is not None and v2_rest.is_v2_path(path))
 
     def _route(self, method: str, path: str, body: bytes | None):
         """(model name, API label, gRPC code, reply) of a request under /v1/."""

@@ -25,7 +25,8 @@ from tensorflow_serving.apis import (model_service_pb2, model_service_pb2_grpc, 
                                      prediction_service_pb2_grpc)
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import batching, http_server, inference, ports, prediction, rest_api
+from serving import (batching, http_server, inference, ports, prediction, rest_api, v2_grpc, v2_inference,
+                     v2_rest)
 from serving.batching import Batcher
 from serving.config import FREE_PORT, ServeConfig
 from serving.manager import ModelManager, discover_versions, single_model_config
@@ -35,10 +36,11 @@ from serving.request_runner import RequestRunner
 LOG = logging.getLogger("serving.server")
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
 MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+INFERENCE_SERVICE = v2_grpc.SERVICE_NAME  # the Open Inference Protocol's
 # "" is the whole server; the short names are the ones TF Serving itself marks.
-HEALTH_SERVICE_NAMES = ("", PREDICTION_SERVICE, MODEL_SERVICE, "PredictionService", "ModelService")
+HEALTH_SERVICE_NAMES = ("", PREDICTION_SERVICE, MODEL_SERVICE, "PredictionService", "ModelService", INFERENCE_SERVICE)
 # Refused while stopping; health (then NOT_SERVING) and reflection keep answering.
-REFUSED_WHILE_STOPPING = (f"/{PREDICTION_SERVICE}/", f"/{MODEL_SERVICE}/")
+REFUSED_WHILE_STOPPING = (f"/{PREDICTION_SERVICE}/", f"/{MODEL_SERVICE}/", f"/{INFERENCE_SERVICE}/")
 # stop() keeps serving this long after health turns NOT_SERVING (at most half the grace period):
 # calls already queued in the gRPC core when the signal came are served rather than refused,
 # and health-checking balancers get time to stop sending.
@@ -160,6 +162,9 @@ class ModelServer:
             options = batching.resolve_options(config.batching_parameters_file, **config.batching_knobs())
             self.batcher = Batcher(options.max_batch_size, options.batch_timeout_micros,
                                    options.max_enqueued_batches, options.num_batch_threads)
+        # The Open Inference Protocol beside TF Serving's API, on the same ports and the same models.
+        self.v2_models = v2_inference.V2Models(self.manager, config.max_request_elements, self.batcher,
+                                               stopping=lambda: self._stopped)
         self._grpc_server = self._build_grpc_server()
         self._rest_server = None
         # REST binds first: a REST socket can be closed again if gRPC's port is taken, while a
@@ -167,7 +172,8 @@ class ModelServer:
         try:
             if config.rest_port != 0:  # 0: no REST, as tensorflow_model_server's --rest_api_port=0
                 api = rest_api.RestApi(self.manager, self.metrics, config.max_request_elements, self.batcher,
-                                       self.prometheus_path, cors=config.rest_api_enable_cors_support)
+                                       self.prometheus_path, cors=config.rest_api_enable_cors_support,
+                                       v2=v2_rest.V2RestApi(self.v2_models, self.metrics))
                 rest_port = 0 if config.rest_port == FREE_PORT else config.rest_port
                 self._rest_server = http_server.RestServer(api, config.host, rest_port, config.max_message_bytes,
                                                            config.max_concurrent_rest_requests)
@@ -205,8 +211,9 @@ class ModelServer:
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             prediction.PredictionService(runner, self.config.max_request_elements, self.batcher), server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(prediction.ModelService(runner), server)
+        v2_grpc.add_to_server(self.v2_models, runner, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        service_names = (PREDICTION_SERVICE, MODEL_SERVICE,
+        service_names = (PREDICTION_SERVICE, MODEL_SERVICE, INFERENCE_SERVICE,
                          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(service_names, server)
         return server

@@ -83,6 +83,12 @@ def checked_shape(proto: tensor_pb2.TensorProto, max_elements: int) -> tuple[tup
     if proto.tensor_shape.unknown_rank:
         raise invalid_argument("tensor shape has unknown rank")
     dims = tuple(dim.size for dim in proto.tensor_shape.dim)
+    return dims, checked_dims(dims, max_elements)
+
+
+def checked_dims(dims: tuple[int, ...], max_elements: int) -> int:
+    """The element count of a request tensor's shape, or INVALID_ARGUMENT when the shape is too
+    deep, negative, too large or over `max_elements` (the same checks for every protocol)."""
     if len(dims) > MAX_RANK:
         raise invalid_argument(f"tensor rank {len(dims)} exceeds the maximum of {MAX_RANK}")
     for size in dims:
@@ -96,7 +102,7 @@ def checked_shape(proto: tensor_pb2.TensorProto, max_elements: int) -> tuple[tup
     elements = math.prod(dims)
     if elements > max_elements:
         raise invalid_argument(too_many_elements(dims, elements, max_elements))
-    return dims, elements
+    return elements
 
 
 def too_many_elements(dims, elements: int, max_elements: int) -> str:

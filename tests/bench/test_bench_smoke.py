@@ -39,7 +39,8 @@ def json_figures(output: str, bench: str) -> dict:
 def test_serving_latency_smoke_prints_every_cell_the_bound_and_the_targets():
     output = run_bench("-m", "bench.serving_latency", "--seconds", "0.3")
     for label in ("in-process TF1 Session, 2 threads, 16 img", "gRPC batching off,  1 img, 16 clients",
-                  "gRPC batching on ,  1 img, 16 clients", "gRPC, no model (transport floor),  1 img, 16 clients"):
+                  "gRPC batching on ,  1 img, 16 clients", "gRPC, no model (transport floor),  1 img, 16 clients",
+                  "v2 gRPC ModelInfer, batching off, 1 img, 1 client", "v2 REST infer, batching off, 1 img, 1 client"):
         row = re.search(rf"^{re.escape(label)}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+(\d+)$", output, re.M)
         assert row, f"no row {label!r} in:\n{output[-3000:]}"
         assert float(row.group(3)) > 0 and int(row.group(5)) > 0, row.group(0)
@@ -51,6 +52,7 @@ def test_serving_latency_smoke_prints_every_cell_the_bound_and_the_targets():
         assert re.search(rf"{re.escape(target)}.*: +(met|NOT met) \(", output), f"no verdict for {target!r}"
     figures = json_figures(output, "serving_latency")
     assert figures["cells"]["gRPC batching on, 1 img, 16 clients"]["rps"] > 0
+    assert figures["cells"]["v2 REST infer, 1 img, 1 client"]["p99"] > 0
     assert figures["cells"]["in-process TF1 Session, 2 threads, 16 img"]["ips"] > 0
     assert figures["bounds_requests_per_s"]["batched"] > 0 and len(figures["targets"]) == 3
 
