@@ -150,7 +150,7 @@ GRPC_CASES = [
     grpc_case("extra-input", lambda s: predict(noise=NOISE, extra=NOISE), CODE.INVALID_ARGUMENT,
               "Sent extra: {extra}"),
     grpc_case("unknown-alias", lambda s: predict(other=NOISE), CODE.INVALID_ARGUMENT,
-              "input tensor alias not found in signature: other", "{noise}"),
+              "Signature input alias: noise(", "Inputs expected to be in the request {other}"),
     grpc_case("unknown-output-filter", lambda s: predict(outputs=["nope"], noise=NOISE), CODE.INVALID_ARGUMENT,
               "output tensor alias not found in signature: nope", "{images}"),
     grpc_case("duplicate-output-filter", lambda s: predict(outputs=["images", "images"], noise=NOISE),
