@@ -39,7 +39,7 @@ from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
 
 import serving_test_models as models
-from serving_test_models import wait_for
+from serving_test_models import Gate, wait_for
 from serving import inference, json_tensor, prediction, request_runner, rest_api, tensors
 from serving.config import FREE_PORT, ServeConfig
 from serving.metrics import Metrics
@@ -693,29 +693,6 @@ def test_predict_arrays_gives_what_predict_gives(server):
 
 
 # ---------------- 3. deadlines and concurrency limits ----------------
-class Gate:
-    """Drives the gate model in-process (no RPC, so it never counts against the limits)."""
-
-    def __init__(self, server, model_name="gate"):
-        self.manager = server.manager
-        self.model_name = model_name
-
-    def _run(self, signature_name: str, feeds: dict) -> dict:
-        loaded = self.manager.acquire(model_pb2.ModelSpec(name=self.model_name))
-        try:
-            signature = loaded.signature_defs[signature_name]
-            return inference.run_signature(loaded, signature, feeds, list(signature.outputs))
-        finally:
-            loaded.release()
-
-    def arrivals(self) -> int:
-        """Graph runs that reached the gate so far: the inference counter."""
-        return int(self._run("arrivals", {})["arrivals"])
-
-    def release(self, count: int) -> None:
-        self._run("release", {"count": np.int32(count)})
-
-
 def gate_request(signature="") -> predict_pb2.PredictRequest:
     return predict(model="gate", signature=signature, x=np.array([1.0], np.float32))
 
