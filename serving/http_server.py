@@ -232,7 +232,6 @@ class _Workers:
     threads; a request past them waits for a thread (it is not refused)."""
 
     def __init__(self, count: int):
-        self.count = count
         self._slots = threading.Semaphore(count)
         self._lock = threading.Lock()
         self._waiting = 0

@@ -175,6 +175,7 @@ class ModelManager:
         # At start nothing is AVAILABLE, so any label is refused unless the flag allows it.
         self._labels = self._label_map(config)
         self._models = {model.name: ModelEntry(model) for model in config.model_config_list.config}
+        self.config = config  # the ModelServerConfig in force (the last one accepted)
 
     # ---- lifecycle ----
     def start(self) -> None:
@@ -357,6 +358,7 @@ class ModelManager:
             for entry in removed:
                 for version in list(entry.loaded):
                     self._unload_version(entry, version)
+            self.config = config
             for entry in list(new_models.values()):
                 self._sync_model(entry)
         self._notify()

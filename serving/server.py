@@ -142,7 +142,8 @@ _REFUSAL = grpc.unary_unary_rpc_method_handler(_refuse)  # no deserializer: the 
 
 
 class StartupError(ValueError):
-    """The server could not start serving: a model it was configured with failed to load."""
+    """The server cannot start: TF Serving would refuse its model config (labels, platform,
+    paths), or every version of a model failed to load."""
 
 
 class ModelServer:
@@ -176,7 +177,6 @@ class ModelServer:
                 allow_version_labels_for_unavailable_models=config.allow_version_labels_for_unavailable_models)
         except ServingError as error:  # a config TF Serving refuses at start (labels, platform, paths)
             raise StartupError(f"{error.code.name}: {error.message}") from None
-        self._applied_config = server_config
         self.batcher = None
         if config.enable_batching:
             options = batching.resolve_options(config.batching_parameters_file, **config.batching_knobs())
@@ -267,10 +267,12 @@ class ModelServer:
             self._config_poller.start()
 
     def _poll_config_file(self) -> None:
-        """Re-read the model config file and apply it when it changed (Server::PollFilesystemAndReloadConfig).
+        """Re-read the model config file and apply it (Server::PollFilesystemAndReloadConfig).
 
-        Errors are logged and the config in force stays; a refused config is tried again on the
-        next poll, as TF Serving tries every poll.
+        As in TF Serving, the file wins on every poll, also over a config that
+        HandleReloadConfigRequest put in force since; applying the config already in force
+        changes nothing, so it is skipped. Errors are logged, the config in force stays, and a
+        refused config is tried again on the next poll.
         """
         interval = self.config.model_config_file_poll_wait_seconds
         while not self._config_stop.wait(interval):
@@ -279,15 +281,14 @@ class ModelServer:
             except ValueError as error:
                 LOG.error("Failed to read ModelServerConfig file: %s", error)
                 continue
-            if new_config == self._applied_config:
+            if new_config == self.manager.config:
                 continue
             try:
                 self.manager.reload_config(new_config)
             except ServingError as error:
                 LOG.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", error.message)
                 continue
-            self._applied_config = new_config
-            LOG.info("applied the changed model config file %s", self.config.model_config_file)
+            LOG.info("applied the model config file %s", self.config.model_config_file)
 
     def wait_until_ready(self, timeout: float | None = None) -> bool:
         """True once every configured model has an available version (False on timeout)."""
@@ -391,8 +392,8 @@ def run_server(config: ServeConfig) -> int:
             while not stop_requested.wait(0.5):
                 pass
         print("stopping", flush=True)
-        server.stop()
     finally:
+        server.stop()  # at once if start() failed: it stopped everything already
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0

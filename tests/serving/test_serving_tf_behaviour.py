@@ -490,6 +490,12 @@ def test_model_config_file_is_polled_when_asked(bundles, tmp_path, start_server,
     assert wait_for(lambda: statuses(server.grpc_port, "digitgan") == {})  # dropped with the config
     response, error = grpc_call(server.grpc_port, "Predict", predict_request("half", x=np.array([2.0], np.float32)))
     assert error is None and tf.make_ndarray(response.outputs["y"]).tolist() == [3.0]
+    # The file wins on every poll, over a config HandleReloadConfigRequest put in force since.
+    reload = model_management_pb2.ReloadConfigRequest(config=config_proto(("digitgan", digitgan)))
+    _response, error = grpc_call(server.grpc_port, "HandleReloadConfigRequest", reload, timeout=120)
+    assert error is None
+    assert wait_for(lambda: statuses(server.grpc_port, "digitgan") == {}
+                    and statuses(server.grpc_port, "half").get(1) == STATE.AVAILABLE)
 
 
 def test_a_rest_request_past_the_timeout_gets_504(bundles, tmp_path, start_server):
