@@ -190,8 +190,45 @@ def serve(
         SERVE_DEFAULTS.rest_api_enable_cors_support, "--rest-api-enable-cors-support",
         help="Let web pages on other origins call the REST API: CORS headers on every /v1/ reply, as "
              "tensorflow_model_server's --rest_api_enable_cors_support."),
+    allow_version_labels_for_unavailable_models: bool = typer.Option(
+        SERVE_DEFAULTS.allow_version_labels_for_unavailable_models, "--allow-version-labels-for-unavailable-models",
+        help="Let the config file give a new label to a version that is not AVAILABLE yet; without it every label "
+             "must name an AVAILABLE version, so a config with labels is refused at start (as in TF Serving)."),
+    enable_signature_method_name_check: bool = typer.Option(
+        SERVE_DEFAULTS.enable_signature_method_name_check, "--enable-signature-method-name-check",
+        help="Classify, Regress and Predict also check a signature's method_name (off: only its inputs and outputs)."),
+    model_config_file_poll_wait_seconds: float = typer.Option(
+        SERVE_DEFAULTS.model_config_file_poll_wait_seconds,
+        help="Re-read --model-config-file this often and apply it when it changed (0 = read once)."),
+    rest_api_timeout_in_ms: int = typer.Option(
+        SERVE_DEFAULTS.rest_api_timeout_in_ms, help="A REST request's model run is cut off after this long: HTTP 504 (0 = no limit)."),
+    enable_model_warmup: bool = typer.Option(
+        SERVE_DEFAULTS.enable_model_warmup, "--enable-model-warmup/--no-enable-model-warmup",
+        help="Replay each version's assets.extra/tf_serving_warmup_requests before it serves "
+             "(--no-enable-model-warmup is TF's --enable_model_warmup=false)."),
+    num_request_iterations_for_warmup: int = typer.Option(
+        SERVE_DEFAULTS.num_request_iterations_for_warmup, help="Times each warmup record is replayed (0 = once)."),
+    saved_model_tags: str = typer.Option(
+        SERVE_DEFAULTS.saved_model_tags, help="Comma-separated tags of the MetaGraph to load from each SavedModel."),
+    rest_api_num_threads: Optional[int] = typer.Option(
+        SERVE_DEFAULTS.rest_api_num_threads, help="REST requests processed at once; more wait (default: 4 per CPU)."),
+    tensorflow_intra_op_parallelism: int = typer.Option(
+        SERVE_DEFAULTS.tensorflow_intra_op_parallelism, help="Threads one TensorFlow op may use (0 = TensorFlow's choice)."),
+    tensorflow_inter_op_parallelism: int = typer.Option(
+        SERVE_DEFAULTS.tensorflow_inter_op_parallelism, help="TensorFlow ops run at once (0 = TensorFlow's choice)."),
+    version: bool = typer.Option(False, "--version", help="Print this server's version and TensorFlow's, and exit "
+                                 "(with --engine tfserving: tensorflow_model_server's)."),
 ) -> None:
     """Serve exported bundles over TF Serving's gRPC (and REST) API until Ctrl-C/SIGTERM."""
+    if version:
+        from serving import version as version_lib
+
+        with user_errors(OSError):
+            if engine == "tfserving":
+                version_lib.exec_tfserving_version()
+        for line in version_lib.version_lines():
+            typer.echo(line)
+        return
     with user_errors():
         if pretrained:
             model_base_path = pretrained_base_path(model_base_path, model_config_file)
@@ -208,7 +245,14 @@ def serve(
             max_request_elements=max_request_elements, max_message_bytes=max_message_bytes,
             max_concurrent_rpcs=max_concurrent_rpcs, max_concurrent_rest_requests=max_concurrent_rest_requests,
             engine=engine, monitoring_config_file=monitoring_config_file,
-            rest_api_enable_cors_support=rest_api_enable_cors_support)
+            rest_api_enable_cors_support=rest_api_enable_cors_support,
+            allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models,
+            enable_signature_method_name_check=enable_signature_method_name_check,
+            model_config_file_poll_wait_seconds=model_config_file_poll_wait_seconds,
+            rest_api_timeout_in_ms=rest_api_timeout_in_ms, enable_model_warmup=enable_model_warmup,
+            num_request_iterations_for_warmup=num_request_iterations_for_warmup, saved_model_tags=saved_model_tags,
+            rest_api_num_threads=rest_api_num_threads, tensorflow_intra_op_parallelism=tensorflow_intra_op_parallelism,
+            tensorflow_inter_op_parallelism=tensorflow_inter_op_parallelism)
     from serving import server
 
     with user_errors(OSError):

@@ -52,13 +52,18 @@ class ServerProcess:
 
     @classmethod
     def start(cls, wait_for_models: bool = True, timeout: float = START_SECONDS, **settings) -> ServerProcess:
-        """`run_server(ServeConfig(**settings))` in a child; returns once its gRPC port is printed
-        and, with wait_for_models, once it has printed its models' versions (all loaded)."""
+        """`run_server(ServeConfig(**settings))` in a child; returns once it has printed its gRPC port
+        and its models' versions (the ports open only once every model is loaded). Without
+        wait_for_models it also returns when it says it waits for a first version (its ports are
+        not open then: `wait_for_listening()` once a version is there)."""
         server = cls([sys.executable, "-c", SERVE_SCRIPT, json.dumps(settings)])
         try:
-            server.wait_for_line(lambda line: line.startswith("gRPC listening on "), timeout)
             if wait_for_models:
+                server.wait_for_listening(timeout)
                 server.wait_for_line(lambda line: re.match(r"model \S+: versions ", line) is not None, timeout)
+            else:
+                server.wait_for_line(lambda line: line.startswith("gRPC listening on ") or "waiting for one" in line,
+                                     timeout)
         except BaseException:
             server.stop()
             raise
@@ -96,6 +101,10 @@ class ServerProcess:
                 if remaining <= 0:
                     raise self._error(f"did not print the line awaited within {timeout:g} s")
                 self._changed.wait(remaining)
+
+    def wait_for_listening(self, timeout: float = START_SECONDS) -> str:
+        """The "gRPC listening on HOST:PORT" line, once printed (the models are loaded then)."""
+        return self.wait_for_line(lambda line: line.startswith("gRPC listening on "), timeout)
 
     def _error(self, what: str) -> ServerProcessError:
         stdout = "\n".join(self.lines[-OUTPUT_LINES_KEPT:]) or "(nothing)"

@@ -91,7 +91,8 @@ class PeakSampler:
 
 # ---------------- the server ----------------
 def start_server(base_path: Path) -> ServerProcess:
-    """run_server on a base path with no version yet, in a subprocess, once its gRPC port is open."""
+    """run_server on a base path with no version yet, in a subprocess, once it waits for one (its
+    ports open once a version is loaded)."""
     return ServerProcess.start(wait_for_models=False, model_base_path=str(base_path), port=0, rest_port=0)
 
 
@@ -174,6 +175,7 @@ def one_version_under_load(source: Path, base_path: Path, clients: int, latent: 
     try:
         runtime = settle(server.process.pid)
         publish(source, base_path, 1)
+        server.wait_for_listening()
         wait_until(lambda: statuses(server.address).get(1) == AVAILABLE)
         load = loadtest.LoadGenerator(server.address, MODEL_NAME, clients=clients, seconds=3600,
                                       request=loadtest.predict_request(MODEL_NAME, latent_dim=latent))

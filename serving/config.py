@@ -11,6 +11,7 @@ load generator and the benches. No TensorFlow, no grpc: the CLI imports this at 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 MEBIBYTE = 1024 * 1024
 MODEL_NAME = "digitgan"
@@ -66,6 +67,26 @@ class ServeConfig:
         rest_api_enable_cors_support: TF Serving's `--rest_api_enable_cors_support`: every reply
             under `/v1/` carries `Access-Control-Allow-Origin: *` (and the allowed methods and
             headers), so pages on other origins can call the REST API.
+        allow_version_labels_for_unavailable_models: let a config assign a new label to a version
+            that is not AVAILABLE yet (`--allow_version_labels_for_unavailable_models`); without it
+            every label must name an AVAILABLE version, so a config with labels is refused at
+            start, as in TF Serving.
+        enable_signature_method_name_check: Classify, Regress and Predict check a signature's
+            method_name (`--enable_signature_method_name_check`); off, only its inputs and outputs.
+        model_config_file_poll_wait_seconds: re-read model_config_file this often and apply it when
+            it changed (`--model_config_file_poll_wait_seconds`); 0 reads it once.
+        rest_api_timeout_in_ms: a REST request's model run is cut off after this long and answered
+            504 (`--rest_api_timeout_in_ms`); 0: no limit.
+        enable_model_warmup: replay assets.extra/tf_serving_warmup_requests at load
+            (`--enable_model_warmup`).
+        num_request_iterations_for_warmup: times each warmup record is replayed; 0 means once
+            (`--num_request_iterations_for_warmup`).
+        saved_model_tags: comma-separated tag set of the MetaGraph to load (`--saved_model_tags`).
+        rest_api_num_threads: REST requests processed at once; more wait for a thread
+            (`--rest_api_num_threads`). None: 4 per CPU, as TF Serving.
+        tensorflow_intra_op_parallelism, tensorflow_inter_op_parallelism: TensorFlow's thread
+            pools (`--tensorflow_intra_op_parallelism`, `--tensorflow_inter_op_parallelism`);
+            0 lets TensorFlow choose. Set before TensorFlow starts its runtime.
     """
 
     model_base_path: str = MODEL_BASE_PATH
@@ -89,6 +110,16 @@ class ServeConfig:
     engine: str = "builtin"
     monitoring_config_file: str | None = None
     rest_api_enable_cors_support: bool = False
+    allow_version_labels_for_unavailable_models: bool = False
+    enable_signature_method_name_check: bool = False
+    model_config_file_poll_wait_seconds: float = 0.0
+    rest_api_timeout_in_ms: int = 30_000
+    enable_model_warmup: bool = True
+    num_request_iterations_for_warmup: int = 0
+    saved_model_tags: str = "serve"
+    rest_api_num_threads: int | None = None
+    tensorflow_intra_op_parallelism: int = 0
+    tensorflow_inter_op_parallelism: int = 0
 
     def __post_init__(self) -> None:
         if self.model_config_file is None:
@@ -121,7 +152,7 @@ class ServeConfig:
         if not isinstance(self.rest_api_enable_cors_support, bool):
             raise ValueError(f"rest_api_enable_cors_support must be True or False, got "
                              f"{self.rest_api_enable_cors_support!r}")
-
+        self._check_tf_serving_flags()
 
     def _check_batching(self) -> None:
         for name in BATCHING_KNOBS:
@@ -139,9 +170,35 @@ class ServeConfig:
                 raise ValueError(f"give the batching knobs either in batching_parameters_file or as settings, "
                                  f"not both (also set: {', '.join(given)})")
 
+    def _check_tf_serving_flags(self) -> None:
+        if not self.model_config_file_poll_wait_seconds >= 0:
+            raise ValueError(f"model_config_file_poll_wait_seconds must be >= 0, "
+                             f"got {self.model_config_file_poll_wait_seconds!r}")
+        for name in ("rest_api_timeout_in_ms", "num_request_iterations_for_warmup",
+                     "tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism"):
+            _check_integer(name, getattr(self, name), lowest=0)
+        if self.rest_api_num_threads is not None:
+            _check_integer("rest_api_num_threads", self.rest_api_num_threads, lowest=1)
+        if not isinstance(self.saved_model_tags, str) or not [t for t in self.saved_model_tags.split(",") if t]:
+            raise ValueError(f"saved_model_tags must name at least one tag, e.g. 'serve', got {self.saved_model_tags!r}")
+
+    def tag_set(self) -> list[str]:
+        """saved_model_tags as a list (split on ",")."""
+        return [tag for tag in self.saved_model_tags.split(",") if tag]
+
     def batching_knobs(self) -> dict[str, int]:
         """The batching knobs set in this config (not the file's, not TF's defaults)."""
         return {name: getattr(self, name) for name in BATCHING_KNOBS if getattr(self, name) is not None}
+
+
+def tfserving_binary() -> str:
+    """The path of tensorflow_model_server (engine "tfserving"), or ValueError saying how to get it."""
+    binary = shutil.which("tensorflow_model_server")
+    if binary is None:
+        raise ValueError("tensorflow_model_server is not on PATH; install TensorFlow Serving "
+                         "(apt package tensorflow-model-server or the tensorflow/serving Docker image) "
+                         "or use engine 'builtin'")
+    return binary
 
 
 def _check_integer(name: str, value, lowest: int) -> None:

@@ -43,6 +43,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     max_body_bytes: int
     post_slots: threading.BoundedSemaphore  # one per inference POST allowed to run at once
     max_concurrent_posts: int
+    workers: "_Workers"  # --rest_api_num_threads: requests processed at once; the others wait
     protocol_version = "HTTP/1.1"
     # Headers and body go out in two writes; with Nagle's algorithm on, the body would wait for the
     # client's delayed ACK of the headers (what that cost a 1-image :predict: bench/README.md).
@@ -199,7 +200,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str, body):
         try:
-            reply = self.api.handle(method, self.path, body, self.headers)
+            with self.workers:
+                reply = self.api.handle(method, self.path, body, self.headers)
         except Exception:
             LOG.exception("unexpected REST error")
             reply = 500, error_json(INTERNAL_ERROR), "application/json"
@@ -241,18 +243,46 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         LOG.debug("%s - %s", self.address_string(), format % args)
 
 
+class _Workers:
+    """At most `count` requests processed at once, as TF Serving's pool of --rest_api_num_threads
+    threads; a request past them waits for a thread (it is not refused)."""
+
+    def __init__(self, count: int):
+        self._slots = threading.Semaphore(count)
+        self._lock = threading.Lock()
+        self._waiting = 0
+
+    def __enter__(self):
+        with self._lock:
+            self._waiting += 1
+        self._slots.acquire()
+        with self._lock:
+            self._waiting -= 1
+
+    def __exit__(self, *_exc):
+        self._slots.release()
+
+    def waiting(self) -> int:
+        """Requests read and waiting for a thread now."""
+        with self._lock:
+            return self._waiting
+
+
 class RestServer:
     """A ThreadingHTTPServer serving a RestApi on host:port (port 0 picks a free one).
 
-    At most `max_concurrent_posts` POSTs run at once; more get HTTP 429 at once (the REST
-    twin of gRPC's maximum_concurrent_rpcs) rather than all competing for the CPU.
+    At most `max_concurrent_posts` POSTs are taken at once; more get HTTP 429 at once (the REST
+    twin of gRPC's maximum_concurrent_rpcs) rather than all competing for the CPU. Of the
+    requests taken, `num_threads` are processed at once (TF Serving's --rest_api_num_threads);
+    the others wait their turn.
     """
 
     def __init__(self, api, host: str, port: int, max_body_bytes: int,
-                 max_concurrent_posts: int):
+                 max_concurrent_posts: int, num_threads: int):
+        self.workers = _Workers(num_threads)
         handler = type("RestHandler", (_Handler,), {
             "api": api, "max_body_bytes": max_body_bytes, "max_concurrent_posts": max_concurrent_posts,
-            "post_slots": threading.BoundedSemaphore(max_concurrent_posts)})
+            "post_slots": threading.BoundedSemaphore(max_concurrent_posts), "workers": self.workers})
         try:
             self.httpd = http.server.ThreadingHTTPServer((host, port), handler)
         except OSError as error:

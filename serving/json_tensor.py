@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from fractions import Fraction
 
@@ -32,20 +33,97 @@ def error_json(message: str) -> bytes:
     return json.dumps({"error": message}, indent=2).encode("utf-8")
 
 
+class JsonObject(dict):
+    """A parsed JSON object as rapidjson holds one: a lookup finds the first member of a name
+    (FindMember), and `members` keeps every (name, value) pair in order, repeated names included."""
+
+    __slots__ = ("members",)
+
+
+def _json_object(pairs: list) -> JsonObject:
+    document = JsonObject()
+    for name, value in pairs:
+        document.setdefault(name, value)
+    document.members = pairs
+    return document
+
+
+def _members(value: dict) -> list:
+    """Every (name, value) of a parsed object, in order, repeated names included."""
+    return getattr(value, "members", None) or list(value.items())
+
+
+class _NumberTooBig(ValueError):
+    def __init__(self, literal: str):
+        super().__init__(literal)
+        self.literal = literal
+
+
+def _parse_float(literal: str) -> float:
+    value = float(literal)
+    if math.isinf(value):  # rapidjson: kParseErrorNumberTooBig (Python would give inf)
+        raise _NumberTooBig(literal)
+    return value
+
+
+def _parse_int(literal: str):
+    """An integer rapidjson stores as one (int64 or uint64 range); a larger one as a double."""
+    if len(literal) <= 20:
+        value = int(literal)
+        if -2**63 <= value < 2**64:
+            return value
+    return _parse_float(literal)
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_json_object, parse_float=_parse_float, parse_int=_parse_int)
+_JSON_SPACE = " \t\n\r"
+# What rapidjson's kParseNanAndInfFlag reads beyond Python's NaN, Infinity and -Infinity.
+_MORE_NAN_INF = re.compile(r"-?Inf(?!inity)|-NaN")
+_NAN_INF_OUTSIDE_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|(-?)(Infinity|Inf|NaN)')
+
+
 def parse_json_body(body: bytes | None) -> dict:
-    """The body as a JSON object, or INVALID_ARGUMENT naming the problem and its offset (not
-    Python's codec or recursion internals)."""
+    """The body as a JSON object, parsed as TF Serving's rapidjson flags parse it (ParseJson in
+    json_tensor.cc): kParseStopWhenDoneFlag (text after the value is not read),
+    kParseNanAndInfFlag (NaN, Inf, Infinity, with or without '-'), no UTF-8 validation (a
+    string's bytes are kept as they are: decoded with "surrogateescape"), a number too big for a
+    double refused, and every member of an object kept (JsonObject). Errors are
+    INVALID_ARGUMENT naming the problem and its offset, never Python's codec or recursion
+    internals."""
+    if not body:
+        raise invalid_argument("JSON Parse error: The document is empty")
+    text = body.decode("utf-8", "surrogateescape")
+    start = 1 if text.startswith("\ufeff") else 0  # EncodedInputStream<UTF8> skips a byte order mark
+    start += len(text) - start - len(text[start:].lstrip(_JSON_SPACE))
+    if start == len(text):
+        raise invalid_argument(f"JSON Parse error: The document is empty. at offset: {start}")
     try:
-        document = json.loads(body or b"")
-    except UnicodeDecodeError as error:
-        raise invalid_argument(f"JSON Parse error: invalid UTF-8 at offset: {error.start}") from None
+        try:
+            document, _end = _DECODER.raw_decode(text, start)
+        except json.JSONDecodeError as error:
+            if not _MORE_NAN_INF.match(text, error.pos):
+                raise
+            document, _end = _DECODER.raw_decode(_standard_nan_inf(text), start)
     except json.JSONDecodeError as error:
         raise invalid_argument(f"JSON Parse error: {error.msg} at offset: {error.pos}") from None
+    except _NumberTooBig as error:
+        raise invalid_argument(f"JSON Parse error: Number too big to be stored in double. at offset: "
+                               f"{max(0, text.find(error.literal, start))}") from None
     except (ValueError, RecursionError):
         raise invalid_argument("JSON Parse error: malformed, nested too deeply or a number too long") from None
     if not isinstance(document, dict):
-        raise invalid_argument("JSON Value: request body is not an object")
+        raise invalid_argument(f"JSON Value: {_json_preview(document)} Is not object")
     return document
+
+
+def _standard_nan_inf(text: str) -> str:
+    """`text` with rapidjson's Inf, -Inf and -NaN (outside strings) spelt as Python's json reads them."""
+    def spell(match):
+        sign, word = match.group(1), match.group(2)
+        if word is None:
+            return match.group(0)  # a string: as it is
+        return "NaN" if word == "NaN" else f"{sign}Infinity"
+    return _NAN_INF_OUTSIDE_STRINGS.sub(spell, text)
 
 
 # ---------------- JSON -> tensors ----------------
@@ -67,6 +145,10 @@ def json_feeds(document: dict, signature) -> tuple[bool, dict]:
             if not _is_named_object(instance):
                 raise invalid_argument(f"Expecting object but got {_json_type(instance)} at item {index} "
                                        "of input list")
+            if len(_members(instance)) != len(instance):
+                # TF would add the repeated input's values twice over, mixing rows: refused here.
+                raise invalid_argument(f"Failed to process element: {index} of 'instances' list. JSON object: "
+                                       f"{_json_preview(instance)} names an input more than once")
             for key, value in instance.items():
                 if key not in signature.inputs:
                     raise invalid_argument(f"Failed to process element: {index} key: {key} of 'instances' "
@@ -112,7 +194,13 @@ def _json_preview(value) -> str:
 
 
 def _is_named_object(value) -> bool:
-    return isinstance(value, dict) and set(value) != {"b64"}
+    """An object of named inputs: any object but a base64 value (IsElementObject)."""
+    return isinstance(value, dict) and not _is_base64_object(value)
+
+
+def _is_base64_object(value) -> bool:
+    """IsValBase64Object: an object whose one member is "b64", a string."""
+    return (isinstance(value, dict) and len(_members(value)) == 1 and isinstance(value.get("b64"), str))
 
 
 def _typed_columns(columns: dict, signature) -> dict:
@@ -150,13 +238,22 @@ def _map_leaves(value, convert):
 
 def _string_leaf(leaf, alias: str) -> bytes:
     if isinstance(leaf, str):
-        return leaf.encode("utf-8")
-    if isinstance(leaf, dict) and set(leaf) == {"b64"} and isinstance(leaf["b64"], str):
+        return _string_bytes(leaf)
+    if _is_base64_object(leaf):
         decoded = base64_unescape(leaf["b64"])
         if decoded is None:
             raise invalid_argument(f"Unable to base64 decode value for {alias}")
         return decoded
     raise invalid_argument(f"JSON Value: {_json_preview(leaf)} Type: not a string, is not of expected type: string")
+
+
+def _string_bytes(text: str) -> bytes:
+    """A parsed JSON string's bytes: the body's own bytes, invalid UTF-8 included, as rapidjson
+    keeps them. A lone surrogate written as an escape (\\ud800) has no bytes: rapidjson refuses it."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise invalid_argument("JSON Parse error: The surrogate pair in string is invalid.") from None
 
 
 _ASCII_SPACE = {ord(character): None for character in " \t\n\v\f\r"}  # absl::ascii_isspace
@@ -202,9 +299,7 @@ def _check_numeric_leaves(value, dtype_enum: int, alias: str) -> None:
 
 
 def examples_input(document: dict) -> input_pb2.Input:
-    examples = document.get("examples")
-    if not isinstance(examples, list):
-        raise invalid_argument("'examples' must be a JSON list of objects")
+    """An Input of tf.Examples from a classify/regress body (FillClassifyRegressRequestFromJson)."""
     model_input = input_pb2.Input()
     if "context" in document:
         with_context = model_input.example_list_with_context
@@ -212,31 +307,76 @@ def examples_input(document: dict) -> input_pb2.Input:
         target = with_context.examples
     else:
         target = model_input.example_list.examples
+    examples = document.get("examples")
+    if examples is None and "examples" not in document:
+        raise invalid_argument(f"JSON Value: {_json_preview(document)} When method is classify, key 'examples' is "
+                               "expected and was not found")
+    if not isinstance(examples, list):
+        raise invalid_argument(f"JSON Value: {_json_preview(document)} Expecting 'examples' value to be an list/array")
+    if not examples:
+        raise invalid_argument(f"JSON Value: {_json_preview(document)} 'examples' value is an empty array")
     for item in examples:
         target.add().CopyFrom(json_example(item))
     return model_input
 
 
+# rapidjson's type names (JsonTypeString in json_tensor.cc).
+def _rapidjson_type(value) -> str:
+    if value is None:
+        return "Null"
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    names = ((dict, "Object"), (list, "Array"), (str, "String"))
+    return next((name for kind, name in names if isinstance(value, kind)), "Number")
+
+
 def json_example(item) -> example_pb2.Example:
+    """MakeExampleFromJsonObject: a feature per member (a repeated name: the last one counts)."""
     if not isinstance(item, dict):
-        raise invalid_argument("Each example must be a JSON object of features")
+        raise invalid_argument(f"Example must be JSON object but got JSON {_rapidjson_type(item)}")
     example = example_pb2.Example()
-    for name, value in item.items():
-        values = value if isinstance(value, list) else [value]
-        feature = example.features.feature[name]
-        _fill_feature(feature, values, name)
+    for name, content in _members(item):
+        feature = feature_pb2.Feature()
+        for value in content if isinstance(content, list) else [content]:
+            _add_value_to_feature(value, name, feature)
+        example.features.feature[name].CopyFrom(feature)
     return example
 
 
-def _fill_feature(feature: feature_pb2.Feature, values: list, name: str) -> None:
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        feature.int64_list.value.extend(values)
-    elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        feature.float_list.value.extend(float(v) for v in values)
-    elif all(isinstance(v, (str, dict)) for v in values):
-        feature.bytes_list.value.extend(_string_leaf(v, name) for v in values)
+_FEATURE_KIND_NAMES = {"bytes_list": "bytes", "float_list": "float", "int64_list": "int64", None: "UNKNOWN"}
+
+
+def _add_value_to_feature(value, name: str, feature: feature_pb2.Feature) -> None:
+    """AddValueToFeature: one JSON value into a Feature, whose kind the first value sets.
+
+    Numbers written with a fraction or exponent (or too large for 64 bits) are floats; other
+    numbers int64, and one in uint64's range only is refused, as TF Serving refuses it.
+    """
+    def values_of(kind: str):
+        current = feature.WhichOneof("kind")
+        if current not in (None, kind):
+            raise invalid_argument(f"Unexpected element type in feature: {name} expecting type: "
+                                   f"{_FEATURE_KIND_NAMES[current]}")
+        return getattr(feature, kind).value
+
+    if value is None or isinstance(value, list) or (isinstance(value, dict) and not _is_base64_object(value)):
+        raise invalid_argument(f"Feature: {name} has element with unexpected JSON type: {_rapidjson_type(value)}")
+    if isinstance(value, bool):
+        values_of("int64_list").append(1 if value else 0)
+    elif isinstance(value, dict):
+        decoded = base64_unescape(value["b64"])
+        if decoded is None:
+            raise invalid_argument("Unable to base64 decode")
+        values_of("bytes_list").append(decoded)
+    elif isinstance(value, str):
+        values_of("bytes_list").append(_string_bytes(value))
+    elif isinstance(value, float):
+        values_of("float_list").append(value)
+    elif value >= 2**63:
+        values_of("int64_list")  # the kind is checked first, as in TF
+        raise invalid_argument(f"Feature: {name} has uint64_t element. Only int64_t is supported.")
     else:
-        raise invalid_argument(f"Feature {name} must be a list of numbers or strings")
+        values_of("int64_list").append(value)
 
 
 # ---------------- tensors -> JSON ----------------

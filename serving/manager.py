@@ -31,6 +31,7 @@ from serving.servable import LoadedVersion
 LOG = logging.getLogger("serving.manager")
 WARMUP_RELATIVE_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
 STATE = get_model_status_pb2.ModelVersionStatus.State
+TENSORFLOW_PLATFORM = "tensorflow"  # kTensorFlowModelPlatform
 
 
 @dataclass
@@ -49,6 +50,9 @@ class ModelEntry:
         self.status: dict[int, VersionStatus] = {}
         self.failed_fingerprints: dict[int, tuple] = {}
         self.fallback_note = ""  # the last "serving an older version" warning, so it is logged once
+        # Why no version could be served, when every version the policy names failed to load
+        # ("" otherwise); a server still starting gives up on it, as tensorflow_model_server does.
+        self.load_failure = ""
 
 
 def discover_versions(base_path: str) -> dict[int, str]:
@@ -105,12 +109,12 @@ def single_model_config(name: str, base_path: str) -> model_server_config_pb2.Mo
     model = config.model_config_list.config.add()
     model.name = name
     model.base_path = os.path.abspath(base_path)
-    model.model_platform = "tensorflow"
+    model.model_platform = TENSORFLOW_PLATFORM
     return config
 
 
 def validate_server_config(config: model_server_config_pb2.ModelServerConfig) -> None:
-    """Reject configs TF Serving's ServerCore rejects."""
+    """Reject configs TF Serving's ServerCore rejects, with its texts."""
     which = config.WhichOneof("config")
     if which == "custom_model_config":
         raise invalid_argument(errors.RELOAD_CONFIG_NOT_SUPPORTED)
@@ -123,26 +127,55 @@ def validate_server_config(config: model_server_config_pb2.ModelServerConfig) ->
         names.add(model.name)
         if not os.path.isabs(model.base_path):
             raise invalid_argument(
-                f"Expected model {model.name} to have an absolute path; got base_path()={model.base_path}")
-        if model.model_platform not in ("", "tensorflow"):
-            raise invalid_argument(f"Unsupported model_platform {model.model_platform!r} for {model.name}")
+                f"Expected model {model.name} to have an absolute path or URI; got base_path()={model.base_path}")
+        platform = model_platform(model)
+        if platform != TENSORFLOW_PLATFORM:
+            raise invalid_argument(f"Model {model.name} requests unsupported platform {platform}")
+
+
+def model_platform(model: model_server_config_pb2.ModelConfig) -> str:
+    """The model's platform as server_core.cc's GetPlatform reads it (INVALID_ARGUMENT when unset)."""
+    if model.model_type != model_server_config_pb2.MODEL_TYPE_UNSPECIFIED:  # deprecated field
+        if model.model_platform:
+            raise invalid_argument("Illegal setting both ModelServerConfig::model_type (deprecated) and "
+                                   f"ModelServerConfig::model_platform, model name is {model.name}")
+        if model.model_type != model_server_config_pb2.TENSORFLOW:
+            raise invalid_argument(f"ModelServerConfig::model_type choice {model.model_type} not supported.")
+        return TENSORFLOW_PLATFORM
+    if not model.model_platform:
+        raise invalid_argument("Illegal setting neither ModelServerConfig::model_type (deprecated) nor "
+                               f"ModelServerConfig::model_platform, model name is {model.name}")
+    return model.model_platform
 
 
 class ModelManager:
-    """Keeps the configured models loaded and answers which version serves a request."""
+    """Keeps the configured models loaded and answers which version serves a request.
+
+    `loader(name, version, path)` makes a LoadedVersion (the server passes the tags and the
+    method-name check); `warmup(loaded, path)` replays a warmup file, raising on failure.
+    Version labels live apart from the config, as in TF Serving's ServerCore: a config whose
+    labels are refused changes nothing, and the labels in force stay.
+    """
 
     def __init__(self, config: model_server_config_pb2.ModelServerConfig, poll_seconds: float,
-                 warmup=None, on_change=None):
+                 warmup=None, on_change=None, loader=LoadedVersion,
+                 allow_version_labels_for_unavailable_models: bool = False):
         validate_server_config(config)
-        self._models: dict[str, ModelEntry] = {
-            model.name: ModelEntry(model) for model in config.model_config_list.config}
         self._poll_seconds = poll_seconds
         self._warmup = warmup  # callable(LoadedVersion, path) raising on failure
         self._on_change = on_change
-        self._lock = threading.Lock()  # guards _models' contents for readers
+        self._loader = loader
+        self._allow_unavailable_labels = allow_version_labels_for_unavailable_models
+        self._lock = threading.Lock()  # guards _models' and _labels' contents for readers
         self._poll_lock = threading.Lock()  # one scan/load at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._models: dict[str, ModelEntry] = {}
+        self._labels: dict[str, dict[str, int]] = {}
+        # At start nothing is AVAILABLE, so any label is refused unless the flag allows it.
+        self._labels = self._label_map(config)
+        self._models = {model.name: ModelEntry(model) for model in config.model_config_list.config}
+        self.config = config  # the ModelServerConfig in force (the last one accepted)
 
     # ---- lifecycle ----
     def start(self) -> None:
@@ -180,24 +213,54 @@ class ModelManager:
                 self._sync_model(entry)
 
     def _sync_model(self, entry: ModelEntry) -> None:
-        found = discover_versions(entry.config.base_path)
-        if not found and not entry.loaded:
-            LOG.debug("No versions of servable %s found under base path %s", entry.config.name,
-                      entry.config.base_path)
+        base_path = entry.config.base_path
+        if not os.path.isdir(base_path):
+            # FileSystemStoragePathSource fails the poll ("Could not find base path"): no change.
+            LOG.debug("Could not find base path %s for servable %s", base_path, entry.config.name)
+            return
+        found = discover_versions(base_path)
+        policy = entry.config.model_version_policy
+        policy_choice = select_versions(policy, list(found))
+        if not policy_choice:
+            # Nothing to aspire (every version folder deleted, or none the policy names): TF
+            # Serving's source aspires no version and the manager unloads every one.
+            if not entry.loaded:
+                LOG.debug("No versions of servable %s found under base path %s", entry.config.name, base_path)
+            for version in sorted(entry.loaded):
+                self._unload_version(entry, version)
+            self._set_load_failure(entry, "")
+            return
         candidates = [v for v, path in found.items() if not self._still_failed(entry, v, path)]
-        wanted = select_versions(entry.config.model_version_policy, candidates)
+        wanted = select_versions(policy, candidates)
         for version in sorted(wanted - set(entry.loaded), reverse=True):
             if self._stop.is_set():
                 return
             self._load_version(entry, version, found[version])
         # Recompute: a version that just failed must not push out a working one.
         candidates = [v for v, path in found.items() if not self._still_failed(entry, v, path)]
-        wanted = select_versions(entry.config.model_version_policy, candidates)
-        self._note_fallback(entry, wanted, select_versions(entry.config.model_version_policy, list(found)))
+        wanted = select_versions(policy, candidates)
+        self._note_fallback(entry, wanted, policy_choice)
+        self._set_load_failure(entry, "" if entry.loaded or wanted else self._failure_text(entry, policy_choice))
         if not wanted & set(entry.loaded):
-            return  # keep serving what we have rather than nothing
+            return  # keep serving what we have rather than nothing (AvailabilityPreservingPolicy)
         for version in sorted(set(entry.loaded) - wanted):
             self._unload_version(entry, version)
+
+    def _set_load_failure(self, entry: ModelEntry, text: str) -> None:
+        if entry.load_failure != text:
+            entry.load_failure = text
+            self._notify()
+
+    @staticmethod
+    def _failure_text(entry: ModelEntry, versions: set[int]) -> str:
+        """Each failed version as ServerCore words it: {name: M version: V} due to error: CODE: text."""
+        parts = []
+        for version in sorted(versions, reverse=True):
+            status = entry.status.get(version)
+            if status is not None and status.error_code:
+                parts.append(f"{{name: {entry.config.name} version: {version}}} due to error: "
+                             f"{errors.status_code(status.error_code).name}: {status.error_message}")
+        return ", ".join(parts)
 
     @staticmethod
     def _note_fallback(entry: ModelEntry, wanted: set[int], policy_choice: set[int]) -> None:
@@ -228,7 +291,7 @@ class ModelManager:
         LOG.info("loading %s version %d from %s", name, version, path)
         loaded = None
         try:
-            loaded = LoadedVersion(name, version, path)
+            loaded = self._loader(name, version, path)
             self._run_warmup(loaded, path)
         except Exception as error:  # any load or warmup failure fails this version only
             if loaded is not None:
@@ -247,14 +310,15 @@ class ModelManager:
         self._notify()
 
     def _run_warmup(self, loaded: LoadedVersion, path: str) -> None:
+        if self._warmup is None:  # --enable_model_warmup=false: the file is not read
+            return
         warmup_file = os.path.join(path, WARMUP_RELATIVE_PATH)
         if not os.path.exists(warmup_file):
             LOG.info("No warmup data file found at %s", warmup_file)
             return
-        if self._warmup is not None:
-            LOG.info("Starting to read warmup data for model at %s", warmup_file)
-            self._warmup(loaded, warmup_file)
-            LOG.info("Finished reading warmup data for model at %s", warmup_file)
+        LOG.info("Starting to read warmup data for model at %s", warmup_file)
+        self._warmup(loaded, warmup_file)
+        LOG.info("Finished reading warmup data for model at %s", warmup_file)
 
     def _unload_version(self, entry: ModelEntry, version: int) -> None:
         with self._lock:
@@ -271,10 +335,16 @@ class ModelManager:
 
     # ---- config reload ----
     def reload_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
-        """Replace the model list (HandleReloadConfigRequest); blocks until loads finish."""
+        """Replace the model list (HandleReloadConfigRequest); blocks until loads finish.
+
+        As ServerCore::ReloadConfig: the labels are checked first, against the versions
+        AVAILABLE now; a refused label refuses the whole config, leaving models and labels as
+        they were.
+        """
         validate_server_config(config)
         with self._poll_lock:
             with self._lock:
+                self._labels = self._label_map(config)
                 old = self._models
                 new_models = {}
                 for model in config.model_config_list.config:
@@ -288,19 +358,31 @@ class ModelManager:
             for entry in removed:
                 for version in list(entry.loaded):
                     self._unload_version(entry, version)
+            self.config = config
             for entry in list(new_models.values()):
                 self._sync_model(entry)
-            self._check_labels(new_models.values())
         self._notify()
 
-    def _check_labels(self, entries) -> None:
-        for entry in entries:
-            for label, version in entry.config.version_labels.items():
-                if version not in entry.loaded:
-                    raise ServingError(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"Request to assign label to version {version} of model {entry.config.name}, "
-                        "which is not currently available for inference")
+    def _label_map(self, config: model_server_config_pb2.ModelServerConfig) -> dict[str, dict[str, int]]:
+        """The labels of `config`, checked as ServerCore::UpdateModelVersionLabelMap checks them.
+
+        A label must name a version AVAILABLE now. With allow_version_labels_for_unavailable_models
+        a label may name any version, unless it already names another one (moving a label still
+        needs the new version AVAILABLE). Call with self._lock held (or before the poller starts).
+        """
+        labels: dict[str, dict[str, int]] = {}
+        for model in config.model_config_list.config:
+            entry = self._models.get(model.name)
+            available = set(entry.loaded) if entry is not None else set()
+            for label, version in model.version_labels.items():
+                current = self._labels.get(model.name, {}).get(label)
+                allowed = self._allow_unavailable_labels and current in (None, version)
+                if not allowed and version not in available:
+                    raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"Request to assign label to version {version} of model {model.name}, "
+                                       "which is not currently available for inference")
+                labels.setdefault(model.name, {})[label] = version
+        return labels
 
     # ---- request side ----
     def acquire(self, model_spec) -> LoadedVersion:
@@ -312,8 +394,8 @@ class ModelManager:
             entry = self._models.get(name)
             choice = model_spec.WhichOneof("version_choice")
             if choice == "version_label":
-                version = self._version_for_label(entry, model_spec.version_label)
-                loaded = entry.loaded.get(version)
+                version = self._version_for_label(name, model_spec.version_label)
+                loaded = entry.loaded.get(version) if entry else None
                 request = f"Specific({name}, {version})"
             elif choice == "version":
                 version = model_spec.version.value
@@ -326,11 +408,11 @@ class ModelManager:
                 return loaded
         raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {request}")
 
-    @staticmethod
-    def _version_for_label(entry: ModelEntry | None, label: str) -> int:
-        if entry is None or label not in entry.config.version_labels:
+    def _version_for_label(self, name: str, label: str) -> int:
+        version = self._labels.get(name, {}).get(label)
+        if version is None:
             raise invalid_argument(f"Unrecognized servable version label: {label}")
-        return entry.config.version_labels[label]
+        return version
 
     def version_statuses(self, name: str, version: int | None = None) -> list[tuple[int, VersionStatus]]:
         """Status of every known version, newest first (GetModelStatus)."""
@@ -359,8 +441,17 @@ class ModelManager:
         return any(self.available_models().values())
 
     def all_models_available(self) -> bool:
-        models = self.available_models()
-        return bool(models) and all(models.values())
+        """Whether every configured model has an AVAILABLE version (True with no models)."""
+        return all(self.available_models().values())
+
+    def initial_load_outcome(self) -> tuple[bool, list[str]]:
+        """(settled, failures): settled once every model has an AVAILABLE version or has failed,
+        i.e. every version its policy names failed to load; each failure as ServerCore words
+        it at start-up (`{name: M version: V} due to error: CODE: text`)."""
+        with self._lock:
+            entries = list(self._models.values())
+            settled = all(entry.loaded or entry.load_failure for entry in entries)
+            return settled, [entry.load_failure for entry in entries if entry.load_failure]
 
 
 def _error_code_and_message(error: Exception) -> tuple[int, str]:

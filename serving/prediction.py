@@ -55,6 +55,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def GetModelMetadata(self, request, context):
         def work():
+            # get_model_metadata_impl.cc checks the fields before it looks the model up.
+            if request.HasField("model_spec"):
+                inference.check_metadata_fields(request)
             return self.runner.with_version(request.model_spec, request.HasField("model_spec"),
                                             lambda loaded: inference.model_metadata(loaded, request))
         return self.runner.serve(context, "GetModelMetadata", request.model_spec.name, work, record=False)

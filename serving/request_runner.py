@@ -65,11 +65,12 @@ class RequestRunner:
 
 
 def model_status(manager, request) -> get_model_status_pb2.GetModelStatusResponse:
-    """GetModelStatus: every known version of the model (or the one asked for), newest first."""
+    """GetModelStatus: every known version of the model (or the one asked for), newest first.
+
+    As get_model_status_impl.cc, an empty name is looked up like any other: NOT_FOUND.
+    """
     if not request.HasField("model_spec"):
         raise invalid_argument(errors.MISSING_MODEL_SPEC)
-    if not request.model_spec.name:
-        raise invalid_argument(errors.NO_MODEL_NAME)
     version = request.model_spec.version.value if request.model_spec.HasField("version") else None
     response = get_model_status_pb2.GetModelStatusResponse()
     for number, status in manager.version_statuses(request.model_spec.name, version):

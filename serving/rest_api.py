@@ -14,6 +14,7 @@ and preflights included) carries AddCORSHeaders' three headers (`CORS_HEADERS`).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -48,7 +49,7 @@ class RestApi:
     """
 
     def __init__(self, manager, metrics, max_request_elements: int, batcher=None,
-                 prometheus_path: str | None = None, cors: bool = False, v2=None):
+                 prometheus_path: str | None = None, cors: bool = False, v2=None, timeout_in_ms: int = 0):
         self.manager = manager
         self.metrics = metrics
         self.max_request_elements = max_request_elements
@@ -56,6 +57,9 @@ class RestApi:
         self.prometheus_path = prometheus_path  # None: no metrics page, as TF without a monitoring config
         self.cors = cors
         self.v2 = v2  # v2_rest.V2RestApi: the Open Inference Protocol's routes under /v2, or None
+        # --rest_api_timeout_in_ms: TF Serving's RunOptions.timeout_in_ms for every REST model run
+        # (0: none); a run cut off is DEADLINE_EXCEEDED, HTTP 504.
+        self.timeout_in_ms = timeout_in_ms
 
     def handle(self, method: str, raw_path: str, body: bytes | None, headers=None):
         """(HTTP status, body, content type), and a dict of extra headers for /v2 replies."""
@@ -146,9 +150,11 @@ class RestApi:
                 return self._predict(loaded, spec, document)
             model_input = json_tensor.examples_input(document)
             if verb == "classify":
-                _name, result = inference.classify_result(loaded, spec.signature_name, model_input)
+                _name, result = inference.classify_result(loaded, spec.signature_name, model_input,
+                                                          timeout_in_ms=self.timeout_in_ms)
                 return json_tensor.classify_json(result)
-            _name, result = inference.regress_result(loaded, spec.signature_name, model_input)
+            _name, result = inference.regress_result(loaded, spec.signature_name, model_input,
+                                                     timeout_in_ms=self.timeout_in_ms)
             return json_tensor.regress_json(result)
         finally:
             loaded.release()
@@ -159,7 +165,11 @@ class RestApi:
         if signature is None:
             raise invalid_argument(f'Serving signature name: "{signature_name}" not found in signature def')
         row_format, feeds = json_tensor.json_feeds(document, signature)
-        runner = self.batcher.run if self.batcher is not None else None
+        if self.batcher is not None:  # the batch scheduler drops a request whose time ran out in its queue
+            deadline = time.monotonic() + self.timeout_in_ms / 1000 if self.timeout_in_ms else None
+            runner = functools.partial(self.batcher.run, deadline=deadline)
+        else:
+            runner = functools.partial(inference.run_signature, timeout_in_ms=self.timeout_in_ms)
         # Arrays straight from JSON to the model and back: no TensorProto in between.
         _name, outputs = inference.predict_arrays(loaded, signature_name, feeds, self.max_request_elements, runner)
         return json_tensor.predictions_json(outputs, row_format)

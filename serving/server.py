@@ -7,9 +7,9 @@ with the equivalent flags.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -18,6 +18,7 @@ import time
 from concurrent import futures
 
 import grpc
+import tensorflow as tf
 from google.protobuf import text_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -28,10 +29,12 @@ from tensorflow_serving.config import model_server_config_pb2
 from serving import (batching, http_server, inference, ports, prediction, rest_api, v2_grpc, v2_inference,
                      v2_rest)
 from serving.batching import Batcher
-from serving.config import FREE_PORT, ServeConfig
+from serving.config import FREE_PORT, ServeConfig, tfserving_binary
+from serving.errors import ServingError
 from serving.manager import ModelManager, discover_versions, single_model_config
 from serving.metrics import Metrics, prometheus_path
 from serving.request_runner import RequestRunner
+from serving.servable import LoadedVersion
 
 LOG = logging.getLogger("serving.server")
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
@@ -140,23 +143,42 @@ def _refuse(_request: bytes, context: grpc.ServicerContext) -> None:
 _REFUSAL = grpc.unary_unary_rpc_method_handler(_refuse)  # no deserializer: the body is never parsed
 
 
+class StartupError(ValueError):
+    """The server cannot start: TF Serving would refuse its model config (labels, platform,
+    paths), or every version of a model failed to load."""
+
+
 class ModelServer:
-    """One server: call start(), then wait_until_ready(), and stop() when done."""
+    """One server: call start() (it loads the models, then opens the ports, as
+    tensorflow_model_server does), and stop() when done."""
 
     def __init__(self, config: ServeConfig):
         self.config = config
         self.metrics = Metrics()
-        # Read before anything binds a port, so a bad file fails cleanly.
+        # Read before anything loads or binds, so a bad file fails cleanly.
         self.prometheus_path = prometheus_path(config.monitoring_config_file)
         self.health = health.HealthServicer()
         for name in HEALTH_SERVICE_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._stopped = False
         self._ready = threading.Event()
-        self.manager = ModelManager(
-            load_server_config(config), config.poll_seconds,
-            warmup=lambda loaded, path: inference.run_warmup(loaded, path, config.max_request_elements),
-            on_change=self._models_changed)
+        self._config_stop = threading.Event()
+        set_tensorflow_threads(config.tensorflow_intra_op_parallelism, config.tensorflow_inter_op_parallelism)
+        server_config = load_server_config(config)
+        warmup = None
+        if config.enable_model_warmup:
+            iterations = max(1, config.num_request_iterations_for_warmup)
+
+            def warmup(loaded, path):
+                return inference.run_warmup(loaded, path, config.max_request_elements, iterations)
+        loader = functools.partial(LoadedVersion, tags=config.tag_set(),
+                                   method_name_check=config.enable_signature_method_name_check)
+        try:
+            self.manager = ModelManager(
+                server_config, config.poll_seconds, warmup=warmup, on_change=self._models_changed, loader=loader,
+                allow_version_labels_for_unavailable_models=config.allow_version_labels_for_unavailable_models)
+        except ServingError as error:  # a config TF Serving refuses at start (labels, platform, paths)
+            raise StartupError(f"{error.code.name}: {error.message}") from None
         self.batcher = None
         if config.enable_batching:
             options = batching.resolve_options(config.batching_parameters_file, **config.batching_knobs())
@@ -165,38 +187,10 @@ class ModelServer:
         # The Open Inference Protocol beside TF Serving's API, on the same ports and the same models.
         self.v2_models = v2_inference.V2Models(self.manager, config.max_request_elements, self.batcher,
                                                stopping=lambda: self._stopped)
-        self._grpc_server = self._build_grpc_server()
+        self._grpc_server = None
+        self._grpc_port = None
         self._rest_server = None
-        # REST binds first: a REST socket can be closed again if gRPC's port is taken, while a
-        # gRPC server that never started keeps its port until it is garbage collected.
-        try:
-            if config.rest_port != 0:  # 0: no REST, as tensorflow_model_server's --rest_api_port=0
-                api = rest_api.RestApi(self.manager, self.metrics, config.max_request_elements, self.batcher,
-                                       self.prometheus_path, cors=config.rest_api_enable_cors_support,
-                                       v2=v2_rest.V2RestApi(self.v2_models, self.metrics))
-                rest_port = 0 if config.rest_port == FREE_PORT else config.rest_port
-                self._rest_server = http_server.RestServer(api, config.host, rest_port, config.max_message_bytes,
-                                                           config.max_concurrent_rest_requests)
-            self._grpc_port = self._bind_grpc()
-        except BaseException:  # give back what was taken: the REST port and the batch threads
-            if self._rest_server is not None:
-                self._rest_server.close()
-            if self.batcher is not None:
-                self.batcher.stop()
-            raise
-
-    def _bind_grpc(self) -> int:
-        """The gRPC port, bound; ValueError naming the port when it is taken or cannot be bound."""
-        host, port = self.config.host, self.config.port
-        ports.check_free("gRPC", host, port, "--port")
-        try:
-            bound = self._grpc_server.add_insecure_port(f"{_host_for_grpc(host)}:{port}")
-        except RuntimeError:  # grpcio raises where older versions returned 0
-            bound = 0
-        if bound == 0:
-            raise ValueError(f"cannot listen on {host}:{port} for gRPC (is the port taken, or {host} not an "
-                             f"address of this machine?); choose another with --port or --host")
-        return bound
+        self._config_poller = None
 
     def _build_grpc_server(self) -> grpc.Server:
         options = [("grpc.max_send_message_length", self.config.max_message_bytes),
@@ -219,18 +213,109 @@ class ModelServer:
         return server
 
     @property
-    def grpc_port(self) -> int:
+    def grpc_port(self) -> int | None:
+        """The gRPC port once start() has opened it (None before)."""
         return self._grpc_port
 
     @property
     def rest_port(self) -> int | None:
         return self._rest_server.port if self._rest_server is not None else None
 
-    def start(self) -> None:
+    def start(self, should_stop=None) -> bool:
+        """Load the configured models, then open the ports; True once serving.
+
+        As tensorflow_model_server, nothing listens until every model has a version AVAILABLE:
+        a client that connects earlier is refused. A model whose versions all fail to load
+        raises StartupError (nothing is left running). With no version yet, start() waits for
+        one; `should_stop()` returning True ends the wait (False is returned, nothing opened).
+        """
+        self.manager.start()
+        try:
+            if not self._wait_for_initial_load(should_stop):
+                return False
+            self._open_ports()
+        except BaseException:
+            self.stop(0.0)
+            raise
+        return True
+
+    def _wait_for_initial_load(self, should_stop) -> bool:
+        while True:
+            self._ready.clear()
+            settled, failures = self.manager.initial_load_outcome()
+            if settled:
+                if failures:
+                    raise StartupError(f"{len(failures)} servable(s) did not become available: "
+                                       + ", ".join(f"{{{failure}}}" for failure in failures))
+                return True
+            if should_stop is not None and should_stop():
+                return False
+            self._ready.wait(0.05)
+
+    def _open_ports(self) -> None:
+        config = self.config
+        # REST binds first: a REST socket can be closed again if gRPC's port is taken, while a
+        # gRPC server that never started keeps its port until it is garbage collected.
+        if config.rest_port != 0:  # 0: no REST, as tensorflow_model_server's --rest_api_port=0
+            api = rest_api.RestApi(self.manager, self.metrics, config.max_request_elements, self.batcher,
+                                   self.prometheus_path, cors=config.rest_api_enable_cors_support,
+                                   v2=v2_rest.V2RestApi(self.v2_models, self.metrics),
+                                   timeout_in_ms=config.rest_api_timeout_in_ms)
+            rest_port = 0 if config.rest_port == FREE_PORT else config.rest_port
+            threads = config.rest_api_num_threads or 4 * (os.cpu_count() or 1)
+            self._rest_server = http_server.RestServer(api, config.host, rest_port, config.max_message_bytes,
+                                                       config.max_concurrent_rest_requests, threads)
+        try:
+            self._grpc_server = self._build_grpc_server()
+            self._grpc_port = self._bind_grpc()
+        except BaseException:  # give the REST port back (stop() would wait for a loop never started)
+            if self._rest_server is not None:
+                self._rest_server.close()
+                self._rest_server = None
+            raise
         self._grpc_server.start()
         if self._rest_server is not None:
             self._rest_server.start()
-        self.manager.start()
+        if config.model_config_file is not None and config.model_config_file_poll_wait_seconds > 0:
+            self._config_poller = threading.Thread(target=self._poll_config_file, name="config-poller", daemon=True)
+            self._config_poller.start()
+
+    def _bind_grpc(self) -> int:
+        """The gRPC port, bound; ValueError naming the port when it is taken or cannot be bound."""
+        host, port = self.config.host, self.config.port
+        ports.check_free("gRPC", host, port, "--port")
+        try:
+            bound = self._grpc_server.add_insecure_port(f"{_host_for_grpc(host)}:{port}")
+        except RuntimeError:  # grpcio raises where older versions returned 0
+            bound = 0
+        if bound == 0:
+            raise ValueError(f"cannot listen on {host}:{port} for gRPC (is the port taken, or {host} not an "
+                             f"address of this machine?); choose another with --port or --host")
+        return bound
+
+    def _poll_config_file(self) -> None:
+        """Re-read the model config file and apply it (Server::PollFilesystemAndReloadConfig).
+
+        As in TF Serving, the file wins on every poll, also over a config that
+        HandleReloadConfigRequest put in force since; applying the config already in force
+        changes nothing, so it is skipped. Errors are logged, the config in force stays, and a
+        refused config is tried again on the next poll.
+        """
+        interval = self.config.model_config_file_poll_wait_seconds
+        while not self._config_stop.wait(interval):
+            try:
+                new_config = load_server_config(self.config)
+            except ValueError as error:
+                LOG.error("Failed to read ModelServerConfig file: %s", error)
+                continue
+            if new_config == self.manager.config:
+                continue
+            try:
+                self.manager.reload_config(new_config)
+            except ServingError as error:
+                LOG.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", error.message)
+                continue
+            LOG.info("applied the model config file %s", self.config.model_config_file)
 
     def wait_until_ready(self, timeout: float | None = None) -> bool:
         """True once every configured model has an available version (False on timeout)."""
@@ -243,6 +328,7 @@ class ModelServer:
         return True
 
     def _models_changed(self) -> None:
+        self._ready.set()
         if self._stopped:
             return
         status = (health_pb2.HealthCheckResponse.SERVING if self.manager.has_available_version()
@@ -261,19 +347,41 @@ class ModelServer:
         if self._stopped:
             return
         self._stopped = True
+        self._config_stop.set()
         grace = self.config.grace_seconds if grace is None else grace
         started = time.monotonic()
         deadline = started + grace
         self.health.enter_graceful_shutdown()
         if self._rest_server is not None:
             self._rest_server.stop()
-        time.sleep(max(0.0, started + min(KEEP_SERVING_SECONDS, grace / 2) - time.monotonic()))
-        self._stopping.refuse_new_calls()
-        self._thread_pool.wait_quiet(QUIET_SECONDS, deadline)
-        self._grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
+        if self._grpc_server is not None:
+            time.sleep(max(0.0, started + min(KEEP_SERVING_SECONDS, grace / 2) - time.monotonic()))
+            self._stopping.refuse_new_calls()
+            self._thread_pool.wait_quiet(QUIET_SECONDS, deadline)
+            self._grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
         if self.batcher is not None:
             self.batcher.stop()
         self.manager.stop()
+
+
+def set_tensorflow_threads(intra_op: int, inter_op: int) -> None:
+    """TF Serving's --tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism (0: TF's choice).
+
+    Set on TensorFlow's context before its runtime starts; every version's Session takes this
+    config. Once the runtime runs, other values cannot take effect: a clear error then.
+    """
+    for value, getter, setter, flag in (
+            (intra_op, tf.config.threading.get_intra_op_parallelism_threads,
+             tf.config.threading.set_intra_op_parallelism_threads, "tensorflow_intra_op_parallelism"),
+            (inter_op, tf.config.threading.get_inter_op_parallelism_threads,
+             tf.config.threading.set_inter_op_parallelism_threads, "tensorflow_inter_op_parallelism")):
+        if value == 0 or getter() == value:
+            continue
+        try:
+            setter(value)
+        except RuntimeError:
+            raise ValueError(f"{flag}={value} cannot take effect: TensorFlow's runtime in this process "
+                             f"already runs with {getter() or 'its own choice of'} threads") from None
 
 
 def _host_for_grpc(host: str) -> str:
@@ -286,32 +394,34 @@ def create_server(config: ServeConfig) -> ModelServer:
 
 
 def run_server(config: ServeConfig) -> int:
-    """Serve until SIGTERM/SIGINT, then stop gracefully; returns the exit code."""
+    """Load the models, serve until SIGTERM/SIGINT, then stop gracefully; returns the exit code.
+
+    As tensorflow_model_server, the ports open only once every model has a version AVAILABLE;
+    a model whose versions all fail to load raises StartupError before anything listens.
+    """
     if config.engine == "tfserving":
         exec_tfserving(config)
     server = create_server(config)
-    server.start()
-    print(f"gRPC listening on {config.host}:{server.grpc_port}", flush=True)
-    if server.rest_port is not None:
-        print(f"REST listening on {config.host}:{server.rest_port}", flush=True)
-        print(f"playground page at http://{_host_for_grpc(config.host)}:{server.rest_port}/", flush=True)
-        if server.prometheus_path is not None:
-            print(f"Prometheus metrics at {server.prometheus_path} on the REST port", flush=True)
     for line in missing_version_lines(server.manager.base_paths()):
         print(line, flush=True)
     stop_requested = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop_requested.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         # Keep honouring SIGTERM while models load (a model may never appear).
-        while not server.wait_until_ready(timeout=0.5) and not stop_requested.is_set():
-            pass
-        for name, versions in server.manager.available_models().items():
-            print(f"model {name}: versions {versions or 'none loaded yet'}", flush=True)
-        while not stop_requested.wait(0.5):
-            pass
-    finally:
+        if server.start(should_stop=stop_requested.is_set):
+            print(f"gRPC listening on {config.host}:{server.grpc_port}", flush=True)
+            if server.rest_port is not None:
+                print(f"REST listening on {config.host}:{server.rest_port}", flush=True)
+                print(f"playground page at http://{_host_for_grpc(config.host)}:{server.rest_port}/", flush=True)
+                if server.prometheus_path is not None:
+                    print(f"Prometheus metrics at {server.prometheus_path} on the REST port", flush=True)
+            for name, versions in server.manager.available_models().items():
+                print(f"model {name}: versions {versions}", flush=True)
+            while not stop_requested.wait(0.5):
+                pass
         print("stopping", flush=True)
-        server.stop()
+    finally:
+        server.stop()  # at once if start() failed: it stopped everything already
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
@@ -334,13 +444,17 @@ def missing_version_lines(base_paths: dict[str, str]) -> list[str]:
 
 
 # ---------------- the real tensorflow_model_server ----------------
+# ServeConfig fields named as tensorflow_model_server's flags, passed on when they differ from
+# its defaults (ServeConfig's defaults are TF's; rest_api_num_threads None is TF's "4 per CPU").
+TF_SERVING_FLAGS = ("allow_version_labels_for_unavailable_models", "enable_signature_method_name_check",
+                    "model_config_file_poll_wait_seconds", "rest_api_timeout_in_ms", "enable_model_warmup",
+                    "num_request_iterations_for_warmup", "saved_model_tags", "rest_api_num_threads",
+                    "tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism", "rest_api_enable_cors_support")
+
+
 def tfserving_command(config: ServeConfig, batching_file: str | None = None) -> list[str]:
     """tensorflow_model_server flags equivalent to `config`."""
-    binary = shutil.which("tensorflow_model_server")
-    if binary is None:
-        raise ValueError("tensorflow_model_server is not on PATH; install TensorFlow Serving "
-                         "(apt package tensorflow-model-server or the tensorflow/serving Docker image) "
-                         "or use engine 'builtin'")
+    binary = tfserving_binary()
     if config.port == 0 or config.rest_port == FREE_PORT:
         raise ValueError("engine 'tfserving' cannot pick free ports: give explicit port and rest_port")
     command = [binary, f"--port={config.port}",
@@ -357,9 +471,23 @@ def tfserving_command(config: ServeConfig, batching_file: str | None = None) -> 
             command.append(f"--batching_parameters_file={batching_file}")
     if config.monitoring_config_file is not None:
         command.append(f"--monitoring_config_file={os.path.abspath(config.monitoring_config_file)}")
-    if config.rest_api_enable_cors_support:
-        command.append("--rest_api_enable_cors_support=true")
-    return command
+    return command + tf_serving_flags(config)
+
+
+def tf_serving_flags(config: ServeConfig) -> list[str]:
+    """The TF Serving flags `config` sets away from tensorflow_model_server's defaults, under TF's names."""
+    defaults = ServeConfig()
+    flags = []
+    for name in TF_SERVING_FLAGS:
+        value = getattr(config, name)
+        if value is None or value == getattr(defaults, name):
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, float):
+            value = max(1, round(value)) if value > 0 else 0  # TF takes whole seconds; >0 stays polling
+        flags.append(f"--{name}={value}")
+    return flags
 
 
 def batching_parameters_text(config: ServeConfig) -> str:

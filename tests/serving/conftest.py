@@ -36,7 +36,8 @@ model_config_list {{
     monitoring_file.write_text('prometheus_config { enable: true path: "/monitoring/prometheus/metrics" }\n')
     config = ServeConfig(model_config_file=str(config_file), port=0, rest_port=FREE_PORT, poll_seconds=1.0,
                          max_request_elements=1_000_000, grace_seconds=1.0,
-                         monitoring_config_file=str(monitoring_file))
+                         monitoring_config_file=str(monitoring_file),
+                         allow_version_labels_for_unavailable_models=True)  # the label is in the first config
     model_server = create_server(config)
     model_server.start()
     assert model_server.wait_until_ready(60)

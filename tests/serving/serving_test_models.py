@@ -1,4 +1,5 @@
-"""Small SavedModels for the serving tests: a TF2 digitgan look-alike and a TF1 half_plus_two."""
+"""Small SavedModels for the serving tests (a TF2 digitgan look-alike; TF1 half_plus_two, gate, strings,
+counter and signature-rules models) and helpers that drive them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import time
 
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+from serving import inference
 
 LATENT_DIM = 100
 
@@ -135,6 +138,29 @@ def build_gate(path: str) -> str:
     return path
 
 
+class Gate:
+    """Drives the gate model in-process (no RPC, so it never counts against the limits)."""
+
+    def __init__(self, server, model_name="gate"):
+        self.manager = server.manager
+        self.model_name = model_name
+
+    def _run(self, signature_name: str, feeds: dict) -> dict:
+        loaded = self.manager.acquire(model_pb2.ModelSpec(name=self.model_name))
+        try:
+            signature = loaded.signature_defs[signature_name]
+            return inference.run_signature(loaded, signature, feeds, list(signature.outputs))
+        finally:
+            loaded.release()
+
+    def arrivals(self) -> int:
+        """Graph runs that reached the gate so far: the inference counter."""
+        return int(self._run("arrivals", {})["arrivals"])
+
+    def release(self, count: int) -> None:
+        self._run("release", {"count": np.int32(count)})
+
+
 def _predict_signature(inputs: dict, outputs: dict):
     """A predict SignatureDef; unlike predict_signature_def it allows no inputs."""
     v1 = tf.compat.v1
@@ -197,3 +223,65 @@ def running_server(**settings):
         yield model_server
     finally:
         model_server.stop(1.0)
+
+
+def build_counter(path: str, warmup_records: int = 2, tags=("serve",)) -> str:
+    """TF1 model that counts its runs, to see warmup replays. Saved under `tags`. Signatures:
+      serving_default: x (float32 [-1]) -> y = x; adds 1 to the counter on every run;
+      count: () -> count (float32), the runs so far.
+    Its warmup file holds `warmup_records` serving_default requests (x = [1.0]).
+    """
+    v1 = tf.compat.v1
+    with tf.Graph().as_default() as graph, v1.Session(graph=graph) as session:
+        counter = v1.Variable(0.0, name="counter", use_resource=True)
+        x = v1.placeholder(tf.float32, [None], name="x")
+        with tf.control_dependencies([counter.assign_add(1.0)]):
+            y = tf.identity(x, name="y")
+        session.run(v1.global_variables_initializer())
+        builder = v1.saved_model.Builder(path)
+        builder.add_meta_graph_and_variables(session, list(tags), signature_def_map={
+            "serving_default": _predict_signature({"x": x}, {"y": y}),
+            "count": _predict_signature({}, {"count": counter.read_value()}),
+        })
+        builder.save()
+    directory = os.path.join(path, "assets.extra")
+    os.makedirs(directory, exist_ok=True)
+    with tf.io.TFRecordWriter(os.path.join(directory, "tf_serving_warmup_requests")) as writer:
+        for _ in range(warmup_records):
+            request = predict_pb2.PredictRequest()
+            request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array([1.0], np.float32)))
+            writer.write(prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString())
+    return path
+
+
+def build_signature_rules(path: str) -> str:
+    """TF1 model for TF Serving's signature rules. Signatures:
+      with_default: x, bias (float32 [-1]) -> y = x + bias; the SignatureDef gives bias a
+          default of [10.0], so a request may leave it out;
+      classify_as_predict: inputs (serialized tf.Example with float feature x) -> scores = [[x]],
+          method_name tensorflow/serving/predict, the shape Classify needs;
+      regress_as_predict: inputs -> outputs = x, method_name predict, the shape Regress needs;
+      custom_method: x -> y = x, method_name "custom/method".
+    """
+    v1 = tf.compat.v1
+    with tf.Graph().as_default() as graph, v1.Session(graph=graph) as session:
+        x = v1.placeholder(tf.float32, [None], name="x")
+        bias = v1.placeholder(tf.float32, [None], name="bias")
+        serialized = v1.placeholder(tf.string, [None], name="examples")
+        feature = tf.io.parse_example(serialized, {"x": tf.io.FixedLenFeature([1], tf.float32)})["x"]
+        with_default = _predict_signature({"x": x, "bias": bias}, {"y": tf.add(x, bias, name="y")})
+        with_default.defaults["bias"].CopyFrom(tf.make_tensor_proto(np.array([10.0], np.float32)))
+        custom = _predict_signature({"x": x}, {"y": tf.identity(x, name="y_custom")})
+        custom.method_name = "custom/method"
+        builder = v1.saved_model.Builder(path)
+        builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map={
+            "with_default": with_default,
+            "classify_as_predict": _predict_signature({"inputs": serialized},
+                                                      {"scores": tf.identity(feature, name="scores")}),
+            "regress_as_predict": _predict_signature({"inputs": serialized},
+                                                     {"outputs": tf.identity(feature, name="outputs")}),
+            "custom_method": custom,
+        })
+        builder.save()
+    return path

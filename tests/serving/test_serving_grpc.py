@@ -143,8 +143,10 @@ def test_input_errors(prediction_stub):
                        "Sent extra: {}. Missing but required: {noise}.")
     expect_error(call, predict_request(noise=NOISE, extra=NOISE), grpc.StatusCode.INVALID_ARGUMENT,
                  "Sent extra: {extra}")
+    # saved_model::GetInputValues' words (TF Serving's Predict since signature defaults)
     expect_error(call, predict_request(other=NOISE), grpc.StatusCode.INVALID_ARGUMENT,
-                 "input tensor alias not found in signature: other")
+                 "Signature input alias: noise(feed name: serving_default_noise:0) not found in request and no "
+                 "default value provided. Inputs expected to be in the request {other}, or default input alias set: ")
     expect_error(call, predict_request(noise=NOISE.astype(np.float64)), grpc.StatusCode.INVALID_ARGUMENT)
     expect_error(call, predict_request(noise=np.zeros([2, 7], np.float32)), grpc.StatusCode.INVALID_ARGUMENT)
 

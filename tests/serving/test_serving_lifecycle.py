@@ -179,10 +179,13 @@ def test_reload_config_and_health_on_stop(fresh_server, generator_v2, tmp_path):
     other_base = tmp_path / "other"
     shutil.copytree(generator_v2, other_base / "5")
     config = model_server_config_pb2.ModelServerConfig()
-    model = config.model_config_list.config.add(name="other", base_path=str(other_base))
-    model.version_labels["canary"] = 5
+    model = config.model_config_list.config.add(name="other", base_path=str(other_base), model_platform="tensorflow")
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        response = stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=config), 60)
+        assert response.status.error_code == 0
+        # A label may only name a version already AVAILABLE: it comes in a second config (TF Serving's rule).
+        model.version_labels["canary"] = 5
         response = stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=config), 60)
         assert response.status.error_code == 0
         request = noise_request()
