@@ -45,7 +45,7 @@ def still_serves(model_server) -> bool:
 def test_a_taken_grpc_port_is_refused(first, model_root):
     port = first.grpc_port
     with pytest.raises(ValueError, match=rf"^gRPC port {port} on 127.0.0.1 is already in use .* --port$"):
-        create_server(second_config(model_root, port=port))
+        create_server(second_config(model_root, port=port)).start()
     # Our listening socket has no SO_REUSEPORT either, so a server that asks for sharing (gRPC's
     # default, as tensorflow_model_server's) cannot join it.
     with socket.socket() as other:
@@ -61,14 +61,14 @@ def test_grpc_itself_refuses_the_port_without_our_probe(first, model_root, monke
     monkeypatch.setattr(ports, "check_free", lambda *args: None)
     port = first.grpc_port
     with pytest.raises(ValueError, match=rf"^cannot listen on 127.0.0.1:{port} for gRPC"):
-        create_server(second_config(model_root, port=port))
+        create_server(second_config(model_root, port=port)).start()
     assert still_serves(first)
 
 
 def test_a_taken_rest_port_is_refused(first, model_root):
     port = first.rest_port
     with pytest.raises(ValueError, match=rf"^REST port {port} on 127.0.0.1 is already in use .* --rest-port$"):
-        create_server(second_config(model_root, rest_port=port))
+        create_server(second_config(model_root, rest_port=port)).start()
     assert still_serves(first)
 
 
@@ -77,7 +77,7 @@ def test_a_server_refused_for_its_grpc_port_gives_its_rest_port_back(first, mode
         spare.bind(("127.0.0.1", 0))
         rest_port = spare.getsockname()[1]
     with pytest.raises(ValueError, match=f"gRPC port {first.grpc_port} "):
-        create_server(second_config(model_root, port=first.grpc_port, rest_port=rest_port))
+        create_server(second_config(model_root, port=first.grpc_port, rest_port=rest_port)).start()
     ports.check_free("REST", "127.0.0.1", rest_port, "--rest-port")  # free again
 
 
