@@ -60,6 +60,33 @@ def test_an_untrained_checkpoint_exports_signatures_that_load_and_answer(untrain
     assert bundle.read_metadata(result.path)["step"] == 0
 
 
+def test_the_gate_judges_an_untrained_candidate_with_the_shipped_judge(untrained_run, mnist_data_dir, tmp_path,
+                                                                      monkeypatch):
+    """The fast lane's quality check: the blessing gate (quality.sources) judges the untrained export with
+    the shipped judge against a handful of real MNIST images, refuses it and records its figures."""
+    import tensorflow_datasets as tfds
+
+    from mnist_data import acquire
+    from quality import sources
+
+    (train_images, train_labels), (test_images, test_labels) = tfds.as_numpy(tfds.load(
+        "mnist", split=["train[:100]", "test[:100]"], data_dir=mnist_data_dir, batch_size=-1, as_supervised=True,
+        download=False))
+    handful = acquire.Mnist(train_images, train_labels.astype(np.int64), test_images, test_labels.astype(np.int64))
+    monkeypatch.setattr(acquire, "load_mnist", lambda data_dir=None, report=None: handful)
+    gate = sources.blessing_gate(sources.EvaluateConfig(per_digit=5, default_samples=50, batch_size=50),
+                                 min_conditional_accuracy=0.99, report=lambda line: None, progress=False)
+    base = tmp_path / "digitgan"
+    with pytest.raises(bundle.ExportError, match=r"version 1 not published: conditional accuracy .* < 99.00%"):
+        _export(untrained_run, base, gate=gate)
+    assert _numeric_children(base) == []
+    evaluation = bundle.read_metadata(base / ".rejected-1")["evaluation"]
+    assert evaluation["blessed"] is False and evaluation["samples"] == 50 and evaluation["conditional_accuracy"] < 0.99
+    assert len(evaluation["coverage"]) == 10 and evaluation["frechet_ratio"] > 1.0
+    calibration = evaluation["calibration"]  # the judge on the 100 real test images
+    assert calibration["samples"] == 100 and calibration["conditional_accuracy"] >= 0.97, calibration
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not strategy_lib.has_bfloat16_instructions(),
                     reason="the CPU has no bfloat16 instructions (AVX512-BF16 or AMX): bfloat16 would be emulated")
