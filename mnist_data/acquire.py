@@ -197,7 +197,7 @@ def _read_prepared(data_dir: str) -> Mnist | None:
 
     builder = _tfds_builder(data_dir)
     # TFDS's is_prepared() logs a warning for a missing dataset_info.json: absent MNIST is no news here.
-    if not (Path(builder.data_dir) / "dataset_info.json").is_file() or not builder.is_prepared():
+    if not (builder.data_path / "dataset_info.json").exists() or not builder.is_prepared():
         return None
     try:
         train, test = tfds.as_numpy(tfds.load("mnist", split=["train", "test"], data_dir=data_dir,
