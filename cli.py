@@ -16,7 +16,8 @@ from typing import Optional
 
 import typer
 
-from common import quiet  # no TensorFlow at import time
+from common import field_docs, quiet  # no TensorFlow at import time
+from configs import recipes  # plain data: no TensorFlow
 from serving import config as serve_config_lib  # plain dataclasses and constants: no TensorFlow, no grpc
 from trainer import config as train_config_lib  # plain dataclasses: no TensorFlow at import time
 
@@ -27,7 +28,7 @@ app = typer.Typer(help="A class-conditional DCGAN on real MNIST: train it, expor
 PRETRAINED_BASE_PATH = Path(__file__).resolve().parent / "pretrained" / "digitgan"  # `serve --pretrained`
 JUDGE_HELP = ("A judge written by `train-judge` (its folder) instead of the one shipped in quality/judge_weights/ "
               "(whose figures compare across machines).")
-DEFAULTS = train_config_lib.TrainConfig()  # `train`'s option defaults are the config's: one place to change the recipe
+DEFAULTS = train_config_lib.TrainConfig()  # where `train` writes and `evaluate` reads a run by default
 SERVE_DEFAULTS = serve_config_lib.ServeConfig()  # likewise `serve`'s, and where `export` writes versions
 DEFAULT_SERVER = serve_config_lib.SERVER  # what the client commands dial
 DEFAULT_MODEL_NAME = serve_config_lib.MODEL_NAME
@@ -67,73 +68,47 @@ def user_errors(*error_types: type[BaseException]):
         raise fail(str(error)) from None
 
 
-@app.command()
+TRAIN_FIELD_DOCS = field_docs.field_docs(train_config_lib.TrainConfig)  # each field's help, written once
+# Fields with a flag of their own (devices and directories); the recipe's fields go through --set.
+TRAIN_FLAG_FIELDS = {"run_dir": "--run-dir", "data_dir": "--data-dir", "gpus": "--gpus", "cpu_replicas": "--cpu-replicas",
+                     "resume": "--resume/--no-resume"}
+
+
+def train_fields_epilog() -> str:
+    """`train --help`'s list of the fields --set takes, from TrainConfig's own docstrings."""
+    lines = ["Fields for --set FIELD=VALUE, shown with the default recipe's value:"]
+    for name, default, doc in recipes.describe_fields():
+        if name not in TRAIN_FLAG_FIELDS:
+            lines.append(f"{name}={default}: {doc}")
+    return "\n\n".join(lines)
+
+
+@app.command(epilog=train_fields_epilog())
 def train(
-    epochs: int = typer.Option(DEFAULTS.epochs, help="Passes over the 60,000 MNIST training images."),
-    batch_size: int = typer.Option(DEFAULTS.batch_size, help="Global batch size, split evenly over the replicas."),
-    learning_rate: float = typer.Option(DEFAULTS.learning_rate, help="Adam learning rate of G (and of D unless --discriminator-learning-rate)."),
-    discriminator_learning_rate: Optional[float] = typer.Option(
-        DEFAULTS.discriminator_learning_rate, help="Adam learning rate of D, if it should differ from G's (TTUR) (default: the --learning-rate)."),
-    learning_rate_schedule: str = typer.Option(
-        DEFAULTS.learning_rate_schedule, help="constant, or linear_decay: hold the learning rates, then lower them linearly to zero "
-                                              "at the end (from --learning-rate-decay-start)."),
-    learning_rate_decay_start: float = typer.Option(
-        DEFAULTS.learning_rate_decay_start, help="With linear_decay: the share of the run's steps after which the learning "
-                                                 "rates start to fall (0 = from the first step)."),
-    classifier_weight: float = typer.Option(
-        DEFAULTS.classifier_weight, help="Weight of the auxiliary classifier loss (AC-GAN: D also names the digit, G must make it "
-                  "readable); 0 = off. Ignored (0) with --unconditional."),
-    discriminator_dropout: float = typer.Option(
-        DEFAULTS.discriminator_dropout, help="Dropout rate after each of D's convolutions; 0 = none (the default; the tutorial's D uses 0.3)."),
-    beta_1: float = typer.Option(DEFAULTS.beta_1, help="Adam beta_1 of G and D."),
-    beta_2: float = typer.Option(DEFAULTS.beta_2, help="Adam beta_2 of G and D."),
-    latent_dim: int = typer.Option(DEFAULTS.latent_dim, help="Length of the generator's noise vector."),
-    run_dir: str = typer.Option(DEFAULTS.run_dir, help="Checkpoints, TensorBoard logs, samples/ and config.json go here."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps in total (smoke runs)."),
-    seed: int = typer.Option(DEFAULTS.seed, help="Seeds weights, noise and data order; the same seed gives the same run."),
-    conditional: bool = typer.Option(DEFAULTS.conditional, "--conditional/--unconditional",
-                                     help="Class-conditional GAN (ask for a digit) or the tutorial's unconditional one."),
-    data_dir: Optional[str] = typer.Option(None, help="TFDS data dir for MNIST (default: ~/tensorflow_datasets)."),
-    architecture: str = typer.Option(DEFAULTS.architecture, help="Layer widths of G and D: tutorial (TensorFlow's DCGAN tutorial), compact (about 1.8x the images/s on 2 CPU cores), tutorial_cbn (tutorial, with the digit also conditioning G's BatchNorm) or tutorial_cbn_3x3 (tutorial_cbn with 3x3 kernels, the default)."),
-    generator_average_decay: float = typer.Option(
-        DEFAULTS.generator_average_decay, "--generator-average-decay", "--generator-average",
-        help="Decay of the moving average of G's weights that samples and exports use (0 = off). "
-             "--generator-average is the old spelling, kept for one release."),
-    resume: bool = typer.Option(True, "--resume/--no-resume",
-                                help="Continue from the run dir's newest checkpoint; --no-resume refuses to touch a run dir that has one."),
-    precision: str = typer.Option(DEFAULTS.precision, help="auto (mixed_bfloat16 on a CPU-only run where it measured faster: AMX, or AVX512-BF16 on AMD; else float32), float32, "
-                                                "mixed_bfloat16 or mixed_float16 (GPUs)."),
-    gpus: Optional[int] = typer.Option(None, help="GPUs to mirror over, 0 = the CPU (default: every visible GPU)."),
-    cpu_replicas: Optional[int] = typer.Option(None, help="Split the CPU into N logical devices and mirror over them."),
-    steps_per_call: int = typer.Option(DEFAULTS.steps_per_call, help="Training steps per compiled tf.function call."),
-    xla: bool = typer.Option(DEFAULTS.xla, "--xla/--no-xla",
-                             help="Compile the step's forward and backward pass with XLA; one device only (for a GPU; slower on the CPUs measured)."),
-    checkpoint_every_steps: int = typer.Option(
-        DEFAULTS.checkpoint_every_steps, "--checkpoint-every-steps", "--checkpoint-every",
-        help="Save a checkpoint at least every N steps (also at the end and on Ctrl-C). "
-             "--checkpoint-every is the old spelling, kept for one release."),
+    config_name: str = typer.Option("default", "--config", help=f"Named recipe to start from: {', '.join(recipes.names())} "
+                                                                "(configs/recipes.py)."),
+    settings: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE",
+                                       help="Change one field of the recipe, e.g. --set epochs=3; repeatable (fields below)."),
+    run_dir: str = typer.Option(DEFAULTS.run_dir, help=TRAIN_FIELD_DOCS["run_dir"]),
+    data_dir: Optional[str] = typer.Option(None, help=TRAIN_FIELD_DOCS["data_dir"]),
+    gpus: Optional[int] = typer.Option(None, help=TRAIN_FIELD_DOCS["gpus"]),
+    cpu_replicas: Optional[int] = typer.Option(None, help=TRAIN_FIELD_DOCS["cpu_replicas"]),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help=TRAIN_FIELD_DOCS["resume"] +
+                                " --no-resume refuses to touch a run dir that has a checkpoint."),
     worker_hosts: Optional[str] = typer.Option(None, help="Multi-worker: every worker's host:port, comma-separated, "
                                                           "the same list on each worker (builds TF_CONFIG; worker 0 is the chief)."),
     task_index: Optional[int] = typer.Option(None, help="Multi-worker: this worker's index in --worker-hosts."),
-    evaluate_every_epoch: bool = typer.Option(
-        DEFAULTS.evaluate_every_epoch, "--evaluate-every-epoch/--no-evaluate-every-epoch", "--evaluate/--no-evaluate",
-        help="Judge a fixed sample with the shipped MNIST judge after every epoch (TensorBoard quality/*). "
-             "--evaluate/--no-evaluate are the old spellings, kept for one release."),
 ) -> None:
     """Train the GAN on MNIST (MirroredStrategy; MultiWorkerMirroredStrategy with TF_CONFIG or --worker-hosts)."""
     from trainer import strategy as strategy_lib
 
     with user_errors():
         strategy_lib.set_worker_cluster(worker_hosts, task_index)
-        config = train_config_lib.TrainConfig(
-            run_dir=run_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
-            discriminator_learning_rate=discriminator_learning_rate, learning_rate_schedule=learning_rate_schedule,
-            learning_rate_decay_start=learning_rate_decay_start, classifier_weight=classifier_weight,
-            discriminator_dropout=discriminator_dropout, latent_dim=latent_dim, conditional=conditional,
-            max_steps=max_steps, seed=seed, data_dir=data_dir,
-            architecture=architecture, generator_average_decay=generator_average_decay,
-            resume=resume, precision=precision, gpus=gpus, cpu_replicas=cpu_replicas, steps_per_call=steps_per_call,
-            xla=xla, checkpoint_every_steps=checkpoint_every_steps, evaluate_every_epoch=evaluate_every_epoch)
+        changes = recipes.parse_settings(settings)
+        for field in changes.keys() & TRAIN_FLAG_FIELDS.keys():
+            raise ValueError(f"--set {field}=...: give it as {TRAIN_FLAG_FIELDS[field]}")
+        config = recipes.build(config_name, changes, run_dir=run_dir, data_dir=data_dir, gpus=gpus,
+                               cpu_replicas=cpu_replicas, resume=resume)
     from quality import epochs
     from trainer import loop
 
@@ -211,6 +186,10 @@ def serve(
     pretrained: bool = typer.Option(False, "--pretrained", help="Serve the pretrained bundle that ships with the project "
                                     "(pretrained/digitgan/, trained by the default recipe) instead of --model-base-path: "
                                     "digits at once, no training and no network."),
+    rest_api_enable_cors_support: bool = typer.Option(
+        SERVE_DEFAULTS.rest_api_enable_cors_support, "--rest-api-enable-cors-support",
+        help="Let web pages on other origins call the REST API: CORS headers on every /v1/ reply, as "
+             "tensorflow_model_server's --rest_api_enable_cors_support."),
 ) -> None:
     """Serve exported bundles over TF Serving's gRPC (and REST) API until Ctrl-C/SIGTERM."""
     with user_errors():
@@ -228,7 +207,8 @@ def serve(
             max_enqueued_batches=max_enqueued_batches, num_batch_threads=num_batch_threads,
             max_request_elements=max_request_elements, max_message_bytes=max_message_bytes,
             max_concurrent_rpcs=max_concurrent_rpcs, max_concurrent_rest_requests=max_concurrent_rest_requests,
-            engine=engine, monitoring_config_file=monitoring_config_file)
+            engine=engine, monitoring_config_file=monitoring_config_file,
+            rest_api_enable_cors_support=rest_api_enable_cors_support)
     from serving import server
 
     with user_errors(OSError):
@@ -261,9 +241,9 @@ def evaluate(
 ) -> None:
     """Measure quality with the project's MNIST judge: MNIST score, Fréchet distance, conditional accuracy, coverage."""
     from quality import judge, sources
-    from serving import client
+    from client import grpc_client
 
-    with user_errors(client.ClientError):
+    with user_errors(grpc_client.ClientError):
         if (server is None) == (run_dir is None and checkpoint is None):
             raise ValueError("give exactly one of --run-dir/--checkpoint (a training run) or --server (a served model)")
         config = sources.EvaluateConfig(per_digit=per_digit, default_samples=default_samples, seed=seed, data_dir=data_dir,
@@ -306,9 +286,9 @@ def generate(
     data_dir: Optional[str] = typer.Option(None, help="--compare-real: TFDS data dir with MNIST."),
 ) -> None:
     """Ask a served model for digits over gRPC and write them as a PNG grid (or .npy)."""
-    from serving import client
+    from client import grpc_client
 
-    with user_errors(client.ClientError):
+    with user_errors(grpc_client.ClientError):
         if output_format not in ("png", "npy"):
             raise ValueError(f"--format must be png or npy, got {output_format!r}")
         if count < 1:
@@ -316,12 +296,12 @@ def generate(
         if compare_real and (output_format != "png" or interpolate):
             raise ValueError("--compare-real makes a PNG of sampled digits; leave out --format npy and --interpolate")
         digits = parse_digits(digit)
-        client.wait_until_available(server, model_name, version, timeout)  # e.g. right after `serve ... &`
+        grpc_client.wait_until_available(server, model_name, version, timeout)  # e.g. right after `serve ... &`
         if interpolate:
-            images, served_version = client.interpolate(server, model_name, digits=digits, steps=count, seed=seed,
+            images, served_version = grpc_client.interpolate(server, model_name, digits=digits, steps=count, seed=seed,
                                                         version=version, timeout=timeout)
         else:
-            images, served_version = client.generate(server, model_name, digits=digits, count=count, seed=seed,
+            images, served_version = grpc_client.generate(server, model_name, digits=digits, count=count, seed=seed,
                                                      version=version, timeout=timeout)
         columns = count if digits or interpolate else None
         if compare_real:
@@ -403,10 +383,10 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Show the model's versions and their states (GetModelStatus)."""
-    from serving import client
+    from client import grpc_client
 
-    with user_errors(client.ClientError):
-        versions = client.get_status(server, model_name, version=version)
+    with user_errors(grpc_client.ClientError):
+        versions = grpc_client.get_status(server, model_name, version=version)
     if as_json:
         typer.echo(json.dumps(versions, indent=2))
         return
@@ -439,10 +419,10 @@ def metadata(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Show the model's signatures (GetModelMetadata)."""
-    from serving import client
+    from client import grpc_client
 
-    with user_errors(client.ClientError):
-        described = client.get_metadata(server, model_name, version=version)
+    with user_errors(grpc_client.ClientError):
+        described = grpc_client.get_metadata(server, model_name, version=version)
     if as_json:
         typer.echo(json.dumps(described, indent=2))
         return

@@ -19,8 +19,8 @@ same untrained default-recipe generator: as `export` writes it now (each weight 
 as it wrote it before (Keras `ExportArchive.track(model)`, which stores every weight twice,
 keras-team/keras#23553), with the values each stores and the VmRSS each costs.
 
-    .venv/bin/python bench/serving_memory.py                  # about 2-3 minutes
-    .venv/bin/python bench/serving_memory.py --switches 5     # more switches (leak check)
+    .venv/bin/python -m bench.serving_memory                  # a few minutes
+    .venv/bin/python -m bench.serving_memory --switches 5     # more switches (leak check)
 """
 
 from __future__ import annotations
@@ -31,16 +31,12 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from common import quiet  # noqa: E402
+from common import quiet
 
 if __name__ == "__main__":
     quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
@@ -48,10 +44,10 @@ if __name__ == "__main__":
 import grpc  # noqa: E402
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc  # noqa: E402
 
-from serving import loadtest  # noqa: E402
+from bench import loadtest  # noqa: E402
+from bench.server_process import ServerProcess  # noqa: E402
+from bench.serving_latency import MODEL_NAME, find_or_build_bundle  # noqa: E402
 from serving.config import MODEL_BASE_PATH  # noqa: E402
-from serving.process import ServerProcess  # noqa: E402
-from serving_latency import MODEL_NAME, find_or_build_bundle  # noqa: E402
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 END = get_model_status_pb2.ModelVersionStatus.END
@@ -137,11 +133,11 @@ def write_storage_bundles(workdir: Path) -> tuple[list[tuple[str, Path]], int, i
     """
     import keras
 
+    from configs import recipes
     from export import bundle as bundle_lib, signatures as signatures_lib
     from trainer import models
-    from trainer.config import TrainConfig
 
-    defaults = TrainConfig()
+    defaults = recipes.build("default")
     generator = models.build_generator(defaults.latent_dim, conditional=True, architecture=defaults.architecture)
     module = signatures_lib.GeneratorSignatures(generator, defaults.latent_dim, conditional=True)
     once, twice = workdir / "once" / "1", workdir / "twice" / "1"
@@ -231,29 +227,35 @@ def measure_switch(pid: int, address: str, source: Path, base_path: Path, versio
     return peak, hwm_reset
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.serving_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-base-path", default=None,
                         help=f"folder of numeric versions to copy from (default: {MODEL_BASE_PATH}, else built)")
     parser.add_argument("--switches", type=int, default=6, help="hot switches to measure (default 6)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients during the run (default 8)")
     parser.add_argument("--compare-storage", action=argparse.BooleanOptionalAction, default=True,
                         help="first measure one version stored once vs twice (default on)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="serving_memory_"))
-    source_base, description, latent = find_or_build_bundle(args.model_base_path, str(workdir / "source"))
+
+def prepare_source(model_base_path: str | None, workdir: Path, clients: int) -> tuple[Path, int]:
+    """(the version folder to publish, its latent size); prints the machine, the bundle and the load."""
+    source_base, description, latent = find_or_build_bundle(model_base_path, str(workdir / "source"))
     source = Path(source_base) / str(max(int(p.name) for p in Path(source_base).iterdir() if p.name.isdigit()))
-    base_path = workdir / "served" / MODEL_NAME
-    base_path.mkdir(parents=True)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     print(f"bundle: {description}; {sum(f.stat().st_size for f in source.rglob('*') if f.is_file()) / 2**20:.1f} "
           f"MiB on disk")
     print("server: subprocess, run_server(ServeConfig(port=0, rest_port=0)), poll every 1 s; "
-          f"{args.clients} clients send 1-image Predict requests throughout\n")
-    if args.compare_storage:
-        compare_storage(workdir, args.clients)
+          f"{clients} clients send 1-image Predict requests throughout\n")
+    return source, latent
 
+
+def measure_switches(source: Path, base_path: Path, args, latent: int) -> dict:
+    """One server under load: v1, then `args.switches` hot switches, each row printed as measured.
+
+    Returns the runtime and one-version VmRSS, each switch's peak, RSS after and extra over the RSS
+    before, and the load's result.
+    """
     with one_version_under_load(source, base_path, args.clients, latent) as (server, runtime, one_version, load):
         process, address = server.process, server.address
         print(f"{'runtime, no model loaded':<44} VmRSS {runtime:8.1f} MiB")
@@ -269,9 +271,14 @@ def main() -> None:
             source_of_peak = "VmHWM and samples" if hwm else "20 ms samples only"
             print(f"switch v{version - 1} -> v{version}: before {before:7.1f}  peak {peak:7.1f} "
                   f"(+{peak - before:5.1f})  after {after:7.1f} MiB   [peak from {source_of_peak}]")
-    result = load.join(120)
-    worst = max(peaks)
-    model_one = one_version - runtime
+    return {"runtime": runtime, "one_version": one_version, "peaks": peaks, "afters": afters, "extras": extras,
+            "load": load.join(120)}
+
+
+def print_summary(run: dict) -> None:
+    """The load, the peak against one version (the target), and what the switches left behind."""
+    runtime, one_version, afters, result = run["runtime"], run["one_version"], run["afters"], run["load"]
+    worst, model_one = max(run["peaks"]), one_version - runtime
     print(f"\nload during the run: {result.requests} requests, failures {result.failures or 'none'}, "
           f"answered by {result.versions}")
     print(f"peak during a switch / one version:         {worst / one_version:.2f}x  "
@@ -279,15 +286,35 @@ def main() -> None:
     if model_one > 0:
         print(f"above the runtime, peak / one version:      {(worst - runtime) / model_one:.2f}x  "
               f"({worst - runtime:.1f} / {model_one:.1f} MiB; includes the drift below)")
-        print(f"a switch's own cost / one version's cost:   {max(extras) / model_one:.2f}x at most  "
-              f"(+{max(extras):.1f} MiB over the RSS before the switch vs {model_one:.1f} MiB for v1)")
+        print(f"a switch's own cost / one version's cost:   {max(run['extras']) / model_one:.2f}x at most  "
+              f"(+{max(run['extras']):.1f} MiB over the RSS before the switch vs {model_one:.1f} MiB for v1)")
     print(f"after the last switch / one version:        {afters[-1] / one_version:.2f}x  "
           f"(growth over {len(afters)} switches: {afters[-1] - one_version:+.1f} MiB)")
-    print(json.dumps({"bench": "serving_memory", "runtime_mib": round(runtime, 1), "one_version_mib": round(one_version, 1),
-                      "switch_peaks_mib": [round(peak, 1) for peak in peaks],
-                      "after_switch_mib": [round(after, 1) for after in afters],
-                      "peak_over_one_version": round(worst / one_version, 3), "target_below_2x": worst < 2 * one_version,
+
+
+def print_json(run: dict) -> None:
+    """The same figures as one JSON line, for scripts."""
+    worst, one_version, result = max(run["peaks"]), run["one_version"], run["load"]
+    print(json.dumps({"bench": "serving_memory", "runtime_mib": round(run["runtime"], 1),
+                      "one_version_mib": round(one_version, 1),
+                      "switch_peaks_mib": [round(peak, 1) for peak in run["peaks"]],
+                      "after_switch_mib": [round(after, 1) for after in run["afters"]],
+                      "peak_over_one_version": round(worst / one_version, 3),
+                      "target_below_2x": worst < 2 * one_version,
                       "requests": result.requests, "failures": result.failures}, default=str))
+
+
+def main() -> None:
+    args = parse_arguments()
+    workdir = Path(tempfile.mkdtemp(prefix="serving_memory_"))
+    source, latent = prepare_source(args.model_base_path, workdir, args.clients)
+    if args.compare_storage:
+        compare_storage(workdir, args.clients)
+    base_path = workdir / "served" / MODEL_NAME
+    base_path.mkdir(parents=True)
+    run = measure_switches(source, base_path, args, latent)
+    print_summary(run)
+    print_json(run)
     shutil.rmtree(workdir, ignore_errors=True)
 
 

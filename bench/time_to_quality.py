@@ -9,29 +9,26 @@ loop does between them (checkpoints, sample grids, the default's per-epoch judgi
 tf.function tracing each leg repeats);
 data preparation, model building and judging are excluded.
 
-- default: `TrainConfig()` as `python cli.py train` runs it (class-conditional);
-- previous_default: `python cli.py train` as it was until 2026-12-01 (docs/experiments.md, runs
-  #17-#20), every recipe field spelled out, so "half the training time of the old default" can be
-  measured again; its precision is what `--precision auto` chose then (mixed_bfloat16 on every CPU
-  with AVX512-BF16 or AMX, `previous_auto_precision`), which on some such CPUs is the slower one;
-- previous_default_auto: the same recipe under today's `--precision auto`, to show the recipe's
-  share of the gain apart from the precision's (the two are the same run where both choose alike);
-- tutorial: the tutorial's recipe on the same architecture: unconditional, batch 256, Adam(1e-4)
-  with Keras's default beta_1 0.9 (tensorflow.org/tutorials/generative/dcgan).
+The recipes are configs/recipes.py's, as `python cli.py train --config NAME` trains them, except:
+- default: with this bench's `--set FIELD=VALUE` settings, if any;
+- previous_default: in the precision the old `--precision auto` rule chose
+  (`previous_auto_precision`), which on some CPUs is the slower one, so the time against it can be
+  measured again;
+- previous_default_auto (this bench's own): the same fields under today's `--precision auto`, to
+  show the recipe's share of the gain apart from the precision's (the same run where both choose alike);
+- tutorial: as many epochs as the budget allows.
 
-Each recipe trains and is judged in a process of its own (this script, started again with
-`--only-recipe`), as `python cli.py train` runs it, so a recipe's speed cannot depend on what an
-earlier recipe left in the process (threads, allocator, compiled functions). When they shared one
-process, the second recipe once ran at 1,262 images/s against 1,460 for the same recipe's
-`cli.py train` run on the same machine (docs/experiments.md); the cause was not found.
+Each recipe trains and is judged in a process of its own (this module again, with `--only-recipe`),
+as `python cli.py train` runs it, so a recipe's speed cannot depend on what an earlier recipe left
+in the process (threads, allocator, compiled functions; docs/experiments.md has the run that showed it).
 
 Usage:
-    python bench/time_to_quality.py                       # 600 s each, judged every 150 s (about 35 min)
-    python bench/time_to_quality.py --recipes previous_default,default --budget 3600 --leg-seconds 3600
+    python -m bench.time_to_quality                       # 600 s of training each, judged every 150 s
+    python -m bench.time_to_quality --recipes previous_default,default --budget 3600 --leg-seconds 3600
                                   # both to their last epoch, judged once at the end: the time ratio
                                   # (add previous_default_auto for the recipe's share alone)
-    python bench/time_to_quality.py --recipes default --set classifier_weight=1 --set epochs=8  # a variant
-    python bench/time_to_quality.py --budget 60 --leg-seconds 30 --per-digit 50 --default-samples 500  # smoke
+    python -m bench.time_to_quality --recipes default --set classifier_weight=1 --set epochs=8  # a variant
+    python -m bench.time_to_quality --budget 60 --leg-seconds 30 --per-digit 50 --default-samples 500  # smoke
 Rounds run one recipe after the other; keep the machine otherwise idle, or the times mean little.
 """
 from __future__ import annotations
@@ -45,8 +42,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import quiet  # noqa: E402
+from common import quiet
+
+ROOT = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
     quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
@@ -57,35 +55,37 @@ if __name__ == "__main__":
 import tensorflow as tf  # noqa: E402
 
 from common import machine  # noqa: E402
+from configs import recipes  # noqa: E402
 from mnist_data import acquire  # noqa: E402
 from quality import epochs, judge as judge_lib, sources  # noqa: E402
 from trainer import loop, strategy as strategy_lib  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 
-# The default recipe until 2026-12-01: tutorial widths (5x5 kernels) with conditional BatchNorm, batch 64, 8 epochs.
-PREVIOUS_DEFAULT = dict(epochs=8, batch_size=64, learning_rate=2e-4, discriminator_learning_rate=None,
-                        learning_rate_schedule="linear_decay", learning_rate_decay_start=0.5, beta_1=0.5, beta_2=0.999,
-                        latent_dim=100, conditional=True, classifier_weight=0.15, architecture="tutorial_cbn",
-                        generator_average_decay=0.999, discriminator_dropout=0.3)
-
 INTERRUPTED = 130  # the exit code of a recipe process, and of this script, stopped by Ctrl-C or SIGTERM
+BUDGET_EPOCHS = 1000  # the tutorial's epochs here: as many as the budget allows
 
-RECIPES = {
-    # Exactly `python cli.py train`: its epochs, its per-epoch judging (inside the budget), precision auto.
-    "default": dict(),
-    # `python cli.py train` until 2026-12-01; main() adds the precision `auto` chose then (previous_auto_precision).
-    "previous_default": dict(PREVIOUS_DEFAULT),
-    # The same recipe in the precision today's `auto` chooses (the recipe's share of the gain, alone).
-    "previous_default_auto": dict(PREVIOUS_DEFAULT),
-    # As the tutorial trains: float32, no schedule, no moving average, no judging; as many epochs as the budget allows.
-    "tutorial": dict(conditional=False, batch_size=256, learning_rate=1e-4, beta_1=0.9, architecture="tutorial",
-                     generator_average_decay=0.0, precision="float32", learning_rate_schedule="constant",
-                     classifier_weight=0.0, epochs=1000, evaluate_every_epoch=False, discriminator_dropout=0.3),
-}
+
+def recipe_names() -> tuple[str, ...]:
+    return (*recipes.names(), "previous_default_auto")
+
+
+def recipe_fields(name: str, settings: dict) -> dict:
+    """The TrainConfig fields recipe `name` trains with in this bench (the module docstring's list);
+    `settings` (from `--set`) apply to the default recipe."""
+    if name == "previous_default_auto":
+        return recipes.overrides("previous_default")
+    fields = recipes.overrides(name)
+    if name == "default":
+        fields.update(settings)
+    elif name == "previous_default":
+        fields["precision"] = previous_auto_precision()
+    elif name == "tutorial":
+        fields["epochs"] = BUDGET_EPOCHS
+    return fields
 
 
 def previous_auto_precision() -> str:
-    """What `--precision auto` chose until 2026-12-01: mixed_bfloat16 on a CPU-only run whenever the CPU has
+    """What the old `--precision auto` rule chose: mixed_bfloat16 on a CPU-only run whenever the CPU has
     AVX512-BF16 or AMX, faster or not (today's rule is `trainer.strategy.bfloat16_is_faster`)."""
     on_gpus = strategy_lib.runs_on_gpus(tf.distribute.get_strategy())
     return "mixed_bfloat16" if strategy_lib.has_bfloat16_instructions() and not on_gpus else "float32"
@@ -96,23 +96,9 @@ def images_per_second_guess(config: TrainConfig) -> float:
     return 600.0 * (1.0 if config.conditional else 1.1)
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """["key=value", ...] → {key: value}; values are read as JSON where they parse (numbers, true, null)."""
-    overrides = {}
-    for pair in pairs:
-        key, separator, value = pair.partition("=")
-        if not separator:
-            raise ValueError(f"--set takes KEY=VALUE, got {pair!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
-
-
-def run_recipe(name: str, overrides: dict, arguments, run_root: Path) -> list[tuple[float, judge_lib.QualityReport]]:
+def run_recipe(name: str, fields: dict, arguments, run_root: Path) -> list[tuple[float, judge_lib.QualityReport]]:
     """Trains `name` in legs until the budget is spent; returns (training seconds, figures) after each leg."""
-    config = TrainConfig(run_dir=str(run_root / name), data_dir=arguments.data_dir, **overrides)
+    config = TrainConfig(run_dir=str(run_root / name), data_dir=arguments.data_dir, **fields)
     evaluate_config = sources.EvaluateConfig(per_digit=arguments.per_digit, default_samples=arguments.default_samples,
                                              data_dir=arguments.data_dir, judge_dir=arguments.judge)
     rate, spent, step, rows = images_per_second_guess(config), 0.0, 0, []
@@ -136,12 +122,18 @@ def run_recipe(name: str, overrides: dict, arguments, run_root: Path) -> list[tu
     return rows
 
 
-def recipe_in_own_process(name: str, run_root: Path) -> list[tuple[float, judge_lib.QualityReport]]:
-    """Runs this script again for recipe `name` alone; returns its rows (read back from a JSON file)."""
+def recipe_in_own_process(name: str, run_root: Path, path_options: list[str] = ()
+                          ) -> list[tuple[float, judge_lib.QualityReport]]:
+    """Runs this script again for recipe `name` alone; returns its rows (read back from a JSON file).
+
+    The child runs from the repository root, so its paths are absolute: `path_options` (see
+    `absolute_path_options`) repeat the user's relative ones, and the last of an option wins.
+    """
+    run_root = run_root.resolve()
     rows_file = run_root / f"{name}.rows.json"
-    command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--only-recipe", name,
-               "--rows-out", str(rows_file), "--run-root", str(run_root)]
-    process = subprocess.Popen(command)
+    command = [sys.executable, "-m", "bench.time_to_quality", *sys.argv[1:], *path_options,
+               "--only-recipe", name, "--rows-out", str(rows_file), "--run-root", str(run_root)]
+    process = subprocess.Popen(command, cwd=ROOT)
     try:
         returncode = process.wait()
         if returncode == INTERRUPTED:  # the child can end before this process handles its own copy of the Ctrl-C
@@ -158,14 +150,23 @@ def recipe_in_own_process(name: str, run_root: Path) -> list[tuple[float, judge_
     return [(seconds, judge_lib.QualityReport(**row)) for seconds, row in json.loads(rows_file.read_text())]
 
 
+def absolute_path_options(arguments) -> list[str]:
+    """--data-dir and --judge, where given, as absolute paths."""
+    given = (("--data-dir", arguments.data_dir), ("--judge", arguments.judge))
+    return [item for option, path in given if path for item in (option, str(Path(path).resolve()))]
+
+
 def child_main(arguments) -> None:
     """`--only-recipe NAME`: trains and judges one recipe in this process, writes its rows to `--rows-out`."""
-    rows = run_recipe(arguments.only_recipe, RECIPES[arguments.only_recipe], arguments, Path(arguments.run_root))
+    fields = recipe_fields(arguments.only_recipe, arguments.settings)
+    rows = run_recipe(arguments.only_recipe, fields, arguments, Path(arguments.run_root))
     Path(arguments.rows_out).write_text(json.dumps([(seconds, row.to_dict()) for seconds, row in rows]))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_arguments() -> argparse.Namespace:
+    """The command line, checked; `settings` holds --set's fields, read by `recipes.parse_settings`."""
+    parser = argparse.ArgumentParser(prog="python -m bench.time_to_quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=600.0, help="training seconds per recipe")
     parser.add_argument("--leg-seconds", type=float, default=150.0, help="training seconds between judgements")
     parser.add_argument("--per-digit", type=int, default=1000)
@@ -175,54 +176,81 @@ def main() -> None:
     parser.add_argument("--recipes", default="default,tutorial")
     parser.add_argument("--run-root", default=None,
                         help="keep the runs in this folder (one subfolder per recipe) [default: a temporary folder]")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a TrainConfig field of the default recipe (repeatable), e.g. epochs=8")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a TrainConfig field of the default recipe (repeatable), e.g. epochs=8")
     parser.add_argument("--only-recipe", default=None, help=argparse.SUPPRESS)  # set for the per-recipe processes
     parser.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     try:
-        RECIPES["default"] = parse_overrides(arguments.set)
+        arguments.settings = recipes.parse_settings(arguments.set)
     except ValueError as error:
         parser.error(str(error))  # exit code 2, with the usage
-    RECIPES["previous_default"]["precision"] = previous_auto_precision()
-    unknown = sorted(set(arguments.recipes.split(",")) - set(RECIPES))
+    unknown = sorted(set(arguments.recipes.split(",")) - set(recipe_names()))
     if unknown:
-        parser.error(f"unknown recipe(s) {unknown}; choose from {sorted(RECIPES)}")
+        parser.error(f"unknown recipe(s) {unknown}; choose from {sorted(recipe_names())}")
     if arguments.only_recipe:
-        return child_main(arguments)
+        return arguments
     given_root = Path(arguments.run_root) if arguments.run_root else None
     if given_root is not None and given_root.exists() and (not given_root.is_dir() or any(given_root.iterdir())):
         # A recipe's folder with checkpoints in it would resume from them and time only the rest.
         parser.error(f"--run-root {arguments.run_root} is not empty (or not a folder); give a new or empty folder")
     if arguments.judge and not Path(arguments.judge).is_dir():  # found now, not after the first recipe's training
         parser.error(f"--judge {arguments.judge} is not a folder; give one written by `cli.py train-judge`")
+    return arguments
+
+
+def print_setup(arguments) -> None:
+    """The machine, the budget, the default recipe's overrides and each recipe's precision."""
     print(f"machine: {machine.cpu_model()}, {os.cpu_count()} CPU(s); "
           f"budget {arguments.budget:.0f} s per recipe, judged every {arguments.leg_seconds:.0f} s; "
-          f"default recipe overrides: {RECIPES['default'] or 'none'}", flush=True)
+          f"default recipe overrides: {arguments.settings or 'none'}", flush=True)
     today = strategy_lib.resolve_precision("auto", tf.distribute.get_strategy())
-    chosen = {name: RECIPES[name].get("precision", "auto") for name in arguments.recipes.split(",")}
+    chosen = {name: recipe_fields(name, arguments.settings).get("precision", "auto")
+              for name in arguments.recipes.split(",")}
     print("precision: " + ", ".join(f"{name} {today + ' (auto)' if precision == 'auto' else precision}"
                                     for name, precision in chosen.items()), flush=True)
-    # Prepared here, so no recipe's clock includes downloading or converting MNIST.
-    mnist = acquire.load_mnist(arguments.data_dir, report=print)
+
+
+def run_recipes(arguments) -> dict[str, list[tuple[float, judge_lib.QualityReport]]]:
+    """Each recipe in a process of its own, one after the other: name -> its rows."""
     with tempfile.TemporaryDirectory(prefix="digitgan-time-to-quality-") as folder:
-        run_root = given_root or Path(folder)
+        run_root = Path(arguments.run_root) if arguments.run_root else Path(folder)
         run_root.mkdir(parents=True, exist_ok=True)
-        results = {name: recipe_in_own_process(name, run_root) for name in arguments.recipes.split(",")}
-    # The judge's calibration row, computed after the recipes, so that the judge's model is not
-    # resident in this process while they train; the shipped judge gives the same row on every machine.
-    calibration = judge_lib.reference(judge_lib.load_judge(arguments.judge), mnist).calibration
+        return {name: recipe_in_own_process(name, run_root, absolute_path_options(arguments))
+                for name in arguments.recipes.split(",")}
+
+
+def print_side_by_side(calibration: judge_lib.QualityReport, results: dict) -> None:
+    """The last judgement of each recipe under the judge's calibration row, and the time ratios."""
     print("\nside by side (last judgement of each recipe):")
     print(judge_lib.format_reports([calibration] + [rows[-1][1] for rows in results.values()]))
     for previous in ("previous_default", "previous_default_auto"):
         if "default" in results and previous in results:
             new, old = results["default"][-1][0], results[previous][-1][0]
             print(f"training seconds: default {new:.0f} s, {previous} {old:.0f} s: {new / old:.2f}x")
-    # The same figures as one JSON line, for scripts: every judgement of every recipe.
+
+
+def print_json(arguments, calibration: judge_lib.QualityReport, results: dict) -> None:
+    """The same figures as one JSON line, for scripts: every judgement of every recipe."""
     print(json.dumps({"bench": "time_to_quality", "machine": machine.cpu_model(), "budget_seconds": arguments.budget,
                       "calibration": calibration.to_dict(),
                       "recipes": {name: [dict(row.to_dict(), training_seconds=round(seconds, 1)) for seconds, row in rows]
                                   for name, rows in results.items()}}))
+
+
+def main() -> None:
+    arguments = parse_arguments()
+    if arguments.only_recipe:
+        return child_main(arguments)
+    print_setup(arguments)
+    # Prepared here, so no recipe's clock includes downloading or converting MNIST.
+    mnist = acquire.load_mnist(arguments.data_dir, report=print)
+    results = run_recipes(arguments)
+    # The judge's calibration row, computed after the recipes, so that the judge's model is not
+    # resident in this process while they train; the shipped judge gives the same row on every machine.
+    calibration = judge_lib.reference(judge_lib.load_judge(arguments.judge), mnist).calibration
+    print_side_by_side(calibration, results)
+    print_json(arguments, calibration, results)
 
 
 if __name__ == "__main__":

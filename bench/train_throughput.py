@@ -13,7 +13,7 @@ Variants (same machine, same process, same global batch; images/s, higher is bet
   the input pipeline starves the step;
 - ours_compact: ours_conditional with `--architecture compact` (4x4 kernels, narrower G);
 - ours_default: the step of `python cli.py train` with every default, `--precision auto` included
-  (mixed_bfloat16 where it measured faster: AMX, or AVX512-BF16 on AMD; float32 elsewhere), at the same global batch;
+  (as `trainer.strategy.resolve_precision` chooses), at the same global batch;
 - ours_default_xla: ours_default with `--xla` (its forward and backward pass compiled by XLA);
 - ours_default_float32 / ours_default_mixed_bfloat16 (only on CPUs with AVX512-BF16 or AMX): the
   default step in each precision, to show what `auto` chose from (on such CPUs bfloat16 is not
@@ -28,7 +28,7 @@ mixed_bfloat16, with the nominal GFLOP/s each reaches. A step runs each of them 
 twice), so their time in the faster precision is a floor under any step on this architecture: when
 it is above half the tutorial's step, no faster step reaches 2x; only less arithmetic can.
 
-Usage: python bench/train_throughput.py [--batch-size 256] [--steps 10] [--rounds 2] [--precision float32]
+Usage: python -m bench.train_throughput [--batch-size 256] [--steps 10] [--rounds 2] [--precision float32]
 Rounds alternate the variants so machine noise hits them alike; the best round of each is reported.
 """
 from __future__ import annotations
@@ -37,13 +37,10 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 import typing
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import quiet  # noqa: E402
+from common import quiet
 
 if __name__ == "__main__":
     quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
@@ -53,6 +50,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from common import machine, precision  # noqa: E402
+from configs import recipes  # noqa: E402
 from mnist_data import acquire  # noqa: E402
 from trainer import data, step as step_lib, strategy as strategy_lib  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
@@ -225,20 +223,20 @@ def time_ours(train, iterator, steps: int, steps_per_call: int) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--precision", default="float32")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir with (or for) MNIST")
     parser.add_argument("--skip-eager", action="store_true", help="leave out the slow eager loop")
-    arguments = parser.parse_args()
-    batch = arguments.batch_size
-    mnist = acquire.load_mnist(arguments.data_dir)
-    tutorial_images = (mnist.train_images[: batch * 4].astype(np.float32) / 127.5 - 1.0).reshape(4, batch, 28, 28, 1)
+    return parser.parse_args()
 
-    keras.mixed_precision.set_global_policy(arguments.precision)
+
+def tutorial_variants(arguments, mnist) -> dict:
+    """name -> (kind, runner) for the tutorial's step: compiled, fed by tf.data, XLA, eager."""
+    batch = arguments.batch_size
     tutorial_compiled = tutorial_step(batch, compiled=True)[0]
     variants = {"tutorial_tf_function": ("tutorial", tutorial_compiled)}
     tutorial_dataset = tf.data.Dataset.from_tensor_slices(
@@ -247,51 +245,57 @@ def main() -> None:
     variants["tutorial_tf_function_xla"] = ("tutorial", tutorial_step(batch, compiled=True, jit_compile=True)[0])
     if not arguments.skip_eager:
         variants["tutorial_eager"] = ("tutorial", tutorial_step(batch, compiled=False)[0])
-    # The tutorial's architecture for the side-by-side step comparison (the default's until 2026-12-01; it now uses 3x3 kernels);
-    # "ours_compact" is the cheaper architecture option at the same batch.
+    return variants
+
+
+def our_variants(arguments, mnist, default_config: TrainConfig, native_bfloat16: bool) -> dict:
+    """name -> (kind, runner) for our step: on the tutorial's architecture, compact, and the default's."""
+    variants = {}
+    # The tutorial's architecture for the side-by-side step comparison; "ours_compact" is the
+    # cheaper architecture option at the same batch.
     for name, conditional, synthetic, architecture in (
             ("ours_unconditional", False, False, "tutorial"), ("ours_conditional", True, False, "tutorial"),
             ("ours_conditional_synthetic", True, True, "tutorial"),
             ("ours_compact", True, False, "compact")):
-        config = TrainConfig(batch_size=batch, conditional=conditional, precision=arguments.precision,
+        config = TrainConfig(batch_size=arguments.batch_size, conditional=conditional, precision=arguments.precision,
                              architecture=architecture)
         variants[name] = ("ours", ours(config, mnist, synthetic) + (config.steps_per_call,))
     # The default step exactly as `python cli.py train` runs it (precision "auto" included).
-    default_config = TrainConfig(batch_size=batch)
-    default_precision = strategy_lib.resolve_precision(default_config.precision, tf.distribute.get_strategy())
     variants["ours_default"] = ("ours", ours(default_config, mnist, False) + (default_config.steps_per_call,))
     xla_config = dataclasses.replace(default_config, xla=True)
     variants["ours_default_xla"] = ("ours", ours(xla_config, mnist, False) + (xla_config.steps_per_call,))
     # Where the CPU has bfloat16 instructions, both precisions of the default step, to show what "auto" chose from.
-    native_bfloat16 = strategy_lib.has_bfloat16_instructions()
     if native_bfloat16:
         for policy in ("float32", "mixed_bfloat16"):
             policy_config = dataclasses.replace(default_config, precision=policy)
             variants[f"ours_default_{policy}"] = ("ours", ours(policy_config, mnist, False) + (policy_config.steps_per_call,))
-    if native_bfloat16 and arguments.precision != "mixed_bfloat16":
-        variants["tutorial_tf_function_bf16"] = ("tutorial", tutorial_bfloat16_step(batch))
+    return variants
 
-    # Warm-up: trace and run each variant a few steps.
+
+def run_variant(kind: str, runner, tutorial_images, steps: int) -> float:
+    """Seconds for `steps` steps of one variant."""
+    if kind == "tutorial":
+        return time_tutorial(runner, tutorial_images, steps)
+    if kind == "tutorial_tfdata":
+        return time_tutorial_tfdata(runner[0], runner[1], steps)
+    return time_ours(runner[0], runner[1], steps, runner[2])
+
+
+def best_step_seconds(variants: dict, tutorial_images, arguments) -> dict[str, float]:
+    """name -> best seconds a step over the rounds, after a warm-up that traces and runs each variant."""
     for kind, runner in variants.values():
-        if kind == "tutorial":
-            time_tutorial(runner, tutorial_images, 2)
-        elif kind == "tutorial_tfdata":
-            time_tutorial_tfdata(runner[0], runner[1], 2)
-        else:
-            time_ours(runner[0], runner[1], runner[2], runner[2])
+        run_variant(kind, runner, tutorial_images, runner[2] if kind == "ours" else 2)
     best = {name: float("inf") for name in variants}
     for _ in range(arguments.rounds):
         for name, (kind, runner) in variants.items():
             steps = max(2, arguments.steps // 3) if name == "tutorial_eager" else arguments.steps
-            if kind == "tutorial":
-                seconds = time_tutorial(runner, tutorial_images, steps)
-            elif kind == "tutorial_tfdata":
-                seconds = time_tutorial_tfdata(runner[0], runner[1], steps)
-            else:
-                seconds = time_ours(runner[0], runner[1], steps, runner[2])
-            best[name] = min(best[name], seconds / steps)
+            best[name] = min(best[name], run_variant(kind, runner, tutorial_images, steps) / steps)
+    return best
 
-    baseline = best["tutorial_tf_function"]
+
+def print_variants(best: dict[str, float], arguments, default_precision: str, native_bfloat16: bool) -> None:
+    """The variants' table and what it is read for: precision, input pipeline gap, bfloat16 alone."""
+    batch, baseline = arguments.batch_size, best["tutorial_tf_function"]
     print(f"machine: {machine.cpu_model()}, {os.cpu_count()} CPUs, TF {tf.__version__}, "
           f"batch {batch}, precision {arguments.precision}, best of {arguments.rounds} rounds")
     print(f"{'variant':30} {'ms/step':>9} {'images/s':>9} {'vs tutorial tf.function':>24}")
@@ -300,16 +304,20 @@ def main() -> None:
     print(f"ours_default is `python cli.py train`'s step: precision auto → {default_precision} here, "
           f"the tutorial's step in {arguments.precision}")
     if native_bfloat16:
-        print(f"ours_default in mixed_bfloat16 / in float32: {best['ours_default_float32'] / best['ours_default_mixed_bfloat16']:.2f}x "
+        print(f"ours_default in mixed_bfloat16 / in float32: "
+              f"{best['ours_default_float32'] / best['ours_default_mixed_bfloat16']:.2f}x "
               f"(above 1 means bfloat16 is faster; auto chose {default_precision})")
     synthetic, real = best["ours_conditional_synthetic"], best["ours_conditional"]
     print(f"input pipeline gap (real / synthetic step time - 1): {real / synthetic - 1:+.1%}")
     if "tutorial_tf_function_bf16" in best:
         print(f"ours_default / tutorial_tf_function_bf16 (both in bfloat16): "
               f"{best['tutorial_tf_function_bf16'] / best['ours_default']:.2f}x")
-    precisions = ["float32"] + (["mixed_bfloat16"] if native_bfloat16 else [])
-    convolutions = print_kernel_bound(batch, precisions, arguments.rounds)
+
+
+def print_kernel_verdict(best: dict[str, float], convolutions: dict[str, float], arguments) -> None:
+    """Whether 2x the tutorial's step is within reach of the convolutions' floor."""
     # Compare like with like: the tutorial's step and the convolutions in the same precision.
+    baseline = best["tutorial_tf_function"]
     tutorial_steps = {arguments.precision: baseline}
     if "tutorial_tf_function_bf16" in best:
         tutorial_steps["mixed_bfloat16"] = best["tutorial_tf_function_bf16"]
@@ -318,15 +326,40 @@ def main() -> None:
         print(f"2x the tutorial's {arguments.precision} step means {baseline / 2 * 1000:.0f} ms a step; these "
               f"convolutions alone need {convolutions[fastest] * 1000:.0f} ms in {fastest}, and the rest of the "
               f"tutorial's {fastest} step here takes {(tutorial_steps[fastest] - convolutions[fastest]) * 1000:.0f} ms more")
-    if not native_bfloat16:
+    if "mixed_bfloat16" not in convolutions:
         print("(no native bfloat16 on this CPU: bfloat16 columns and variants left out)")
-    # The same figures as one JSON line, for scripts.
+
+
+def print_json(best: dict[str, float], convolutions: dict[str, float], arguments, default_precision: str) -> None:
+    """The same figures as one JSON line, for scripts."""
+    batch, baseline = arguments.batch_size, best["tutorial_tf_function"]
     print(json.dumps({"bench": "train_throughput", "batch_size": batch, "precision": arguments.precision,
                       "default_precision": default_precision,
                       "variants": {name: {"ms_per_step": round(seconds * 1000, 2), "images_per_s": round(batch / seconds, 1),
                                           "vs_tutorial_tf_function": round(baseline / seconds, 3)}
                                    for name, seconds in best.items()},
                       "kernel_bound_ms_per_step": {p: round(value * 1000, 2) for p, value in convolutions.items()}}))
+
+
+def main() -> None:
+    arguments = parse_arguments()
+    batch = arguments.batch_size
+    mnist = acquire.load_mnist(arguments.data_dir)
+    tutorial_images = (mnist.train_images[: batch * 4].astype(np.float32) / 127.5 - 1.0).reshape(4, batch, 28, 28, 1)
+    keras.mixed_precision.set_global_policy(arguments.precision)
+    default_config = recipes.build("default", batch_size=batch)
+    default_precision = strategy_lib.resolve_precision(default_config.precision, tf.distribute.get_strategy())
+    native_bfloat16 = strategy_lib.has_bfloat16_instructions()
+    variants = tutorial_variants(arguments, mnist)
+    variants.update(our_variants(arguments, mnist, default_config, native_bfloat16))
+    if native_bfloat16 and arguments.precision != "mixed_bfloat16":
+        variants["tutorial_tf_function_bf16"] = ("tutorial", tutorial_bfloat16_step(batch))
+    best = best_step_seconds(variants, tutorial_images, arguments)
+    print_variants(best, arguments, default_precision, native_bfloat16)
+    precisions = ["float32"] + (["mixed_bfloat16"] if native_bfloat16 else [])
+    convolutions = print_kernel_bound(batch, precisions, arguments.rounds)
+    print_kernel_verdict(best, convolutions, arguments)
+    print_json(best, convolutions, arguments, default_precision)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Cheap per-epoch figures for TensorBoard: the shipped MNIST judge on a fixed sample of 100 images per digit.
 
 `EpochQuality` is the judge `trainer.loop.train` calls after each epoch when the caller plugs it in
-(`python cli.py train` does unless `--no-evaluate-every-epoch`); it sees the generator only as a
+(`python cli.py train` does unless `--set evaluate_every_epoch=false`); it sees the generator only as a
 function from noise and digits to images, so it imports nothing of the trainer.
 """
 from __future__ import annotations

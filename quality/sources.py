@@ -95,15 +95,15 @@ class ServerSampler:
     """A served model, through the standard TF Serving `Predict` and `GetModelMetadata` calls."""
 
     def __init__(self, server: str, model_name: str, version: int | None = None, timeout: float = 120.0):
-        from serving import client
+        from client import grpc_client
 
-        self._client, self._where = client, dict(model_name=model_name, version=version, timeout=timeout)
+        self._client, self._where = grpc_client, dict(model_name=model_name, version=version, timeout=timeout)
         self._server = server
-        signatures = client.get_metadata(server, model_name, version, timeout=timeout)["signatures"]
+        signatures = grpc_client.get_metadata(server, model_name, version, timeout=timeout)["signatures"]
         if "sample" not in signatures or "serving_default" not in signatures:
             raise judge_lib.EvaluationError(f"model {model_name!r} on {server} lacks the 'sample' and 'serving_default' signatures")
         self.conditional = "digit" in signatures["sample"]["inputs"]
-        self.latent_dim = client.read_latent_dim(server, model_name, version, timeout)
+        self.latent_dim = grpc_client.read_latent_dim(server, model_name, version, timeout)
         self.version = None
 
     def sample(self, digits: np.ndarray, seeds: np.ndarray) -> np.ndarray:

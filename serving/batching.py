@@ -8,6 +8,11 @@ queue (more than `max_enqueued_batches` waiting batches) is UNAVAILABLE. As in T
 BatchingSession, a task whose caller's deadline passed while it waited is not run; it fails
 with RESOURCE_EXHAUSTED "Run() timeout exceeded while waiting in batching queue".
 
+Unlike TF's BatchingSession, which gives the status of a failed run to every task of the batch,
+a request that would fail alone (a digit of 10 to `sample`) fails alone here: a batch whose run
+fails is split in halves, and each half run again, down to the tasks that fail by themselves
+(docs/serving.md, differences table).
+
 The knobs come from a text-format `BatchingParameters` file (TF Serving's
 `--batching_parameters_file`, read here with the message rebuilt from its .proto, because the
 tensorflow-serving-api package ships no `session_bundle_config_pb2`) or from ServeConfig; a knob
@@ -162,6 +167,9 @@ class Batcher:
         self.max_enqueued_batches = max_enqueued_batches
         self._queues: dict = collections.defaultdict(collections.deque)
         self._condition = threading.Condition()
+        # Tasks enqueued, batches taken from the queues, and graph runs (more than batches when a
+        # failed batch is split); for tests and monitoring, read with counts().
+        self._counts = collections.Counter(tasks=0, batches=0, runs=0)
         self._stopping = False
         self._threads = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
                          for i in range(num_batch_threads)]
@@ -201,6 +209,7 @@ class Batcher:
                 queue.append(_Batch(key, loaded, signature, output_aliases))
             batch = queue[-1]
             batch.tasks.append(task)
+            self._counts["tasks"] += 1
             batch.size += task.size
             if batch.size >= self.max_batch_size:
                 batch.closed = True
@@ -209,6 +218,11 @@ class Batcher:
             # joins an open batch changes neither, so it wakes nobody.
             if opened or batch.closed:
                 self._condition.notify(2 if closed_previous else 1)
+
+    def counts(self) -> dict[str, int]:
+        """{"tasks": enqueued, "batches": taken from the queues to run, "runs": graph runs}."""
+        with self._condition:
+            return dict(self._counts)
 
     def waiting_tasks(self) -> int:
         """Tasks queued in batches that have not started running (for tests and monitoring)."""
@@ -244,17 +258,35 @@ class Batcher:
                     self._condition.wait(wait)
             self._execute(batch)
 
-    @staticmethod
-    def _execute(batch: _Batch) -> None:
-        tasks = _drop_expired(batch.tasks)
+    def _execute(self, batch: _Batch) -> None:
+        with self._condition:
+            self._counts["batches"] += 1
         try:
-            if tasks:
-                _run_tasks(batch, tasks)
-        except Exception as error:  # surfaced to each caller as its own failure
-            for task in tasks:
-                task.error = error
-        for task in batch.tasks:
-            task.done.set()
+            self._run_isolating_failures(batch, batch.tasks)
+        finally:
+            for task in batch.tasks:
+                task.done.set()
+
+    def _run_isolating_failures(self, batch: _Batch, tasks: list[_Task]) -> None:
+        """Run the tasks as one batch; when that run fails, each half again, so a task that
+        fails by itself gets its own error and the others their outputs.
+
+        One bad task among n costs about 2 log2(n) more runs; every task bad, 2n - 1 runs.
+        """
+        tasks = _drop_expired(tasks)
+        if not tasks:
+            return
+        with self._condition:
+            self._counts["runs"] += 1
+        try:
+            _run_tasks(batch, tasks)
+        except Exception as error:  # surfaced to the caller as its own failure
+            if len(tasks) == 1:
+                tasks[0].error = error
+                return
+            middle = len(tasks) // 2
+            self._run_isolating_failures(batch, tasks[:middle])
+            self._run_isolating_failures(batch, tasks[middle:])
 
     def stop(self) -> None:
         with self._condition:

@@ -18,9 +18,6 @@ MODEL_BASE_PATH = "models/digitgan"  # where `cli.py export` writes versions and
 GRPC_PORT = 8500  # tensorflow_model_server's --port default
 REST_PORT = 8501  # the port TF Serving's documentation and images use for --rest_api_port
 SERVER = f"localhost:{GRPC_PORT}"  # what clients dial by default
-# Client channels accept replies this large: 64 images are ~200 KB, leave room for larger batches.
-CLIENT_MAX_RECEIVE_BYTES = 256 * MEBIBYTE
-CLIENT_CHANNEL_OPTIONS = (("grpc.max_receive_message_length", CLIENT_MAX_RECEIVE_BYTES),)
 ENGINES = ("builtin", "tfserving")
 # rest_port=FREE_PORT asks the operating system for a free REST port (tests, benches); the CLI
 # does not offer it, because `--rest_api_port=0` means "no REST" in tensorflow_model_server.
@@ -66,6 +63,9 @@ class ServeConfig:
         monitoring_config_file: path to a text-format `MonitoringConfig`
             (`--monitoring_config_file`); Prometheus metrics are served on the REST port at its
             `prometheus_config.path` only when it sets `enable: true`. None: no metrics page.
+        rest_api_enable_cors_support: TF Serving's `--rest_api_enable_cors_support`: every reply
+            under `/v1/` carries `Access-Control-Allow-Origin: *` (and the allowed methods and
+            headers), so pages on other origins can call the REST API.
     """
 
     model_base_path: str = MODEL_BASE_PATH
@@ -88,6 +88,7 @@ class ServeConfig:
     grace_seconds: float = 10.0
     engine: str = "builtin"
     monitoring_config_file: str | None = None
+    rest_api_enable_cors_support: bool = False
 
     def __post_init__(self) -> None:
         if self.model_config_file is None:
@@ -117,6 +118,9 @@ class ServeConfig:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.monitoring_config_file is not None and not self.monitoring_config_file:
             raise ValueError(f"monitoring_config_file must be a path or None, got {self.monitoring_config_file!r}")
+        if not isinstance(self.rest_api_enable_cors_support, bool):
+            raise ValueError(f"rest_api_enable_cors_support must be True or False, got "
+                             f"{self.rest_api_enable_cors_support!r}")
 
 
     def _check_batching(self) -> None:

@@ -5,7 +5,6 @@ sends both as they are (long messages cut as grpc_status_util.cc cuts them), RES
 code to an HTTP status (http_server.cc's ToHTTPStatusCode) and sends the message as
 `{"error": ...}`. TF statuses and gRPC statuses share their numbers (`status_code`).
 Messages that more than one module raises live here, worded as TF Serving words them.
-Imports grpc only, so the client side may use it without TensorFlow.
 """
 
 from __future__ import annotations

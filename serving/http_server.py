@@ -1,14 +1,17 @@
 """The HTTP server of the REST port, as TF Serving's http_server.cc and net_http run it.
 
 It reads requests and frames replies; what a request means is the `api` object's business
-(rest_api.RestApi: `handle(method, path, body)` and `refuse(method, path, code, message,
-http_status)`, each returning (HTTP status, body, content type)). Request bodies may be gzip
-(`Content-Encoding`) or chunked (`Transfer-Encoding`); bodies over the limit, bad framing and
-bad gzip are refused here, and at most `max_concurrent_posts` POSTs run at once.
+(rest_api.RestApi: `handle(method, path, body, headers)` and `refuse(method, path, code, message,
+http_status)`, each returning (HTTP status, body, content type), and `handle` optionally a dict
+of extra reply headers after them). Request bodies may be gzip (`Content-Encoding`) or chunked
+(`Transfer-Encoding`); bodies over the limit, bad framing and bad gzip are refused here, and at
+most `max_concurrent_posts` POSTs run at once. `OPTIONS` is the api's `preflight(path, origin)`,
+and every reply carries the api's `extra_headers(path)` (CORS).
 """
 
 from __future__ import annotations
 
+import errno
 import http.server
 import logging
 import socket
@@ -21,6 +24,7 @@ import grpc
 
 from serving.errors import INTERNAL_ERROR
 from serving.json_tensor import error_json
+from serving.ports import in_use_error
 
 LOG = logging.getLogger("serving.http_server")
 
@@ -40,13 +44,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     post_slots: threading.BoundedSemaphore  # one per inference POST allowed to run at once
     max_concurrent_posts: int
     protocol_version = "HTTP/1.1"
-    # The status line and headers go out in one write and the body in another; with Nagle's
-    # algorithm on, the body then waits for the client's delayed ACK of the headers (~40 ms on
-    # Linux), which was most of a 1-image :predict on a kept-alive connection.
+    # Headers and body go out in two writes; with Nagle's algorithm on, the body would wait for the
+    # client's delayed ACK of the headers (what that cost a 1-image :predict: bench/README.md).
     disable_nagle_algorithm = True
 
     def do_GET(self):
         self._dispatch("GET", None)
+
+    def do_OPTIONS(self):
+        """A CORS preflight; a body (browsers send none) is read and dropped, as TF Serving reads it."""
+        length = self.headers.get("Content-Length", "0").strip()
+        if self.headers.get("Transfer-Encoding") is None and length.isdigit() and int(length) <= self.max_body_bytes:
+            self._drain(int(length))
+        else:
+            self.close_connection = True  # the body is not read: nothing after it can be parsed
+        self._send(*self.api.preflight(self.path, self.headers.get("Origin")))
 
     def do_POST(self):
         chunked, length, framing_error = self._body_framing()
@@ -187,16 +199,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str, body):
         try:
-            status, payload, content_type = self.api.handle(method, self.path, body)
+            reply = self.api.handle(method, self.path, body, self.headers)
         except Exception:
             LOG.exception("unexpected REST error")
-            status, payload, content_type = 500, error_json(INTERNAL_ERROR), "application/json"
-        self._send(status, payload, content_type)
+            reply = 500, error_json(INTERNAL_ERROR), "application/json"
+        self._send(*reply)
 
-    def _send(self, status: int, payload: bytes, content_type: str):
+    def _send(self, status: int, payload: bytes, content_type: str, headers: dict | None = None):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(payload)))
+        for name, value in self.api.extra_headers(getattr(self, "path", "")):
+            self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")  # so the client opens a new one for its next request
         self.end_headers()
@@ -237,7 +253,12 @@ class RestServer:
         handler = type("RestHandler", (_Handler,), {
             "api": api, "max_body_bytes": max_body_bytes, "max_concurrent_posts": max_concurrent_posts,
             "post_slots": threading.BoundedSemaphore(max_concurrent_posts)})
-        self.httpd = http.server.ThreadingHTTPServer((host, port), handler)
+        try:
+            self.httpd = http.server.ThreadingHTTPServer((host, port), handler)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise in_use_error("REST", host, port, "--rest-port") from None
+            raise
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="rest", daemon=True)
@@ -247,4 +268,8 @@ class RestServer:
 
     def stop(self) -> None:
         self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def close(self) -> None:
+        """Give back the port of a server that was never started."""
         self.httpd.server_close()

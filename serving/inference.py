@@ -123,10 +123,12 @@ def predict(loaded, request: predict_pb2.PredictRequest, max_elements: int,
 
 
 def predict_arrays(loaded, signature_name: str, feeds: dict, max_elements: int,
-                   runner=None) -> tuple[str, dict]:
-    """Predict for callers that hold arrays (REST): alias -> array in, (signature name,
-    alias -> array of every output) out, with Predict's checks and no TensorProto between."""
-    signature_name, signature, output_aliases = _predict_plan(loaded, signature_name, list(feeds), ())
+                   runner=None, output_filter=()) -> tuple[str, dict]:
+    """Predict for callers that hold arrays (REST, the Open Inference Protocol): alias -> array
+    in, (signature name, alias -> array of each output, all or those in output_filter) out, with
+    Predict's checks and no TensorProto between."""
+    signature_name, signature, output_aliases = _predict_plan(loaded, signature_name, list(feeds),
+                                                              output_filter)
     check_element_limit(feeds, max_elements)
     return signature_name, (runner or run_signature)(loaded, signature, feeds, output_aliases)
 

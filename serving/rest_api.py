@@ -4,6 +4,12 @@ Paths, HTTP codes and the JSON shapes follow http_rest_api_handler.cc: `:predict
 `instances` -> `predictions`, columnar `inputs` -> `outputs`), `:classify` / `:regress`
 (`results`), model status and metadata, and the Prometheus page when a monitoring config
 enables it. JSON <-> tensors is json_tensor.py; the HTTP server around this is http_server.py.
+Outside `/v1/`, `GET` also serves the playground page (page.py).
+
+CORS follows http_server.cc: an `OPTIONS` under `/v1/` is a preflight, answered 200 when its
+`Origin` header holds "http://" or "https://" and FAILED_PRECONDITION (400) otherwise, whether or
+not CORS support is on; with `--rest_api_enable_cors_support`, every reply under `/v1/` (errors
+and preflights included) carries AddCORSHeaders' three headers (`CORS_HEADERS`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import grpc
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2
 
-from serving import errors, inference, json_tensor
+from serving import errors, inference, json_tensor, page, v2_rest
 from serving.errors import invalid_argument
 from serving.request_runner import RequestRunner, model_status
 
@@ -25,6 +31,12 @@ PREDICT_PATH = re.compile(
     r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)", re.I)
 STATUS_PATH = re.compile(
     r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?", re.I)
+# http_rest_api_util.cc AddCORSHeaders, added to every reply under /v1/ when CORS support is on.
+CORS_HEADERS = (("Access-Control-Allow-Origin", "*"), ("Access-Control-Allow-Methods", "POST, GET"),
+                ("Access-Control-Allow-Headers", "Content-Type"))
+PREFLIGHT_ORIGIN = re.compile(r"https?://")  # RE2::PartialMatch in http_server.cc
+# What libevent writes on a reply without a Content-Type (evhttp's default_content_type).
+LIBEVENT_CONTENT_TYPE = "text/html; charset=ISO-8859-1"
 
 
 class RestApi:
@@ -36,17 +48,24 @@ class RestApi:
     """
 
     def __init__(self, manager, metrics, max_request_elements: int, batcher=None,
-                 prometheus_path: str | None = None):
+                 prometheus_path: str | None = None, cors: bool = False, v2=None):
         self.manager = manager
         self.metrics = metrics
         self.max_request_elements = max_request_elements
         self.batcher = batcher
         self.prometheus_path = prometheus_path  # None: no metrics page, as TF without a monitoring config
+        self.cors = cors
+        self.v2 = v2  # v2_rest.V2RestApi: the Open Inference Protocol's routes under /v2, or None
 
-    def handle(self, method: str, raw_path: str, body: bytes | None):
+    def handle(self, method: str, raw_path: str, body: bytes | None, headers=None):
+        """(HTTP status, body, content type), and a dict of extra headers for /v2 replies."""
         path = urllib.parse.urlsplit(raw_path).path
         if self.prometheus_path is not None and path == self.prometheus_path:
             return 200, self.metrics.render().encode(), "text/plain"
+        if method == "GET" and (asset := page.asset(path)) is not None:
+            return asset
+        if self.v2 is not None and v2_rest.is_v2_path(path):
+            return self.v2.handle(method, path, body, headers)
         if not _is_api_path(path):
             return 404, json_tensor.error_json(f"Not found: {method} {path}"), "application/json"
         started = time.monotonic()
@@ -64,6 +83,35 @@ class RestApi:
             self.metrics.record(model_name, code.name, api, "REST", 0.0)
         status, payload, content_type = _error_reply(code, message)
         return http_status or status, payload, content_type
+
+    def preflight(self, raw_path: str, origin: str | None):
+        """The reply to an OPTIONS request, as http_server.cc's dispatcher gives it.
+
+        Under /v1/ (and /v2, alike): 200 with an empty body when Origin holds "http://" or "https://", else
+        FAILED_PRECONDITION (400; TF Serving sends it without a body, we send the JSON error),
+        counted like any request under /v1/ (model ""). Elsewhere: 404.
+        """
+        started = time.monotonic()
+        path = urllib.parse.urlsplit(raw_path).path
+        if not self._is_any_api_path(path):
+            return 404, json_tensor.error_json(f"Not found: OPTIONS {path}"), "application/json"
+        if PREFLIGHT_ORIGIN.search(origin or ""):
+            code, reply = grpc.StatusCode.OK, (200, b"", LIBEVENT_CONTENT_TYPE)
+        else:
+            code = grpc.StatusCode.FAILED_PRECONDITION
+            reply = _error_reply(code, "Origin header is missing in CORS preflight")
+        self.metrics.record("", code.name, "", "REST", (time.monotonic() - started) * 1e6)
+        return reply
+
+    def extra_headers(self, raw_path: str) -> tuple[tuple[str, str], ...]:
+        """Headers a reply to `raw_path` carries beyond Content-Type and Content-Length."""
+        if self.cors and self._is_any_api_path(urllib.parse.urlsplit(raw_path).path):
+            return CORS_HEADERS
+        return ()
+
+    def _is_any_api_path(self, path: str) -> bool:
+        """Under TF Serving's /v1/, or the Open Inference Protocol's /v2 when it is on: where CORS applies."""
+        return _is_api_path(path) or (self.v2 is not None and v2_rest.is_v2_path(path))
 
     def _route(self, method: str, path: str, body: bytes | None):
         """(model name, API label, gRPC code, reply) of a request under /v1/."""

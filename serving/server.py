@@ -25,7 +25,8 @@ from tensorflow_serving.apis import (model_service_pb2, model_service_pb2_grpc, 
                                      prediction_service_pb2_grpc)
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import batching, http_server, inference, prediction, rest_api
+from serving import (batching, http_server, inference, ports, prediction, rest_api, v2_grpc, v2_inference,
+                     v2_rest)
 from serving.batching import Batcher
 from serving.config import FREE_PORT, ServeConfig
 from serving.manager import ModelManager, discover_versions, single_model_config
@@ -35,10 +36,11 @@ from serving.request_runner import RequestRunner
 LOG = logging.getLogger("serving.server")
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
 MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+INFERENCE_SERVICE = v2_grpc.SERVICE_NAME  # the Open Inference Protocol's
 # "" is the whole server; the short names are the ones TF Serving itself marks.
-HEALTH_SERVICE_NAMES = ("", PREDICTION_SERVICE, MODEL_SERVICE, "PredictionService", "ModelService")
+HEALTH_SERVICE_NAMES = ("", PREDICTION_SERVICE, MODEL_SERVICE, "PredictionService", "ModelService", INFERENCE_SERVICE)
 # Refused while stopping; health (then NOT_SERVING) and reflection keep answering.
-REFUSED_WHILE_STOPPING = (f"/{PREDICTION_SERVICE}/", f"/{MODEL_SERVICE}/")
+REFUSED_WHILE_STOPPING = (f"/{PREDICTION_SERVICE}/", f"/{MODEL_SERVICE}/", f"/{INFERENCE_SERVICE}/")
 # stop() keeps serving this long after health turns NOT_SERVING (at most half the grace period):
 # calls already queued in the gRPC core when the signal came are served rather than refused,
 # and health-checking balancers get time to stop sending.
@@ -160,21 +162,45 @@ class ModelServer:
             options = batching.resolve_options(config.batching_parameters_file, **config.batching_knobs())
             self.batcher = Batcher(options.max_batch_size, options.batch_timeout_micros,
                                    options.max_enqueued_batches, options.num_batch_threads)
+        # The Open Inference Protocol beside TF Serving's API, on the same ports and the same models.
+        self.v2_models = v2_inference.V2Models(self.manager, config.max_request_elements, self.batcher,
+                                               stopping=lambda: self._stopped)
         self._grpc_server = self._build_grpc_server()
-        self._grpc_port = self._grpc_server.add_insecure_port(f"{_host_for_grpc(config.host)}:{config.port}")
-        if self._grpc_port == 0:
-            raise ValueError(f"cannot bind gRPC to {config.host}:{config.port}")
         self._rest_server = None
-        if config.rest_port != 0:  # 0: no REST, as tensorflow_model_server's --rest_api_port=0
-            api = rest_api.RestApi(self.manager, self.metrics, config.max_request_elements, self.batcher,
-                               self.prometheus_path)
-            rest_port = 0 if config.rest_port == FREE_PORT else config.rest_port
-            self._rest_server = http_server.RestServer(api, config.host, rest_port, config.max_message_bytes,
-                                                config.max_concurrent_rest_requests)
+        # REST binds first: a REST socket can be closed again if gRPC's port is taken, while a
+        # gRPC server that never started keeps its port until it is garbage collected.
+        try:
+            if config.rest_port != 0:  # 0: no REST, as tensorflow_model_server's --rest_api_port=0
+                api = rest_api.RestApi(self.manager, self.metrics, config.max_request_elements, self.batcher,
+                                       self.prometheus_path, cors=config.rest_api_enable_cors_support,
+                                       v2=v2_rest.V2RestApi(self.v2_models, self.metrics))
+                rest_port = 0 if config.rest_port == FREE_PORT else config.rest_port
+                self._rest_server = http_server.RestServer(api, config.host, rest_port, config.max_message_bytes,
+                                                           config.max_concurrent_rest_requests)
+            self._grpc_port = self._bind_grpc()
+        except BaseException:  # give back what was taken: the REST port and the batch threads
+            if self._rest_server is not None:
+                self._rest_server.close()
+            if self.batcher is not None:
+                self.batcher.stop()
+            raise
+
+    def _bind_grpc(self) -> int:
+        """The gRPC port, bound; ValueError naming the port when it is taken or cannot be bound."""
+        host, port = self.config.host, self.config.port
+        ports.check_free("gRPC", host, port, "--port")
+        try:
+            bound = self._grpc_server.add_insecure_port(f"{_host_for_grpc(host)}:{port}")
+        except RuntimeError:  # grpcio raises where older versions returned 0
+            bound = 0
+        if bound == 0:
+            raise ValueError(f"cannot listen on {host}:{port} for gRPC (is the port taken, or {host} not an "
+                             f"address of this machine?); choose another with --port or --host")
+        return bound
 
     def _build_grpc_server(self) -> grpc.Server:
         options = [("grpc.max_send_message_length", self.config.max_message_bytes),
-                   ("grpc.max_receive_message_length", self.config.max_message_bytes)]
+                   ("grpc.max_receive_message_length", self.config.max_message_bytes), *ports.GRPC_SERVER_OPTIONS]
         # Enough workers that batched requests can wait together; the limit sheds the rest.
         workers = min(self.config.max_concurrent_rpcs, max(32, 4 * (os.cpu_count() or 1)))
         self._thread_pool = TrackingThreadPool(max_workers=workers, thread_name_prefix="grpc")
@@ -185,8 +211,9 @@ class ModelServer:
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             prediction.PredictionService(runner, self.config.max_request_elements, self.batcher), server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(prediction.ModelService(runner), server)
+        v2_grpc.add_to_server(self.v2_models, runner, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        service_names = (PREDICTION_SERVICE, MODEL_SERVICE,
+        service_names = (PREDICTION_SERVICE, MODEL_SERVICE, INFERENCE_SERVICE,
                          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(service_names, server)
         return server
@@ -267,6 +294,7 @@ def run_server(config: ServeConfig) -> int:
     print(f"gRPC listening on {config.host}:{server.grpc_port}", flush=True)
     if server.rest_port is not None:
         print(f"REST listening on {config.host}:{server.rest_port}", flush=True)
+        print(f"playground page at http://{_host_for_grpc(config.host)}:{server.rest_port}/", flush=True)
         if server.prometheus_path is not None:
             print(f"Prometheus metrics at {server.prometheus_path} on the REST port", flush=True)
     for line in missing_version_lines(server.manager.base_paths()):
@@ -329,6 +357,8 @@ def tfserving_command(config: ServeConfig, batching_file: str | None = None) -> 
             command.append(f"--batching_parameters_file={batching_file}")
     if config.monitoring_config_file is not None:
         command.append(f"--monitoring_config_file={os.path.abspath(config.monitoring_config_file)}")
+    if config.rest_api_enable_cors_support:
+        command.append("--rest_api_enable_cors_support=true")
     return command
 
 

@@ -13,23 +13,27 @@ import cli
 
 runner = CliRunner()
 
-TRAIN_OPTIONS = ["--epochs", "--batch-size", "--learning-rate", "--latent-dim", "--run-dir", "--max-steps", "--seed",
-                 "--conditional", "--unconditional", "--data-dir", "--resume", "--no-resume", "--precision", "--gpus",
-                 "--cpu-replicas", "--steps-per-call", "--checkpoint-every-steps", "--architecture", "--generator-average-decay",
-                 "--evaluate-every-epoch", "--no-evaluate-every-epoch",
-                 "--discriminator-learning-rate", "--learning-rate-schedule", "--learning-rate-decay-start",
-                 "--classifier-weight", "--discriminator-dropout", "--xla", "--no-xla"]
+TRAIN_FLAGS = ["--config", "--set", "--run-dir", "--data-dir", "--gpus", "--cpu-replicas", "--resume", "--no-resume",
+               "--worker-hosts", "--task-index"]
 
 
 def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-def test_train_help_documents_every_option():
+def test_train_help_documents_every_flag_and_every_field_once():
+    """`train --help` lists its flags, and every recipe field with its TrainConfig docstring (the one source)."""
+    from common import field_docs
+    from trainer.config import TrainConfig
+
     result = runner.invoke(cli.app, ["train", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert result.exit_code == 0
-    for option in TRAIN_OPTIONS:
-        assert option in _plain(result.output), option
+    output = " ".join(_plain(result.output).split())
+    for flag in TRAIN_FLAGS:
+        assert flag in output, flag
+    docs = field_docs.field_docs(TrainConfig)
+    for field in set(docs) - set(cli.TRAIN_FLAG_FIELDS):
+        assert f"{field}=" in output and docs[field] in output, field
 
 
 def test_every_command_has_help():
@@ -38,25 +42,26 @@ def test_every_command_has_help():
         assert result.exit_code == 0 and "--help" in result.output
 
 
-@pytest.mark.parametrize("spelling", ["new", "old"])
-def test_train_flags_set_the_config_keys_they_are_named_after(tmp_path, monkeypatch, spelling):
-    """--generator-average-decay, --checkpoint-every-steps and --no-evaluate-every-epoch set the
-    config.json keys of their names; the old spellings still work for one release."""
+def test_train_builds_its_config_from_the_recipe_then_set_then_flags(tmp_path, monkeypatch):
+    """--config picks the recipe, each --set changes one field (typed as the field), the directory
+    flags come last; the CLI plugs the judge in and the config decides whether it runs."""
     from quality import epochs
     from trainer import loop
 
     calls = []
     monkeypatch.setattr(loop, "train", lambda config, **keywords: calls.append((config, keywords)) or
                         loop.TrainResult(0, 0, 0.0, 0.0, None))
-    names = {"new": ["--generator-average-decay", "--checkpoint-every-steps", "--no-evaluate-every-epoch"],
-             "old": ["--generator-average", "--checkpoint-every", "--no-evaluate"]}[spelling]
-    result = runner.invoke(cli.app, ["train", "--run-dir", str(tmp_path), names[0], "0.99", names[1], "7", names[2]])
+    result = runner.invoke(cli.app, ["train", "--config", "tutorial", "--run-dir", str(tmp_path), "--set", "epochs=3",
+                                     "--set", "generator_average_decay=0.99", "--set", "evaluate_every_epoch=true",
+                                     "--set", "discriminator_learning_rate=none", "--cpu-replicas", "2"])
     assert result.exit_code == 0, result.output
     (config, keywords), = calls
-    assert (config.generator_average_decay, config.checkpoint_every_steps, config.evaluate_every_epoch) == (0.99, 7, False)
-    assert keywords["epoch_judge"] is epochs.EpochQuality  # the CLI plugs the judge in; the config decides
-    runner.invoke(cli.app, ["train", "--run-dir", str(tmp_path), "--evaluate-every-epoch" if spelling == "new" else "--evaluate"])
-    assert calls[-1][0].evaluate_every_epoch is True
+    assert (config.architecture, config.batch_size, config.conditional) == ("tutorial", 256, False)  # the recipe
+    assert (config.epochs, config.generator_average_decay, config.evaluate_every_epoch) == (3, 0.99, True)
+    assert config.discriminator_learning_rate is None and config.cpu_replicas == 2 and config.run_dir == str(tmp_path)
+    assert keywords["epoch_judge"] is epochs.EpochQuality
+    runner.invoke(cli.app, ["train", "--run-dir", str(tmp_path)])
+    assert calls[-1][0] == cli.DEFAULTS.__class__(run_dir=str(tmp_path))  # no --config: the default recipe
 
 
 def test_more_gpus_than_visible_exits_2_with_the_visible_count(tmp_path):
@@ -72,18 +77,24 @@ def test_more_gpus_than_visible_exits_2_with_the_visible_count(tmp_path):
 
 
 def test_xla_on_two_replicas_exits_2_before_writing_anything(tmp_path):
-    result = runner.invoke(cli.app, ["train", "--xla", "--cpu-replicas", "2", "--run-dir", str(tmp_path / "run")])
+    result = runner.invoke(cli.app, ["train", "--set", "xla=true", "--cpu-replicas", "2", "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
-    assert "--xla runs on one device only, not on 2 replicas" in result.output and "Traceback" not in result.output
+    assert "xla runs on one device only, not on 2 replicas" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["train", "--batch-size", "0"], "batch_size must be at least 1"),
-    (["train", "--precision", "float8"], "precision must be one of"),
-    (["train", "--learning-rate-schedule", "cosine"], "learning_rate_schedule must be one of"),
-    (["train", "--learning-rate-decay-start", "1"], "learning_rate_decay_start must be in"),
-    (["train", "--classifier-weight", "-1"], "classifier_weight must be 0 or more"),
+    (["train", "--set", "batch_size=0"], "batch_size must be at least 1"),
+    (["train", "--set", "precision=float8"], "precision must be one of"),
+    (["train", "--set", "learning_rate_schedule=cosine"], "learning_rate_schedule must be one of"),
+    (["train", "--set", "learning_rate_decay_start=1"], "learning_rate_decay_start must be in"),
+    (["train", "--set", "classifier_weight=-1"], "classifier_weight must be 0 or more"),
+    (["train", "--set", "epochs=three"], "--set epochs=three: epochs takes a whole number"),
+    (["train", "--set", "epoch=3"], "no training field is called 'epoch' (did you mean epochs?)"),
+    (["train", "--set", "epochs"], "--set takes FIELD=VALUE"),
+    (["train", "--set", "conditional=maybe"], "conditional takes true or false"),
+    (["train", "--set", "run_dir=elsewhere"], "give it as --run-dir"),
+    (["train", "--config", "fastest"], "unknown recipe 'fastest'; choose from default, previous_default, tutorial"),
     (["export", "--run-dir", "/nonexistent-run"], "no checkpoint in run dir"),
     (["generate", "--digit", "x7"], "--digit takes digits 0-9"),
     (["generate", "--server", "127.0.0.1:1", "--timeout", "2"], "cannot reach digitgan server"),

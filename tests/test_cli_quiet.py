@@ -55,8 +55,9 @@ def _own(lines: list[str]) -> list[str]:
 @pytest.mark.slow  # trains and exports in subprocesses
 def test_train_and_export_print_only_our_own_lines(mnist_data_dir, tmp_path):
     run_dir, base = str(tmp_path / "run"), str(tmp_path / "models" / "digitgan")
-    code, lines = _run(["train", "--max-steps", "2", "--batch-size", "8", "--no-evaluate", "--architecture", "compact",
-                        "--steps-per-call", "1", "--data-dir", mnist_data_dir, "--run-dir", run_dir])
+    code, lines = _run(["train", "--set", "max_steps=2", "--set", "batch_size=8", "--set", "evaluate_every_epoch=false",
+                        "--set", "architecture=compact", "--set", "steps_per_call=1", "--data-dir", mnist_data_dir,
+                        "--run-dir", run_dir])
     assert code == 0, lines
     assert _own(lines)[0].startswith("Strategy: "), lines
     assert _chatter("\n".join(lines)) == [], lines

@@ -76,9 +76,9 @@ def _restore_one(checkpoint: tf.train.Checkpoint, state: step_lib.GanState, path
         checkpoint.restore(path).assert_existing_objects_matched()
     except (AssertionError, ValueError) as error:
         raise ValueError(f"checkpoint {path} does not match this model ({type(error).__name__}); "
-                         "was it trained with other --latent-dim / --conditional / --architecture / "
-                         "--generator-average-decay / --discriminator-dropout options (see its config.json), "
-                         "or by an older digitgan? Use those, or a new --run-dir") from None
+                         "was it trained with another latent_dim, conditional, architecture, "
+                         "generator_average_decay or discriminator_dropout (see its config.json), "
+                         "or by an older digitgan? --set those, or use a new --run-dir") from None
     except (tf.errors.OpError, IndexError, OSError) as error:  # TF reports a short read as IndexError
         return f"unreadable ({type(error).__name__}: {_first_line(error)})"
     non_finite = state.non_finite_variables()
@@ -151,9 +151,9 @@ def save(manager: tf.train.CheckpointManager, state: step_lib.GanState, step: in
 def divergence_advice(manager: tf.train.CheckpointManager) -> str:
     """What to do after a divergence, naming the last good checkpoint when there is one."""
     if manager.latest_checkpoint is None:
-        return "no checkpoint was saved yet: lower --learning-rate or use --precision float32"
-    return (f"the last good checkpoint ({manager.latest_checkpoint}) is intact: lower --learning-rate "
-            "or use --precision float32, then rerun to resume from it")
+        return "no checkpoint was saved yet: lower the learning rate (--set learning_rate=...) or --set precision=float32"
+    return (f"the last good checkpoint ({manager.latest_checkpoint}) is intact: lower the learning rate "
+            "(--set learning_rate=...) or --set precision=float32, then rerun to resume from it")
 
 
 def check_workers_agree(strategy: tf.distribute.Strategy, step: tf.Variable) -> None:

@@ -24,7 +24,7 @@ class TrainConfig:
     run_dir: str = "runs/default"
     """Where checkpoints (`checkpoints/`), TensorBoard logs (`logs/`), samples (`samples/`) and `config.json` go."""
     epochs: int = 6
-    """Passes over the 60,000 MNIST training images (6 at batch 64: 5,622 steps; docs/experiments.md)."""
+    """Passes over the 60,000 MNIST training images (6 at batch 64 is 5,622 steps)."""
     batch_size: int = 64
     """Global batch size, split evenly over the replicas (must be divisible by the replica count)."""
     learning_rate: float = 5e-4
@@ -32,12 +32,12 @@ class TrainConfig:
     discriminator_learning_rate: float | None = None
     """Adam learning rate of the discriminator; None = `learning_rate` (a larger one is TTUR, Heusel et al. 2017)."""
     learning_rate_schedule: str = "linear_decay"
-    """"constant", or "linear_decay": hold both learning rates for the first `learning_rate_decay_start` of
-    the run's steps, then lower them linearly to zero at the last step of the last epoch (pix2pix's schedule)."""
+    """"constant", or "linear_decay": hold both learning rates, then lower them linearly to zero at the
+    run's last step, from `learning_rate_decay_start` on (pix2pix's schedule)."""
     learning_rate_decay_start: float = 0.5
     """With "linear_decay": the share of the run's steps (over all `epochs`) after which the decay begins."""
     beta_1: float = 0.5
-    """Adam's first-moment decay; 0.5 is the DCGAN paper's value (the tutorial's 0.9 trains slower)."""
+    """Adam's first-moment decay; 0.5 is the DCGAN paper's value (the tutorial uses Keras's 0.9)."""
     beta_2: float = 0.999
     """Adam's second-moment decay (Keras's default 0.999; GANs often use 0.99, which adapts faster)."""
     latent_dim: int = 100
@@ -45,18 +45,14 @@ class TrainConfig:
     conditional: bool = True
     """Class-conditional GAN (clients can ask for a digit) or the tutorial's unconditional one."""
     classifier_weight: float = 0.6
-    """Weight of an auxiliary classifier loss (AC-GAN, Odena et al. 2017): D also learns to name the digit
-    of real images, and G is pushed to make fakes D reads as the digit asked for; 0 = none. Higher
-    raises conditional accuracy; up to 0.6 it also lowered the Fréchet ratio in the runs here, 0.8 did
-    not lower it further, and 1 cost diversity on an older recipe (docs/experiments.md). Unconditional
-    runs have no digit to name: for them it is set to 0."""
+    """Weight of the auxiliary classifier loss (AC-GAN): D also names real digits and G must make fakes
+    D reads as the digit asked for; 0 = none, and always 0 for unconditional runs."""
     discriminator_dropout: float = 0.0
-    """Dropout rate after each of D's convolutions; 0 = no dropout layers (the default: at 6 epochs the
-    tutorial's 0.3 judged no better, and its masks cost about 15% of the step; docs/experiments.md)."""
+    """Dropout rate after each of D's convolutions; 0 = no dropout layers (the tutorial's D uses 0.3;
+    why the default has none: docs/experiments.md)."""
     architecture: str = "tutorial_cbn_3x3"
-    """Layer widths of G and D: "tutorial" (the TensorFlow DCGAN tutorial's), "compact", "tutorial_cbn" (the
-    tutorial's with the digit also conditioning G's BatchNorm) or "tutorial_cbn_3x3" (tutorial_cbn with 3x3
-    kernels: 1.4-1.6x the images/s on 2 CPU cores); see trainer/models.py."""
+    """G and D's layers (trainer/models.py): "tutorial" (the DCGAN tutorial's), "compact", "tutorial_cbn"
+    (the digit also conditions G's BatchNorm) or "tutorial_cbn_3x3" (tutorial_cbn with 3x3 kernels)."""
     max_steps: int | None = None
     """Stop after this many steps in total (smoke runs); None trains all epochs."""
     seed: int = 0
@@ -66,17 +62,15 @@ class TrainConfig:
     resume: bool = True
     """Continue from the newest checkpoint in `run_dir` when there is one."""
     precision: str = "auto"
-    """Keras mixed-precision policy: float32, mixed_bfloat16 (CPUs with AVX512-BF16/AMX, TPUs), mixed_float16
-    (GPUs), or auto: mixed_bfloat16 on a CPU-only run on a CPU where it measured faster (AMX, or AVX512-BF16 on
-    AMD), else float32 (`strategy.resolve_precision`); the run's config.json records what auto resolved to."""
+    """float32, mixed_bfloat16, mixed_float16 (GPUs), or auto: mixed_bfloat16 on a CPU-only run where the
+    CPU runs it faster (`strategy.resolve_precision`), else float32; config.json records the choice."""
     gpus: int | None = None
     """GPUs to train on (0 = CPU only); None uses every visible GPU, or the CPU when there is none."""
     cpu_replicas: int | None = None
     """Split the CPU into this many logical devices and mirror over them (tests, CI); None = one CPU device."""
     xla: bool = False
-    """Compile the step's forward and backward pass with XLA (`jit_compile`); the optimizer updates
-    stay outside. One device only: a run over several replicas is refused (`step.check_xla`). Meant
-    for a GPU; on the 2-core CPUs measured here it made the step slower (bench/README.md)."""
+    """Compile the step's forward and backward pass with XLA (`jit_compile`); one device only, meant
+    for a GPU (on the CPUs measured it was slower: docs/experiments.md)."""
     steps_per_call: int = 10
     """Training steps run inside one compiled `tf.function` call; more steps cut Python overhead."""
     checkpoint_every_steps: int = 200
@@ -84,11 +78,11 @@ class TrainConfig:
     keep_checkpoints: int = 3
     """How many recent checkpoints to keep."""
     generator_average_decay: float = 0.999
-    """Keep an exponential moving average of the generator's weights with this decay (0 = none); the
-    average draws the sample grids and is what `export` writes, as it gives cleaner digits than G."""
+    """Decay of a moving average of G's weights (0 = none); the average draws the sample grids and is
+    what `export` writes, as it gives cleaner digits than G itself."""
     evaluate_every_epoch: bool = True
-    """At each epoch end, judge a fixed sample (100 per digit) with the MNIST judge and log the figures to
-    TensorBoard (`quality/...`), with the judge shipped in quality/judge_weights/ (when the caller plugs it in)."""
+    """At each epoch end, judge a fixed sample (100 per digit) with the shipped MNIST judge and log the
+    figures to TensorBoard (`quality/...`), when the caller plugs the judge in."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "epochs", self.epochs, "at least 1")

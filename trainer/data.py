@@ -38,11 +38,11 @@ def epoch_dataset_fn(images: np.ndarray, labels: np.ndarray, global_batch_size: 
         per_replica = input_context.get_per_replica_batch_size(global_batch_size)
         shard = order[input_context.input_pipeline_id::input_context.num_input_pipelines]
         dataset = tf.data.Dataset.from_tensor_slices((images[shard], labels[shard].astype(np.int32)))
-        # Batches stay uint8 (4x less to copy); the step scales them inside its compiled graph,
-        # which measured faster than a tf.data map on 2 cores (bench/train_throughput.py).
+        # Batches stay uint8 (a quarter of the bytes to copy); the step scales them inside its
+        # compiled graph, which was faster than a tf.data map (docs/experiments.md).
         dataset = dataset.batch(per_replica, drop_remainder=True).prefetch(PREFETCH_BATCHES)
-        # No tf.data autotuning: with it, deleting an epoch's iterator blocked for about 4 s at half
-        # the epoch ends on 2 cores (docs/experiments.md); two batches ahead are plenty here.
+        # No tf.data autotuning: with it, deleting an epoch's iterator stalled some epoch ends
+        # (docs/experiments.md); two batches ahead are plenty here.
         options = tf.data.Options()
         options.autotune.enabled = False
         return dataset.with_options(options)

@@ -126,7 +126,7 @@ def _strategy_and_precision(config: TrainConfig, report: Callable[[str], None]) 
     if config.precision == "auto":
         config = dataclasses.replace(config, precision=strategy_lib.resolve_precision(config.precision, strategy))
         report(f"Precision: {config.precision} (auto: "
-               f"{'bfloat16 measured faster than float32 on CPUs like this one' if config.precision != 'float32' else 'a GPU run, or bfloat16 not faster on this CPU'})")
+               f"{'bfloat16 is faster than float32 on CPUs like this one' if config.precision != 'float32' else 'a GPU run, or bfloat16 not faster on this CPU'})")
     return strategy, config
 
 

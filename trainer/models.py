@@ -115,8 +115,7 @@ ARCHITECTURES = {
     # one-hot at the input alone. Unconditional generators ignore it.
     "tutorial_cbn": Architecture(256, ((128, 1), (64, 2)), (64, 128), 5, digit_batch_norm=True),
     # tutorial_cbn with 3x3 kernels in G and D: G's transposed convolutions, most of the step's work,
-    # drop from ~80M to ~29M multiply-adds per image, and the step runs 1.4-1.6x the images/s on a
-    # 2-core CPU (docs/experiments.md, issue #14). The default since 2026-12-01.
+    # need about a third of the multiply-adds (the default; its speed: docs/experiments.md).
     "tutorial_cbn_3x3": Architecture(256, ((128, 1), (64, 2)), (64, 128), 3, digit_batch_norm=True),
 }
 
@@ -167,9 +166,8 @@ def build_discriminator(conditional: bool = True, per_replica_dropout: bool = Fa
 
     `dropout` is the rate after each convolution (the tutorial's 0.3); 0 builds no dropout layers.
     Pass `per_replica_dropout=True` when training over several replicas: Keras's Dropout would give
-    every replica the same mask. On one device Keras's Dropout is kept: its stateless kernel made the
-    whole step 7% faster on a 2-core CPU than the stateful `tf.nn.dropout` used before (181 → 194
-    images/s, batch 256); ReplicaDropout's stateless kernel was not measured against it.
+    every replica the same mask. On one device Keras's Dropout is kept, as its stateless kernel was
+    faster than the stateful `tf.nn.dropout` (docs/experiments.md).
     """
     spec = _architecture(architecture)
     image = keras.Input(IMAGE_SHAPE, name="image")

@@ -161,7 +161,7 @@ def replica_step(state: GanState, images, digits, latent_dim: int, gradients_fun
 
     images uint8 [b, 28, 28, 1] (MNIST pixels); digits int32 [b]; b = this replica's share of the batch.
     `gradients_function(images, digits, noise, fake_digits)` is `losses_and_gradients` with the run's
-    settings bound (make_train_function builds it, XLA-compiled with --xla).
+    settings bound (make_train_function builds it, XLA-compiled when `config.xla`).
     """
     images = scale_images(images)
     batch = tf.shape(images)[0]  # the per-replica batch, not the global one
@@ -235,8 +235,8 @@ def check_xla(config: TrainConfig, strategy: tf.distribute.Strategy) -> None:
     if config.xla and strategy.num_replicas_in_sync > 1:
         # Mirrored BatchNorm statistics synchronize the replicas inside the forward pass (a
         # merge_call), which TensorFlow cannot do inside a nested, XLA-compiled tf.function.
-        raise ValueError(f"--xla runs on one device only, not on {strategy.num_replicas_in_sync} replicas; "
-                         "drop --xla, or train on one device (--gpus 1, or the CPU without --cpu-replicas)")
+        raise ValueError(f"xla runs on one device only, not on {strategy.num_replicas_in_sync} replicas; "
+                         "drop --set xla=true, or train on one device (--gpus 1, or the CPU without --cpu-replicas)")
 
 
 def make_train_function(strategy: tf.distribute.Strategy, state: GanState, config: TrainConfig, global_batch_size: int):

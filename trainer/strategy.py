@@ -44,7 +44,7 @@ def create_strategy(gpus: int | None = None, cpu_replicas: int | None = None) ->
     devices = [f"/gpu:{index}" for index in range(gpus)] if gpus else configure_cpu_devices(cpu_replicas or 1)
     if len(devices) == 1 and cpu_replicas is None:
         # One device: TensorFlow's default strategy runs the same code (scope, run, reduce) without
-        # the mirroring machinery, which cost 40% of the step on a 2-core CPU (bench/train_throughput.py).
+        # the mirroring machinery, which costs a large share of a CPU step (docs/experiments.md).
         return tf.distribute.get_strategy()
     if gpus:
         return tf.distribute.MirroredStrategy(devices)  # NCCL all-reduce between GPUs
@@ -69,10 +69,10 @@ def _hide_gpus() -> bool:
 
 
 def resolve_precision(precision: str, strategy: tf.distribute.Strategy, cpu_info: str | None = None) -> str:
-    """The precision a run uses: `precision` itself, or for "auto" the faster one measured not to cost quality.
+    """The precision a run uses: `precision` itself, or for "auto" the faster one that costs no quality.
 
     "auto" is mixed_bfloat16 on a CPU-only run whose CPU runs bfloat16 convolutions faster than
-    float32 (`bfloat16_is_faster`), float32 elsewhere; on GPUs mixed_float16 was not measured here.
+    float32 (`bfloat16_is_faster`), float32 elsewhere (GPUs included: mixed_float16 is not chosen).
     `cpu_info` is the text of /proc/cpuinfo (read when None; empty where there is none, as on macOS).
     """
     if precision != "auto":
@@ -87,12 +87,9 @@ def resolve_precision(precision: str, strategy: tf.distribute.Strategy, cpu_info
 def bfloat16_is_faster(cpu_info: str) -> bool:
     """Whether oneDNN's bfloat16 convolutions beat float32 on this CPU (`cpu_info`: /proc/cpuinfo's text).
 
-    Measured with the default step (docs/experiments.md, bench/README.md): on a 2-core AMD EPYC with
-    AVX512-BF16, bfloat16 ran 1.33x the images/s of float32; on a 2-core Intel Xeon (model 207) with
-    AVX512-BF16 but no AMX, 0.63x; on a 2-core Intel Xeon with AMX, 1.24x (batch 256). So AMX
-    (amx_bf16, Intel's tile unit, which oneDNN uses for bfloat16) counts on any CPU, AVX512-BF16 only
-    on AMD CPUs (vendor "AuthenticAMD"; other vendors were not measured). Without either, bfloat16
-    is emulated and many times slower.
+    The rule follows the default step's speed in both precisions on each kind of CPU measured
+    (docs/experiments.md): AMX (amx_bf16) counts on any CPU, AVX512-BF16 only on AMD CPUs (vendor
+    "AuthenticAMD"); without either, bfloat16 is emulated and many times slower.
     """
     words = cpu_info.split()
     return has_bfloat16_instructions(cpu_info) and ("amx_bf16" in words or "AuthenticAMD" in words)

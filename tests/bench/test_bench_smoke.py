@@ -37,9 +37,10 @@ def json_figures(output: str, bench: str) -> dict:
 
 
 def test_serving_latency_smoke_prints_every_cell_the_bound_and_the_targets():
-    output = run_bench(str(REPO / "bench" / "serving_latency.py"), "--seconds", "0.3")
+    output = run_bench("-m", "bench.serving_latency", "--seconds", "0.3")
     for label in ("in-process TF1 Session, 2 threads, 16 img", "gRPC batching off,  1 img, 16 clients",
-                  "gRPC batching on ,  1 img, 16 clients", "gRPC, no model (transport floor),  1 img, 16 clients"):
+                  "gRPC batching on ,  1 img, 16 clients", "gRPC, no model (transport floor),  1 img, 16 clients",
+                  "v2 gRPC ModelInfer, batching off, 1 img, 1 client", "v2 REST infer, batching off, 1 img, 1 client"):
         row = re.search(rf"^{re.escape(label)}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+(\d+)$", output, re.M)
         assert row, f"no row {label!r} in:\n{output[-3000:]}"
         assert float(row.group(3)) > 0 and int(row.group(5)) > 0, row.group(0)
@@ -51,14 +52,15 @@ def test_serving_latency_smoke_prints_every_cell_the_bound_and_the_targets():
         assert re.search(rf"{re.escape(target)}.*: +(met|NOT met) \(", output), f"no verdict for {target!r}"
     figures = json_figures(output, "serving_latency")
     assert figures["cells"]["gRPC batching on, 1 img, 16 clients"]["rps"] > 0
+    assert figures["cells"]["v2 REST infer, 1 img, 1 client"]["p99"] > 0
     assert figures["cells"]["in-process TF1 Session, 2 threads, 16 img"]["ips"] > 0
     assert figures["bounds_requests_per_s"]["batched"] > 0 and len(figures["targets"]) == 3
 
 
 @pytest.fixture(scope="module")
 def train_throughput_output(mnist_data_dir) -> str:
-    """One tiny run of bench/train_throughput.py, read by the two tests below."""
-    return run_bench(str(REPO / "bench" / "train_throughput.py"), "--skip-eager", "--batch-size", "16",
+    """One tiny run of bench.train_throughput, read by the two tests below."""
+    return run_bench("-m", "bench.train_throughput", "--skip-eager", "--batch-size", "16",
                      "--steps", "2", "--rounds", "1", "--precision", "float32", "--data-dir", mnist_data_dir)
 
 
@@ -89,7 +91,7 @@ def test_train_throughput_smoke_shows_both_precisions_of_the_default_step(train_
 
 
 def test_serving_memory_smoke_prints_the_switch_and_its_json_line():
-    output = run_bench(str(REPO / "bench" / "serving_memory.py"), "--switches", "1", "--clients", "1")
+    output = run_bench("-m", "bench.serving_memory", "--switches", "1", "--clients", "1")
     assert re.search(rf"^switch v1 -> v2: before\s+{NUMBER}\s+peak\s+{NUMBER}", output, re.M), output[-2000:]
     assert re.search(r"peak during a switch / one version: +[\d.]+x .* target < 2x: (met|NOT met)", output), output[-2000:]
     figures = json_figures(output, "serving_memory")

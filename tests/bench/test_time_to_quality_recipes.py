@@ -1,10 +1,9 @@
-"""bench/time_to_quality.py's recipes and arguments: what `previous_default` trains in, and what it refuses.
+"""`python -m bench.time_to_quality`'s recipes and arguments: what `previous_default` trains in, and what it refuses.
 
-The end-to-end smoke run is tests/quality/test_time_to_quality_smoke.py.
+The end-to-end smoke run is tests/bench/test_time_to_quality_smoke.py.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -27,10 +26,9 @@ cpu_only = pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reas
 
 @pytest.fixture(scope="module")
 def time_to_quality():
-    spec = importlib.util.spec_from_file_location("time_to_quality", REPO / "bench" / "time_to_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import time_to_quality
+
+    return time_to_quality
 
 
 @cpu_only
@@ -42,13 +40,15 @@ def time_to_quality():
 def test_previous_default_trains_in_the_precision_auto_chose_then(time_to_quality, monkeypatch, cpu_info, then, today):
     monkeypatch.setattr(strategy_lib, "_read_cpu_info", lambda: cpu_info)
     assert time_to_quality.previous_auto_precision() == then
+    assert time_to_quality.recipe_fields("previous_default", {})["precision"] == then
+    assert "precision" not in time_to_quality.recipe_fields("previous_default_auto", {})  # today's auto
     assert strategy_lib.resolve_precision("auto", tf.distribute.get_strategy()) == today
 
 
 def test_previous_default_is_a_different_recipe_from_today(time_to_quality):
     from trainer.config import TrainConfig
-    previous = TrainConfig(**time_to_quality.PREVIOUS_DEFAULT)
-    today = TrainConfig()
+    previous = TrainConfig(**time_to_quality.recipe_fields("previous_default_auto", {}))
+    today = TrainConfig(**time_to_quality.recipe_fields("default", {}))
     assert (previous.epochs, previous.architecture, previous.classifier_weight) == (8, "tutorial_cbn", 0.15)
     assert previous != today  # so the bench compares two recipes, not one twice
 
@@ -57,14 +57,24 @@ def test_previous_default_spells_out_every_recipe_field(time_to_quality):
     """A field left out would follow today's default, so the old recipe would change with it."""
     from trainer.config import TrainConfig, recipe
     learned = set(recipe(TrainConfig())) - {"max_steps", "seed"}  # how long and which seed: the bench's choice
-    assert learned <= set(time_to_quality.PREVIOUS_DEFAULT), learned - set(time_to_quality.PREVIOUS_DEFAULT)
+    spelled_out = set(time_to_quality.recipe_fields("previous_default_auto", {}))
+    assert learned <= spelled_out, learned - spelled_out
 
 
-def test_set_overrides_parse_as_json_and_reject_a_pair_without_equals(time_to_quality):
-    assert time_to_quality.parse_overrides(["epochs=8", "architecture=tutorial_cbn", "xla=true"]) == {
-        "epochs": 8, "architecture": "tutorial_cbn", "xla": True}
-    with pytest.raises(ValueError, match="KEY=VALUE, got 'epochs'"):
-        time_to_quality.parse_overrides(["epochs"])
+def test_set_changes_only_the_default_recipe_and_a_pair_without_equals_is_refused(time_to_quality, monkeypatch,
+                                                                                   capsys):
+    monkeypatch.setattr(sys, "argv", ["time_to_quality", "--set", "epochs=3", "--set", "architecture=tutorial_cbn",
+                                      "--set", "xla=true"])
+    settings = time_to_quality.parse_arguments().settings
+    assert settings == {"epochs": 3, "architecture": "tutorial_cbn", "xla": True}
+    assert time_to_quality.recipe_fields("default", settings) == settings
+    assert time_to_quality.recipe_fields("tutorial", settings)["epochs"] == time_to_quality.BUDGET_EPOCHS
+    assert time_to_quality.recipe_fields("previous_default_auto", settings)["epochs"] == 8  # its own, not --set's
+    monkeypatch.setattr(sys, "argv", ["time_to_quality", "--set", "epochs"])
+    with pytest.raises(SystemExit) as refused:
+        time_to_quality.parse_arguments()
+    assert refused.value.code == 2
+    assert "FIELD=VALUE, like epochs=3; got 'epochs'" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # starts the script in a subprocess (TensorFlow's import: seconds)
@@ -72,7 +82,7 @@ def test_a_non_empty_run_root_is_refused_with_exit_code_2_and_left_untouched(tmp
     earlier = tmp_path / "default" / "checkpoints"
     earlier.mkdir(parents=True)
     (earlier / "checkpoint").write_text("an earlier run")
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "time_to_quality.py"), "--recipes", "default",
+    result = subprocess.run([sys.executable, "-m", "bench.time_to_quality", "--recipes", "default",
                              "--run-root", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"--run-root {tmp_path} is not empty" in result.stderr
@@ -83,7 +93,7 @@ def test_a_non_empty_run_root_is_refused_with_exit_code_2_and_left_untouched(tmp
 def test_a_recipe_process_ended_by_ctrl_c_stops_the_bench_with_one_line(time_to_quality, monkeypatch, tmp_path, capsys):
     """The recipe's process can exit (130) before the bench handles its own copy of the Ctrl-C."""
     class EndedByCtrlC:  # stands in for the recipe's process: no need to train to see how its end is read
-        def __init__(self, command):
+        def __init__(self, command, **options):
             self.command = command
 
         def wait(self):
@@ -101,7 +111,7 @@ def test_a_recipe_process_ended_by_ctrl_c_stops_the_bench_with_one_line(time_to_
 
 @pytest.mark.slow  # trains in a subprocess until its first checkpoint
 def test_ctrl_c_saves_the_recipe_checkpoint_and_ends_with_one_line(mnist_data_dir, tmp_path):
-    command = [sys.executable, str(REPO / "bench" / "time_to_quality.py"), "--recipes", "default",
+    command = [sys.executable, "-m", "bench.time_to_quality", "--recipes", "default",
                "--data-dir", mnist_data_dir, "--run-root", str(tmp_path)]
     # A session of its own, so the Ctrl-C reaches the bench and its recipe process, as a terminal's would.
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -181,3 +182,18 @@ def build_strings(path: str) -> str:
         })
         builder.save()
     return path
+
+
+@contextlib.contextmanager
+def running_server(**settings):
+    """A started `create_server(ServeConfig(**settings))` whose models have loaded; stopped after."""
+    from serving.config import ServeConfig
+    from serving.server import create_server
+
+    model_server = create_server(ServeConfig(**settings))
+    model_server.start()
+    try:
+        assert model_server.wait_until_ready(60)
+        yield model_server
+    finally:
+        model_server.stop(1.0)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from serving import client
+from client import grpc_client
 from serving.config import ServeConfig
 from serving.server import create_server
 
@@ -26,9 +26,9 @@ def test_the_client_waits_for_a_server_that_starts_after_it_asked(model_root):
     def ask():
         asked.set()
         try:
-            client.wait_until_available(f"127.0.0.1:{port}", "digitgan", timeout=120)
-            outcome["images"] = client.generate(f"127.0.0.1:{port}", "digitgan", digits=[7], count=2)[0]
-        except client.ClientError as error:
+            grpc_client.wait_until_available(f"127.0.0.1:{port}", "digitgan", timeout=120)
+            outcome["images"] = grpc_client.generate(f"127.0.0.1:{port}", "digitgan", digits=[7], count=2)[0]
+        except grpc_client.ClientError as error:
             outcome["error"] = error
 
     waiter = threading.Thread(target=ask)
@@ -47,13 +47,13 @@ def test_the_client_waits_for_a_server_that_starts_after_it_asked(model_root):
 
 
 def test_a_model_the_server_does_not_know_is_reported_not_waited_for(server):
-    with pytest.raises(client.ClientError, match=r"model 'no_such_model' not found on .*: Could not find any versions"):
-        client.wait_until_available(f"127.0.0.1:{server.grpc_port}", "no_such_model", timeout=60)
+    with pytest.raises(grpc_client.ClientError, match=r"model 'no_such_model' not found on .*: Could not find any versions"):
+        grpc_client.wait_until_available(f"127.0.0.1:{server.grpc_port}", "no_such_model", timeout=60)
 
 
 def test_nothing_listening_ends_the_wait_with_a_clear_error():
-    with pytest.raises(client.ClientError, match=r"cannot reach digitgan server at .* within 1 s"):
-        client.wait_until_available(f"127.0.0.1:{_free_port()}", "digitgan", timeout=1)
+    with pytest.raises(grpc_client.ClientError, match=r"cannot reach digitgan server at .* within 1 s"):
+        grpc_client.wait_until_available(f"127.0.0.1:{_free_port()}", "digitgan", timeout=1)
 
 
 def test_a_dead_server_in_a_list_does_not_use_up_the_wait(server, monkeypatch):
@@ -61,20 +61,20 @@ def test_a_dead_server_in_a_list_does_not_use_up_the_wait(server, monkeypatch):
     listed first costs that much of the 20 s wait, and the live one after it answers."""
     dead, live = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{server.grpc_port}"
     asked = []  # (address, timeout, answered) of every status request
-    get_status = client.get_status
+    get_status = grpc_client.get_status
 
     def recording_get_status(address, *arguments, timeout, **keywords):
         try:
             versions = get_status(address, *arguments, timeout=timeout, **keywords)
-        except client.ClientError:
+        except grpc_client.ClientError:
             asked.append((address, timeout, False))
             raise
         asked.append((address, timeout, True))
         return versions
 
-    monkeypatch.setattr(client, "get_status", recording_get_status)
+    monkeypatch.setattr(grpc_client, "get_status", recording_get_status)
     for _ in range(2):
         asked.clear()
-        assert client.wait_until_available(f"{dead},{live}", "digitgan", timeout=20) is None  # no ClientError
+        assert grpc_client.wait_until_available(f"{dead},{live}", "digitgan", timeout=20) is None  # no ClientError
         assert [(address, answered) for address, _, answered in asked] == [(dead, False), (live, True)], asked
-        assert asked[0][1] <= client.ASK_SECONDS, asked
+        assert asked[0][1] <= grpc_client.ASK_SECONDS, asked

@@ -1,9 +1,9 @@
-"""`python -m serving.loadtest` as a command: its model option is spelled as the CLI's."""
+"""`python -m bench.loadtest` as a command: its model option is spelled as the CLI's."""
 from __future__ import annotations
 
 import pytest
 
-from serving import loadtest
+from bench import loadtest
 
 
 @pytest.mark.parametrize("flag", ["--model-name", "--model"])  # --model: the old spelling, kept for one release

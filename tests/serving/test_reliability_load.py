@@ -31,9 +31,9 @@ from tensorflow_serving.config import model_server_config_pb2
 
 import serving_test_models as models
 from serving_test_models import wait_for
-from serving import loadtest
+from bench import loadtest
+from bench.server_process import ServerProcess
 from serving.config import FREE_PORT, ServeConfig
-from serving.process import ServerProcess
 from serving.server import create_server
 
 pytestmark = pytest.mark.slow  # 64 clients for seconds each, servers in subprocesses

@@ -17,7 +17,7 @@ from tensorflow_serving.config import model_server_config_pb2
 import cli
 import serving_test_models as models
 from serving_test_models import wait_for
-from serving import client
+from client import grpc_client
 from serving.config import ServeConfig
 from serving.server import create_server
 
@@ -133,7 +133,7 @@ def test_broken_version_never_replaces_working_one(fresh_server, caplog):
         assert loads_of(caplog, 7) == 1
         response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(noise_request(), 10)
         assert response.model_spec.version.value == 1
-    rows = client.get_status(f"127.0.0.1:{server.grpc_port}")
+    rows = grpc_client.get_status(f"127.0.0.1:{server.grpc_port}")
     assert [row["state"] for row in rows] == ["END", "AVAILABLE"]
     assert cli.served_summary("digitgan", rows).startswith("serving: version 1, the newest that loaded; newer "
                                                            "version(s) [7] failed")
@@ -153,7 +153,7 @@ def test_broken_newest_version_at_start_serves_the_newest_that_loads(tmp_path, g
     server.start()
     try:
         assert server.wait_until_ready(60)
-        rows = client.get_status(f"127.0.0.1:{server.grpc_port}")
+        rows = grpc_client.get_status(f"127.0.0.1:{server.grpc_port}")
         assert [(row["version"], row["state"]) for row in rows] == [(7, "END"), (1, "AVAILABLE")]
         assert "version 1, the newest that loaded" in cli.served_summary("digitgan", rows)
         assert any("in place of version(s) [7]" in r.getMessage() for r in caplog.records)
@@ -316,22 +316,22 @@ def test_full_batch_queue_refuses_a_task_and_keeps_the_open_batch_open(fresh_ser
 
 def test_client_generate_status_metadata(server):
     address = f"127.0.0.1:{server.grpc_port}"
-    images, version = client.generate(address, digits=[1, 2], count=3, seed=4)
+    images, version = grpc_client.generate(address, digits=[1, 2], count=3, seed=4)
     assert images.shape == (6, 28, 28, 1) and images.dtype == np.float32 and version == 1
     assert 0.0 <= images.min() and images.max() <= 1.0
-    again, _ = client.generate(address, digits=[1, 2], count=3, seed=4)
+    again, _ = grpc_client.generate(address, digits=[1, 2], count=3, seed=4)
     np.testing.assert_array_equal(images, again)
-    images, version = client.generate(f"127.0.0.1:1,{address}", count=2, seed=0)  # first server down
+    images, version = grpc_client.generate(f"127.0.0.1:1,{address}", count=2, seed=0)  # first server down
     noise = np.random.default_rng(0).standard_normal((2, 100)).astype(np.float32)
     np.testing.assert_allclose(images, models.expected_images(noise), rtol=1e-5, atol=1e-6)
-    metadata = client.get_metadata(address)
+    metadata = grpc_client.get_metadata(address)
     assert metadata["version"] == 1
     assert metadata["signatures"]["sample"]["inputs"]["seed"] == {"dtype": "DT_INT64", "shape": [-1]}
-    assert client.get_status(address) == [
+    assert grpc_client.get_status(address) == [
         {"version": 1, "state": "AVAILABLE", "error_code": "OK", "error_message": ""}]
-    with pytest.raises(client.ClientError, match="cannot reach digitgan server at 127.0.0.1:1"):
-        client.generate("127.0.0.1:1", count=1, latent_dim=100, timeout=2)
-    with pytest.raises(client.ClientError, match="not found"):
-        client.generate(address, model_name="nope", count=1, latent_dim=100)
-    with pytest.raises(client.ClientError, match="digit must be in 0..9"):
-        client.generate(address, digits=[11])
+    with pytest.raises(grpc_client.ClientError, match="cannot reach digitgan server at 127.0.0.1:1"):
+        grpc_client.generate("127.0.0.1:1", count=1, latent_dim=100, timeout=2)
+    with pytest.raises(grpc_client.ClientError, match="not found"):
+        grpc_client.generate(address, model_name="nope", count=1, latent_dim=100)
+    with pytest.raises(grpc_client.ClientError, match="digit must be in 0..9"):
+        grpc_client.generate(address, digits=[11])

@@ -9,8 +9,8 @@ import grpc
 import pytest
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
+from bench.server_process import ServerProcess, ServerProcessError
 from serving.config import FREE_PORT
-from serving.process import ServerProcess, ServerProcessError
 
 WAIT_SECONDS = 180.0  # a start on a busy machine; only a safety net against hangs
 

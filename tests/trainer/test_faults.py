@@ -42,8 +42,8 @@ KILLS = 4  # kill -9s in the faulted run; one of them lands in a checkpoint writ
 # A tiny run: 2 replicas, one step per call and a checkpoint every 2 steps, so kills land anywhere.
 # With D's dropout (the default has none): its per-replica masks are random state a resume must restore too.
 RUN = dict(batch_size=16, cpu_replicas=2, steps_per_call=1, checkpoint_every_steps=2, seed=SEED, discriminator_dropout=0.3)
-CLI_RUN = ["--batch-size", "16", "--cpu-replicas", "2", "--steps-per-call", "1", "--checkpoint-every-steps", "2",
-           "--seed", str(SEED), "--discriminator-dropout", "0.3"]
+CLI_RUN = ["--cpu-replicas", "2", "--set", "batch_size=16", "--set", "steps_per_call=1", "--set", "checkpoint_every_steps=2",
+           "--set", f"seed={SEED}", "--set", "discriminator_dropout=0.3"]
 # What TensorFlow writes before a save is complete: `<prefix>_temp/` (the shards), `*.tempstate*`
 # (a file before its rename) and `checkpoint.tmp*` (the state file before its rename).
 PARTIAL_WRITE = re.compile(r"_temp$|tempstate|^checkpoint\.tmp")
@@ -75,7 +75,7 @@ class TrainerProcess:
     def __init__(self, run_dir: Path, data_dir: str, stop_in_a_write: bool = False):
         hook = ["-c", STOP_IN_A_WRITE] if stop_in_a_write else []
         command = [sys.executable, *hook, str(REPO / "cli.py"), "train", "--run-dir", str(run_dir),
-                   "--data-dir", data_dir, "--max-steps", str(MAX_STEPS), *CLI_RUN]
+                   "--data-dir", data_dir, "--set", f"max_steps={MAX_STEPS}", *CLI_RUN]
         self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._chunks: list[bytes] = []
@@ -308,7 +308,7 @@ def test_no_usable_checkpoint_stops_with_one_line_and_touches_nothing(tmp_path, 
         truncate(data_file)
     before = {path.name: path.read_bytes() for path in checkpoint_dir.iterdir()}
     result = runner.invoke(cli.app, ["train", "--run-dir", str(tmp_path), "--data-dir", mnist_data_dir,
-                                     "--max-steps", "8", *CLI_RUN])
+                                     "--set", "max_steps=8", *CLI_RUN])
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
@@ -319,7 +319,7 @@ def test_no_usable_checkpoint_stops_with_one_line_and_touches_nothing(tmp_path, 
 @pytest.mark.slow
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, mnist_data_dir):
     # An absurd learning rate, no momentum and float16: activations overflow within a few dozen steps.
-    diverging = ["--precision", "mixed_float16", "--learning-rate", "0.99", "--beta-1", "0", "--max-steps", "200"]
+    diverging = ["--set", "precision=mixed_float16", "--set", "learning_rate=0.99", "--set", "beta_1=0", "--set", "max_steps=200"]
     result = runner.invoke(cli.app, ["train", "--run-dir", str(tmp_path), "--data-dir", mnist_data_dir,
                                      *CLI_RUN, *diverging])
     assert result.exit_code == 2, result.output

@@ -56,8 +56,8 @@ def test_other_architecture_checkpoint_is_refused(tmp_path, mnist_data_dir):
 
 def _start_training(run_dir: Path, data_dir: str) -> subprocess.Popen:
     command = [sys.executable, str(REPO / "cli.py"), "train", "--run-dir", str(run_dir), "--data-dir", data_dir,
-               "--batch-size", "16", "--cpu-replicas", "2", "--steps-per-call", "1", "--checkpoint-every-steps", "3",
-               "--max-steps", "100000"]
+               "--cpu-replicas", "2", "--set", "batch_size=16", "--set", "steps_per_call=1", "--set", "checkpoint_every_steps=3",
+               "--set", "max_steps=100000"]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

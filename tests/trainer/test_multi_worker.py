@@ -27,7 +27,7 @@ from trainer.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT_S = 240
-COMMON = ["--batch-size", "16", "--steps-per-call", "2", "--checkpoint-every-steps", "2", "--gpus", "0"]
+COMMON = ["--set", "batch_size=16", "--set", "steps_per_call=2", "--set", "checkpoint_every_steps=2", "--gpus", "0"]
 
 
 # --- TF_CONFIG from --worker-hosts / --task-index (pure) -------------------------------------------
@@ -141,7 +141,7 @@ def _two_workers(tmp_path: Path, run_dirs: list[Path], data_dir: str, max_steps:
     hosts = ",".join(f"127.0.0.1:{port}" for port in _free_ports(2))
     commands = []
     for index, run_dir in enumerate(run_dirs):
-        arguments = ["--max-steps", str(max_steps), *COMMON, "--data-dir", data_dir, "--run-dir", str(run_dir)]
+        arguments = ["--set", f"max_steps={max_steps}", *COMMON, "--data-dir", data_dir, "--run-dir", str(run_dir)]
         if index == 1 and tf_config_env_for_worker_1:  # the same cluster, given the TF_CONFIG way
             commands.append((arguments, _worker_env(strategy_lib.tf_config_json(hosts, 1))))
         else:

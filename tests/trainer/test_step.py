@@ -74,7 +74,7 @@ def test_xla_on_two_replicas_is_refused_with_a_clear_error():
     strategy = _two_replicas()
     config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2, xla=True)
     state = step_lib.set_globals_and_build_state(config, strategy)
-    with pytest.raises(ValueError, match="--xla runs on one device only, not on 2 replicas"):
+    with pytest.raises(ValueError, match="xla runs on one device only, not on 2 replicas"):
         step_lib.make_train_function(strategy, state, config, GLOBAL_BATCH)
 
 

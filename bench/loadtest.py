@@ -5,7 +5,7 @@ back to back for a bounded time. Every request is recorded with its start time, 
 code and the version that answered, so callers can check what happened around an event (a hot
 switch, a SIGTERM) as well as read the summary.
 
-    python -m serving.loadtest --server localhost:8500 --clients 64 --seconds 30
+    python -m bench.loadtest --server localhost:8500 --clients 64 --seconds 30
 
 As a library: `LoadGenerator(...).run()` blocks and returns a `LoadResult`; `start()` runs it in a
 background thread (read `outcomes` while it runs), and `stop()` + `join()` end it early.
@@ -25,7 +25,8 @@ import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from serving.config import CLIENT_CHANNEL_OPTIONS, MODEL_NAME, SERVER
+from client.grpc_client import CHANNEL_OPTIONS
+from serving.config import MODEL_NAME, SERVER
 
 OK = "OK"
 
@@ -178,7 +179,7 @@ class LoadGenerator:
     # ---- the clients ----
     async def _run_clients(self) -> None:
         deadline = time.monotonic() + self.seconds
-        async with grpc.aio.insecure_channel(self.target, options=list(CLIENT_CHANNEL_OPTIONS)) as channel:
+        async with grpc.aio.insecure_channel(self.target, options=list(CHANNEL_OPTIONS)) as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
             await asyncio.gather(*(self._client(stub, deadline) for _ in range(self.clients)))
 
@@ -203,7 +204,7 @@ class LoadGenerator:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: run the load and print the report; exit 1 if any request failed."""
-    parser = argparse.ArgumentParser(prog="python -m serving.loadtest", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.loadtest", description=__doc__.splitlines()[0])
     parser.add_argument("--server", default=SERVER, help="host:port of the gRPC server")
     parser.add_argument("--model-name", "--model", dest="model_name", default=MODEL_NAME,
                         help="model name in ModelSpec, as `cli.py --model-name` (--model: the old spelling, kept for one release)")

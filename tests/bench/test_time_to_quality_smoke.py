@@ -1,4 +1,4 @@
-"""Smoke run of bench/time_to_quality.py: both recipes train a few seconds, get judged, and print side by side.
+"""Smoke run of `python -m bench.time_to_quality`: both recipes train a few seconds, get judged, and print side by side.
 
 The full comparison (600 s per recipe) stays out of CI; this runs the same script end to end with a
 tiny budget and small judging samples, so a change that breaks the bench fails here.
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_time_to_quality_smoke_prints_both_recipes_side_by_side(mnist_data_dir, tmp_path):
-    command = [sys.executable, str(REPO / "bench" / "time_to_quality.py"), "--budget", "4", "--leg-seconds", "4",
+    command = [sys.executable, "-m", "bench.time_to_quality", "--budget", "4", "--leg-seconds", "4",
                "--per-digit", "20", "--default-samples", "200", "--data-dir", mnist_data_dir,
                "--run-root", str(tmp_path), "--set", "precision=float32"]  # "auto" differs between CPUs
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)

@@ -1,4 +1,4 @@
-"""Client library behind the CLI's generate/status/metadata commands.
+"""The gRPC client behind the CLI's generate, interpolate, status, metadata and evaluate commands.
 
 It uses only the standard TF Serving stubs, so it works against this project's server and
 against the real tensorflow_model_server. Every failure becomes a one-line `ClientError`.
@@ -14,9 +14,11 @@ import time
 import grpc
 import numpy as np
 
-from serving import errors
-from serving.config import CLIENT_CHANNEL_OPTIONS, MODEL_NAME as DEFAULT_MODEL
+from serving.config import MODEL_NAME as DEFAULT_MODEL
 
+# Replies may be this large: 64 images are ~200 KB; room is left for larger batches.
+MAX_RECEIVE_BYTES = 256 * 1024 * 1024
+CHANNEL_OPTIONS = (("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),)
 POLL_SECONDS = 0.2  # wait_until_available: how often a starting server is asked again
 ASK_SECONDS = 1.0  # wait_until_available: the longest one server is waited for before the next is asked
 STARTUP_GRACE_SECONDS = 3.0  # wait_until_available: how long NOT_FOUND may mean "still listing its versions"
@@ -68,7 +70,7 @@ def _call(server: str, model_name: str, method: str, request, timeout: float, wa
 
     last_error = None
     for address in _ordered(_servers(server)):
-        with grpc.insecure_channel(address, options=list(CLIENT_CHANNEL_OPTIONS)) as channel:
+        with grpc.insecure_channel(address, options=list(CHANNEL_OPTIONS)) as channel:
             if method == "GetModelStatus":
                 stub = model_service_pb2_grpc.ModelServiceStub(channel)
             else:
@@ -234,8 +236,7 @@ def get_status(server: str, model_name: str = DEFAULT_MODEL, version: int | None
 
 def _code_name(number: int) -> str:
     """The status code's name ("OK" for 0), or the number itself where no code has it."""
-    code = errors.status_code(number, unknown=None)
-    return code.name if code is not None else str(number)
+    return next((code.name for code in grpc.StatusCode if code.value[0] == number), str(number))
 
 
 def get_metadata(server: str, model_name: str = DEFAULT_MODEL, version: int | None = None,
