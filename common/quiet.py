@@ -1,19 +1,14 @@
 """Keeps TensorFlow's start-up chatter out of the user's terminal (no TensorFlow import here).
 
-TensorFlow 2.21 logs through absl before anything calls `absl::InitializeLog()`, and absl then
-writes *every* message to stderr whatever `TF_CPP_MIN_LOG_LEVEL` says (abseil-cpp PRs #1718 and
-#1957, both unmerged), so the env var alone no longer hides `port.cc` (oneDNN), `cudart_stub.cc`,
-`cpu_feature_guard.cc` and absl's own "All log messages before absl::InitializeLog()" line. Those
-lines come twice because two libraries of the wheel, `libtensorflow_framework.so.2` and
-`python/profiler/internal/_pywrap_profiler_plugin.so`, each carry their own copy of absl and of
-the static initializer that logs them: it is one process and one import, not a second of either.
-Later, a CPU-only run logs an ERROR for the failed `cuInit`, and grappler logs
-"remapper failed: ... Mutation::Apply error" ERRORs for some graphs it then runs unoptimised.
+TensorFlow logs through absl before anything calls `absl::InitializeLog()`, and absl then writes
+every message to stderr whatever `TF_CPP_MIN_LOG_LEVEL` says, so the env var alone does not hide
+`port.cc` (oneDNN), `cudart_stub.cc`, `cpu_feature_guard.cc` or absl's own notice; which of them
+appear depends on the machine (docs/experiments.md, "Moved from code comments", has the details).
 
 `install()` therefore filters file descriptor 2 itself: stderr becomes a pipe read by a small
 forked process that writes every line back except TF's C++ log lines below
 `TF_CPP_MIN_LOG_LEVEL` (we default it to 2: errors only), absl's pre-init notice and the two
-harmless errors named above. Everything else (Python tracebacks, our `error:` lines, progress
+harmless errors in HARMLESS_ERRORS. Everything else (Python tracebacks, our `error:` lines, progress
 bars, other TF errors, fatal messages) goes through unchanged, even when the process aborts: the
 filter sees end-of-file only once every writer is gone, and drains the pipe first. It also sets
 the `tensorflow` Python logger to ERROR, which hides tf.function retracing warnings.
@@ -34,9 +29,8 @@ import time
 
 VERBOSE_VARIABLE = "DIGITGAN_VERBOSE"
 DEFAULT_MIN_LOG_LEVEL = "2"  # TF_CPP_MIN_LOG_LEVEL: 0 info, 1 warnings, 2 errors, 3 fatal only
-# glog/absl prefix: severity letter, MMDD, time, thread id, file:line], e.g.
+# glog/absl prefix: severity letter, MMDD (0000 before absl is initialised), time, thread id, file:line], e.g.
 # "I0000 00:00:1796102863.404468    3791 port.cc:153] oneDNN custom operations are on."
-# (Before absl's initialisation the date is 0000 and the seconds count from 1970.)
 TF_LOG_LINE = re.compile(rb"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^\s:]+:\d+\] ")
 LOG_LINE_ANYWHERE = re.compile(TF_LOG_LINE.pattern[1:] + rb"|" + re.escape(b"WARNING: All log messages before absl"))
 SEVERITIES = b"IWEF"
@@ -114,9 +108,8 @@ def _filter_stderr(min_severity: int) -> None:
     os.close(terminal)
 
     def wait_for_filter() -> None:
-        # Our last lines (e.g. "error: ...") must reach the terminal before the shell's prompt does.
-        # The filter ends once every process holding the pipe has closed it: a child process that
-        # inherited fd 2 and outlives us would keep it open, so the wait is bounded.
+        # Our last lines (e.g. "error: ...") must reach the terminal before the shell's prompt. Bounded:
+        # a child process that inherited fd 2 and outlives us keeps the pipe, and so the filter, open.
         try:
             sys.stderr.flush()
             os.close(2)

@@ -92,9 +92,8 @@ class GeneratorSignatures:
         raw = self.generator(models.generator_inputs(noise, digits, self.conditional), training=False)
         return tf.clip_by_value((tf.cast(raw, tf.float32) + 1.0) / 2.0, 0.0, 1.0)
 
-    # Each check returns its input behind a control dependency on the assertion: a tf.function only
-    # guarantees that an assertion runs, not that it runs before the op that would fail on the same
-    # bad input (e.g. a concat of mismatched batches), which would then report a less useful error.
+    # Each check returns its input behind a control dependency on its assertion, so the assertion runs
+    # before an op that would fail on the same bad input with a less useful error (e.g. a concat).
     def _check_noise(self, noise):
         check = tf.debugging.assert_equal(tf.shape(noise)[1], self.latent_dim,
                                           message=f"noise must have shape [batch, {self.latent_dim}]")

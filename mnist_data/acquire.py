@@ -180,7 +180,9 @@ def write_tfds_dataset(data_dir: str, mnist: Mnist) -> None:
         "image": tfds.features.Image(shape=(28, 28, 1)),
         "label": tfds.features.ClassLabel(num_classes=10),
     })
-    tfds.dataset_builders.store_as_tfds_dataset(
+    # AdhocBuilder rather than store_as_tfds_dataset: that one first asks `is_prepared()`, which
+    # logs an absl warning when the answer is no, and prepare_mnist has already removed any old copy.
+    tfds.dataset_builders.AdhocBuilder(
         name="mnist", version=TFDS_VERSION, features=features, data_dir=data_dir,
         split_datasets={"train": split(mnist.train_images, mnist.train_labels),
                         "test": split(mnist.test_images, mnist.test_labels)},
@@ -194,7 +196,8 @@ def _read_prepared(data_dir: str) -> Mnist | None:
     import tensorflow_datasets as tfds
 
     builder = _tfds_builder(data_dir)
-    if not builder.is_prepared():
+    # TFDS's is_prepared() logs a warning for a missing dataset_info.json: absent MNIST is no news here.
+    if not (builder.data_path / "dataset_info.json").exists() or not builder.is_prepared():
         return None
     try:
         train, test = tfds.as_numpy(tfds.load("mnist", split=["train", "test"], data_dir=data_dir,

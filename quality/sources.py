@@ -28,7 +28,7 @@ class EvaluateConfig:
     """How many images to judge and how they are drawn.
 
     Attributes:
-        per_digit: `sample` images per digit for conditional models (the issue's figure: 1,000).
+        per_digit: `sample` images per digit for conditional models (1,000 by default).
         default_samples: `serving_default` images (noise only) for coverage, and for the score and
             Fréchet distance of unconditional models.
         seed: first sample seed, and the seed of the numpy noise.

@@ -54,7 +54,10 @@ def mnist_data_dir() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory, mnist_data_dir) -> dict:
-    """Two tiny trained runs (conditional and unconditional), 4 steps each, on 2 logical CPUs."""
+    """Two tiny trained runs (conditional and unconditional), 4 steps each, on 2 logical CPUs, in float32.
+
+    The precision is pinned: "auto" trains in bfloat16 on some CPUs and float32 on others. A bfloat16
+    run is exported in tests/export/test_bundle.py, where the CPU has bfloat16 instructions."""
     from trainer import loop
     from trainer.config import TrainConfig
 
@@ -62,7 +65,8 @@ def tiny_runs(tmp_path_factory, mnist_data_dir) -> dict:
     for name, conditional in (("conditional", True), ("unconditional", False)):
         run_dir = tmp_path_factory.mktemp(f"run-{name}")
         config = TrainConfig(run_dir=str(run_dir), data_dir=mnist_data_dir, conditional=conditional, max_steps=4,
-                             batch_size=16, cpu_replicas=2, steps_per_call=2, checkpoint_every_steps=2)
+                             batch_size=16, cpu_replicas=2, steps_per_call=2, checkpoint_every_steps=2,
+                             precision="float32")
         loop.train(config, report=lambda line: None, progress=False)
         runs[name] = str(run_dir)
     return runs

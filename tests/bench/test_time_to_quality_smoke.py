@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_time_to_quality_smoke_prints_both_recipes_side_by_side(mnist_data_dir, tmp_path):
     command = [sys.executable, "-m", "bench.time_to_quality", "--budget", "4", "--leg-seconds", "4",
                "--per-digit", "20", "--default-samples", "200", "--data-dir", mnist_data_dir,
-               "--run-root", str(tmp_path)]
+               "--run-root", str(tmp_path), "--set", "precision=float32"]  # "auto" differs between CPUs
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     side_by_side = result.stdout.split("side by side")[-1]

@@ -14,6 +14,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 from common import precision
 from export import bundle
+from trainer import strategy as strategy_lib
 
 
 def _export(run_dir: str, base: Path, gate=None, **options) -> bundle.ExportResult:
@@ -22,6 +23,87 @@ def _export(run_dir: str, base: Path, gate=None, **options) -> bundle.ExportResu
 
 def _numeric_children(base: Path) -> list[str]:
     return sorted(child.name for child in base.iterdir() if child.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def untrained_run(tmp_path_factory) -> str:
+    """A run dir with an untrained model's checkpoint (step 0) and config.json, saved as a training run saves them."""
+    from trainer import checkpoints, step as step_lib
+    from trainer.config import TrainConfig
+
+    config = TrainConfig(run_dir=str(tmp_path_factory.mktemp("untrained")), precision="float32")
+    strategy = tf.distribute.get_strategy()
+    state = step_lib.set_globals_and_build_state(config, strategy)
+    checkpoints.save(checkpoints.manager(state.checkpoint(), config, strategy), state, 0)
+    config.save()
+    return config.run_dir
+
+
+def _check_images(images: tf.Tensor, count: int) -> None:
+    assert images.dtype == tf.float32 and images.shape == (count, 28, 28, 1)
+    assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0
+
+
+def test_an_untrained_checkpoint_exports_signatures_that_load_and_answer(untrained_run, tmp_path):
+    """The fast lane's export: the default model untrained, exported, loaded back, every signature called."""
+    result = _export(untrained_run, tmp_path / "digitgan")
+    assert (result.version, result.step) == (1, 0) and Path(result.path) == tmp_path / "digitgan" / "1"
+    assert set(result.signatures) == {"serving_default", "conditional", "sample"}
+    loaded = tf.saved_model.load(result.path)
+    noise = tf.random.stateless_normal([3, 100], seed=[1, 2])
+    _check_images(loaded.signatures["serving_default"](noise=noise)["images"], 3)
+    _check_images(loaded.signatures["conditional"](noise=noise, digit=tf.constant([0, 5, 9]))["images"], 3)
+    sampled = loaded.signatures["sample"](digit=tf.constant([7, 7]), seed=tf.constant([42, 42], tf.int64))
+    _check_images(sampled["images"], 2)
+    assert sampled["png_bytes"].shape == (2,) and sampled["png_bytes"][0].numpy().startswith(b"\x89PNG")
+    np.testing.assert_array_equal(sampled["images"][0], sampled["images"][1])  # same digit and seed, same image
+    assert bundle.read_metadata(result.path)["step"] == 0
+
+
+def test_the_gate_judges_an_untrained_candidate_with_the_shipped_judge(untrained_run, mnist_data_dir, tmp_path,
+                                                                      monkeypatch):
+    """The fast lane's quality check: the blessing gate (quality.sources) judges the untrained export with
+    the shipped judge against a handful of real MNIST images, refuses it and records its figures."""
+    import tensorflow_datasets as tfds
+
+    from mnist_data import acquire
+    from quality import sources
+
+    (train_images, train_labels), (test_images, test_labels) = tfds.as_numpy(tfds.load(
+        "mnist", split=["train[:100]", "test[:100]"], data_dir=mnist_data_dir, batch_size=-1, as_supervised=True,
+        download=False))
+    handful = acquire.Mnist(train_images, train_labels.astype(np.int64), test_images, test_labels.astype(np.int64))
+    monkeypatch.setattr(acquire, "load_mnist", lambda data_dir=None, report=None: handful)
+    gate = sources.blessing_gate(sources.EvaluateConfig(per_digit=5, default_samples=50, batch_size=50),
+                                 min_conditional_accuracy=0.99, report=lambda line: None, progress=False)
+    base = tmp_path / "digitgan"
+    with pytest.raises(bundle.ExportError, match=r"version 1 not published: conditional accuracy .* < 99.00%"):
+        _export(untrained_run, base, gate=gate)
+    assert _numeric_children(base) == []
+    evaluation = bundle.read_metadata(base / ".rejected-1")["evaluation"]
+    assert evaluation["blessed"] is False and evaluation["samples"] == 50 and evaluation["conditional_accuracy"] < 0.99
+    assert len(evaluation["coverage"]) == 10 and evaluation["frechet_ratio"] > 1.0
+    calibration = evaluation["calibration"]  # the judge on the 100 real test images
+    assert calibration["samples"] == 100 and calibration["conditional_accuracy"] >= 0.97, calibration
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not strategy_lib.has_bfloat16_instructions(),
+                    reason="the CPU has no bfloat16 instructions (AVX512-BF16 or AMX): bfloat16 would be emulated")
+def test_a_bfloat16_run_exports_a_bundle_that_computes_in_float32(mnist_data_dir, tmp_path):
+    """tiny_runs train in float32 everywhere; this run asks for mixed_bfloat16 explicitly."""
+    from trainer import loop
+    from trainer.config import TrainConfig
+
+    config = TrainConfig(run_dir=str(tmp_path / "run"), data_dir=mnist_data_dir, max_steps=2, batch_size=16,
+                         cpu_replicas=2, steps_per_call=2, precision="mixed_bfloat16")
+    loop.train(config, report=lambda line: None, progress=False)
+    assert TrainConfig.load(config.run_dir).precision == "mixed_bfloat16"
+    result = _export(config.run_dir, tmp_path / "digitgan")
+    assert result.signatures["conditional"]["outputs"] == {"images": "float32 [-1, 28, 28, 1]"}
+    loaded = tf.saved_model.load(result.path)
+    noise = tf.random.stateless_normal([2, 100], seed=[3, 4])
+    _check_images(loaded.signatures["conditional"](noise=noise, digit=tf.constant([1, 8]))["images"], 2)
 
 
 @pytest.mark.slow

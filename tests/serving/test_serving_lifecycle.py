@@ -4,7 +4,6 @@ import logging
 import os
 import shutil
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -279,34 +278,43 @@ def test_batching_parameters_file_sets_the_knobs_and_unset_ones_take_tf_defaults
 def test_full_batch_queue_refuses_a_task_and_keeps_the_open_batch_open(fresh_server):
     """One batch may wait (max_enqueued_batches 1). A task too large for the open batch would need a
     second one: UNAVAILABLE, as TF's batch scheduler answers. The open batch is left open, so a
-    later task that fits still joins it, and both run when its timeout ends."""
-    server, _ = fresh_server(enable_batching=True, max_batch_size=4, batch_timeout_micros=3_000_000,
+    later task that fits still joins it, and all run once a last task fills it.
+
+    The batch timeout is far longer than the test: each step waits for the batcher's own state,
+    so a slow machine cannot close the batch early."""
+    server, _ = fresh_server(enable_batching=True, max_batch_size=4, batch_timeout_micros=600_000_000,
                              max_enqueued_batches=1, num_batch_threads=1)
     address = f"127.0.0.1:{server.grpc_port}"
-    outcomes, seconds = {}, {}
+    outcomes = {}
 
     def send(name, rows):
-        started = time.monotonic()
         with grpc.insecure_channel(address) as channel:
             try:
-                response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(noise_request(rows), 30)
+                response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(noise_request(rows), 60)
                 outcomes[name] = tf.make_ndarray(response.outputs["images"]).shape
             except grpc.RpcError as error:
                 outcomes[name] = (error.code(), error.details())
-        seconds[name] = time.monotonic() - started
 
-    first = threading.Thread(target=send, args=("first", 1))
-    first.start()
-    assert wait_for(lambda: server.batcher.waiting_tasks() == 1)  # the first task waits in the open batch (3 s timeout)
+    def open_batches():
+        """Rows of each batch that waits, as the batcher sees them."""
+        with server.batcher._condition:
+            return [[task.size for task in batch.tasks] for queue in server.batcher._queues.values() for batch in queue]
+
+    waiting = [threading.Thread(target=send, args=(name, 1)) for name in ("first", "fits")]
+    waiting[0].start()
+    assert wait_for(lambda: open_batches() == [[1]])  # the first task waits in the open batch
     send("too_large", 4)
-    send("fits", 1)
-    first.join()
     assert outcomes["too_large"] == (grpc.StatusCode.UNAVAILABLE,
                                      "The batch scheduling queue to which this task was submitted is full")
+    waiting[1].start()
+    # The refusal did not close the first task's batch: the next task joined it, and both still wait.
+    assert wait_for(lambda: open_batches() == [[1, 1]]), open_batches()
+    assert "first" not in outcomes and "fits" not in outcomes
+    send("fills", 2)  # 4 rows: the batch is full and runs
+    for thread in waiting:
+        thread.join(60)
     assert outcomes["first"] == (1, 28, 28, 1) and outcomes["fits"] == (1, 28, 28, 1)
-    # The refusal did not close the first task's batch: it still waited out its timeout (a lower
-    # bound, which a slow machine only makes easier to meet).
-    assert seconds["first"] >= 2.5, seconds
+    assert outcomes["fills"] == (2, 28, 28, 1) and open_batches() == []
 
 
 def test_client_generate_status_metadata(server):

@@ -35,6 +35,7 @@ def test_run_server_sigterm(model_root):
         server.kill()
 
 
+@pytest.mark.slow  # `cli.py serve` in a subprocess (TensorFlow start-up included)
 def test_cli_serve_waits_for_a_first_version_and_says_how_to_make_one(model_root, tmp_path):
     """As tensorflow_model_server, `serve` on an empty base path waits; it also prints where it looks."""
     base = tmp_path / "digitgan"
@@ -59,6 +60,7 @@ def test_cli_serve_waits_for_a_first_version_and_says_how_to_make_one(model_root
         server.kill()
 
 
+@pytest.mark.slow  # a server in a subprocess (TensorFlow start-up included)
 def test_a_server_that_exits_early_is_reported_with_its_output(tmp_path):
     """The helper's wait ends when the process does, with what it wrote, not at the deadline."""
     config = tmp_path / "models.config"

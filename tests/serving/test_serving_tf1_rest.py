@@ -139,12 +139,14 @@ def test_rest_errors(server, method, path, body, code, message):
     assert message in json.loads(text)["error"]
 
 
-def test_rest_bad_json_and_body_limit(server):
+def test_rest_bad_json_and_too_deep_nesting_are_400(server):
+    """Malformed JSON, and JSON nested past the parser's depth, are 400 (bodies over the size limit:
+    test_rest_body_limit)."""
     status, _, text = http(server, "POST", "/v1/models/half:predict", raw=b"{not json")
     assert status == 400 and "error" in json.loads(text)
     deep = b"[" * 100000 + b"]" * 100000
     status, _, text = http(server, "POST", "/v1/models/half:predict", raw=b'{"instances": ' + deep + b"}")
-    assert status == 400
+    assert status == 400 and "nested too deeply" in json.loads(text)["error"], text
 
 
 def test_prometheus_metrics(server, prediction_stub):

@@ -1,7 +1,8 @@
 """Training under faults, with real `cli.py train` subprocesses, real checkpoints and real MNIST (no mocks).
 
-- kill -9 at seeded random steps, once in the middle of a checkpoint write: every restart resumes
-  from the newest complete checkpoint and cleans up the cut-short save;
+- kill -9 at seeded random steps, once in the middle of a checkpoint write (that trainer runs
+  behind a hook that stops it there, STOP_IN_A_WRITE): every restart resumes from the newest
+  complete checkpoint and cleans up the cut-short save;
 - then the two newest checkpoints are damaged (garbled bytes; NaN in a weight): the last restart
   reports and skips them, resumes from the third, and the run still ends with exactly the weights
   of an uninterrupted run, so every step trained on the batches it should (data order across
@@ -18,7 +19,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -48,6 +48,23 @@ CLI_RUN = ["--cpu-replicas", "2", "--set", "batch_size=16", "--set", "steps_per_
 # (a file before its rename) and `checkpoint.tmp*` (the state file before its rename).
 PARTIAL_WRITE = re.compile(r"_temp$|tempstate|^checkpoint\.tmp")
 WAIT_SECONDS = 600  # generous: the 2-core CI machine also runs other tests
+# `python -c STOP_IN_A_WRITE cli.py train ...`: the trainer stops itself (SIGSTOP) once a save's shards
+# are on disk and before TensorFlow merges them into place, and says so; the kill then lands mid-write.
+STOPPED_IN_A_WRITE = "test hook: stopped in a checkpoint write"
+STOP_IN_A_WRITE = f"""
+import os, runpy, signal, sys
+from common import quiet
+quiet.install()
+from tensorflow.python.ops import gen_io_ops
+merge = gen_io_ops.merge_v2_checkpoints
+def stop_then_merge(*arguments, **keywords):
+    print({STOPPED_IN_A_WRITE!r}, flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return merge(*arguments, **keywords)
+gen_io_ops.merge_v2_checkpoints = stop_then_merge
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 runner = CliRunner()
 
@@ -55,9 +72,10 @@ runner = CliRunner()
 class TrainerProcess:
     """`python cli.py train` in a child process; a thread collects everything it prints."""
 
-    def __init__(self, run_dir: Path, data_dir: str):
-        command = [sys.executable, str(REPO / "cli.py"), "train", "--run-dir", str(run_dir), "--data-dir", data_dir,
-                   "--set", f"max_steps={MAX_STEPS}", *CLI_RUN]
+    def __init__(self, run_dir: Path, data_dir: str, stop_in_a_write: bool = False):
+        hook = ["-c", STOP_IN_A_WRITE] if stop_in_a_write else []
+        command = [sys.executable, *hook, str(REPO / "cli.py"), "train", "--run-dir", str(run_dir),
+                   "--data-dir", data_dir, "--set", f"max_steps={MAX_STEPS}", *CLI_RUN]
         self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self._chunks: list[bytes] = []
@@ -88,12 +106,10 @@ class TrainerProcess:
             assert time.monotonic() < deadline, f"gave up waiting for {what}:\n{self.output}"
             time.sleep(poll_seconds)
 
-    def freeze(self) -> None:
-        """SIGSTOP, and wait until every thread has stopped, so the files on disk stay as they are."""
-        self.process.send_signal(signal.SIGSTOP)
+    def wait_stopped(self) -> None:
+        """Waits until every thread has stopped (SIGSTOP), so the files on disk stay as they are."""
         tasks = Path(f"/proc/{self.process.pid}/task")
-        while not all(_task_state(task) in "Tt" for task in tasks.iterdir()):
-            time.sleep(0.0005)
+        self.wait_until(lambda: all(_task_state(task) in "Tt" for task in tasks.iterdir()), "the trainer to stop")
 
     def kill(self) -> None:
         self.process.kill()  # SIGKILL: no handler, no final save
@@ -136,20 +152,14 @@ def kill_at_step(trainer: TrainerProcess, step: int) -> None:
 
 
 def kill_during_checkpoint_write(trainer: TrainerProcess, checkpoint_dir: Path) -> list[str]:
-    """SIGKILLs the trainer while a save's temporary files are on disk; returns those files.
-
-    The trainer is frozen as soon as they appear; when the save finished in between, it is let go
-    and the next save is tried, so the kill lands mid-write for certain.
-    """
-    while True:
-        # A save takes tens of milliseconds: look often (a directory listing is cheap).
-        trainer.wait_until(lambda: partial_writes(checkpoint_dir), "a checkpoint write", poll_seconds=0.001)
-        trainer.freeze()
-        left = partial_writes(checkpoint_dir)
-        if left:
-            trainer.kill()
-            return left
-        trainer.process.send_signal(signal.SIGCONT)
+    """SIGKILLs a trainer started behind STOP_IN_A_WRITE, once it has stopped in its first checkpoint
+    write; returns the save's temporary files left on disk."""
+    trainer.wait_until(lambda: STOPPED_IN_A_WRITE in trainer.output, "a checkpoint write")
+    trainer.wait_stopped()
+    left = partial_writes(checkpoint_dir)
+    assert left, f"the trainer stopped in a checkpoint write, but no partial save is on disk:\n{trainer.output}"
+    trainer.kill()
+    return left
 
 
 def garble(path: Path) -> None:
@@ -213,8 +223,8 @@ def start_trainer(mnist_data_dir):
     """Starts `cli.py train` processes; any still running (or frozen) when the test ends is killed."""
     started: list[TrainerProcess] = []
 
-    def start(run_dir: Path) -> TrainerProcess:
-        started.append(TrainerProcess(run_dir, mnist_data_dir))
+    def start(run_dir: Path, stop_in_a_write: bool = False) -> TrainerProcess:
+        started.append(TrainerProcess(run_dir, mnist_data_dir, stop_in_a_write))
         return started[-1]
 
     yield start
@@ -257,7 +267,7 @@ def test_kill_9_and_damaged_checkpoints_still_end_like_an_uninterrupted_run(tmp_
     write_kill = random_points.randrange(KILLS)  # which kill waits for a checkpoint write
     report, resumed, left = [], 0, []
     for kill in range(KILLS):
-        trainer = start_trainer(tmp_path / "faulted")
+        trainer = start_trainer(tmp_path / "faulted", stop_in_a_write=kill == write_kill)
         # The newest checkpoint listed when the previous run died: never older, never the cut-short save.
         assert_resumed(trainer, resumed, left)
         target = min(resumed + random_points.randint(1, 5), MAX_STEPS - 1)
