@@ -286,14 +286,32 @@ def mnist_score(probabilities: np.ndarray) -> float:
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between two feature sets [N, D]."""
-    mean_a, mean_b = features_a.mean(axis=0), features_b.mean(axis=0)
-    covariance_a, covariance_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
-    # Tr((S_a S_b)^(1/2)) = sum of sqrt(eigenvalues of S_a^(1/2) S_b S_a^(1/2)), a symmetric PSD matrix,
+    return frechet_between(moments(features_a), moments(features_b))
+
+
+@dataclasses.dataclass(frozen=True)
+class Moments:
+    """A feature set's mean, covariance and the covariance's square root: what a Fréchet distance
+    needs of it, computed once for a set that is compared again and again (the real test digits)."""
+
+    mean: np.ndarray
+    covariance: np.ndarray
+    root: np.ndarray  # the symmetric PSD square root of `covariance`
+
+
+def moments(features: np.ndarray) -> Moments:
+    covariance = np.cov(features, rowvar=False)
+    return Moments(features.mean(axis=0), covariance, _psd_sqrt(covariance))
+
+
+def frechet_between(a: Moments, b: Moments) -> float:
+    """The Fréchet distance between two feature sets' moments."""
+    # Tr((S_a S_b)^(1/2)) = sum of sqrt(eigenvalues of S_b^(1/2) S_a S_b^(1/2)), a symmetric PSD matrix,
     # so plain symmetric eigendecompositions suffice (no scipy.linalg.sqrtm).
-    root_a = _psd_sqrt(covariance_a)
-    middle = np.linalg.eigvalsh(root_a @ covariance_b @ root_a)
+    middle = np.linalg.eigvalsh(b.root @ a.covariance @ b.root)
     trace_of_root = np.sqrt(np.clip(middle, 0.0, None)).sum()
-    distance = np.sum((mean_a - mean_b) ** 2) + np.trace(covariance_a) + np.trace(covariance_b) - 2.0 * trace_of_root
+    distance = (np.sum((a.mean - b.mean) ** 2) + np.trace(a.covariance) + np.trace(b.covariance)
+                - 2.0 * trace_of_root)
     return float(max(distance, 0.0))
 
 
@@ -323,6 +341,8 @@ class Reference:
 
     test_features: np.ndarray
     test_labels: np.ndarray
+    test_moments: Moments
+    per_digit_test_moments: list[Moments]  # of digit d's test features
     test_radii: np.ndarray | None  # k-NN radii of the test features (None when made with detailed=False)
     real_vs_real_frechet: float  # real train (REFERENCE_SIZE images) vs real test
     per_digit_real_vs_real: list[float]  # the same, digit d of train against digit d of test
@@ -343,11 +363,13 @@ def reference(judge: Judge, mnist, detailed: bool = True) -> Reference:
     train_labels = np.asarray(mnist.train_labels[:REFERENCE_SIZE])
     train_features, _ = judge.read(real_images(mnist.train_images[:REFERENCE_SIZE]))
     test_labels = np.asarray(mnist.test_labels)
-    per_digit = [frechet_distance(train_features[train_labels == digit], test_features[test_labels == digit])
+    test_moments = moments(test_features)
+    per_digit_moments = [moments(test_features[test_labels == digit]) for digit in range(NUM_CLASSES)]
+    per_digit = [frechet_between(moments(train_features[train_labels == digit]), per_digit_moments[digit])
                  for digit in range(NUM_CLASSES)]
     radii = measures.nearest_neighbour_radii(test_features, NEAREST_NEIGHBOURS) if detailed else None
-    partial = Reference(test_features, test_labels, radii, frechet_distance(train_features, test_features), per_digit,
-                        calibration=None)
+    partial = Reference(test_features, test_labels, test_moments, per_digit_moments, radii,
+                        frechet_between(moments(train_features), test_moments), per_digit, calibration=None)
     accuracy, per_digit_accuracy = conditional_accuracy(test_probabilities, test_labels)
     judged = _judge_features(judge.name, partial, CALIBRATION_SOURCE, train_features, None, train_labels, detailed)
     calibration = dataclasses.replace(
@@ -445,7 +467,7 @@ def judge_samples(judge: Judge, reference_data: Reference, source: str, conditio
 
 def _judge_features(name: str, reference_data: Reference, source: str, features: np.ndarray,
                     probabilities: np.ndarray | None, requested: np.ndarray | None, detailed: bool) -> Judged:
-    distance = frechet_distance(features, reference_data.test_features)
+    distance = frechet_between(moments(features), reference_data.test_moments)
     accuracy = per_digit_accuracy = per_digit_ratio = None
     if requested is not None:
         per_digit_ratio = per_digit_frechet_ratios(features, requested, reference_data)
@@ -473,7 +495,7 @@ def per_digit_frechet_ratios(features: np.ndarray, requested: np.ndarray, refere
         if len(mine) < 2:
             ratios.append(float("nan"))
             continue
-        distance = frechet_distance(mine, reference_data.test_features[reference_data.test_labels == digit])
+        distance = frechet_between(moments(mine), reference_data.per_digit_test_moments[digit])
         ratios.append(distance / reference_data.per_digit_real_vs_real[digit])
     return ratios
 

@@ -139,7 +139,10 @@ class KernelDistanceTo:
 
 def _kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The polynomial kernel (a·b / D + 1)³: products in float32, the cube (and later sums) in float64."""
-    return (np.asarray(a @ b.T, np.float64) / a.shape[1] + 1.0) ** 3
+    kernel = np.asarray(a @ b.T, np.float64)
+    kernel /= a.shape[1]
+    kernel += 1.0
+    return kernel * kernel * kernel
 
 
 def _within_mean(kernel: np.ndarray) -> float:
