@@ -274,13 +274,13 @@ def write_least_real_sheet(path: str, samples: Samples, realism: np.ndarray, jud
     if samples.conditional is not None:
         images = samples.conditional[chosen]
         labels = [f"{samples.requested[index]} s{samples.seeds[index]}" for index in chosen]
-        caption = (f"the {len(chosen)} least real of {len(realism)} `sample` digits, least real first\n"
-                   f"(lowest realism score, worse of judges {', '.join(judge_names)}); under each: digit s<seed>")
+        caption = (f"The {len(chosen)} least real of {len(realism)} sample digits (lowest realism score, worse of "
+                   f"judges {' and '.join(judge_names)})\nleast real first; under each: digit, s + seed")
     else:
         images = samples.default[chosen]
         labels = [f"#{index}" for index in chosen]
-        caption = (f"the {len(chosen)} least real of {len(realism)} `serving_default` images, least real first\n"
-                   f"(lowest realism score, worse of judges {', '.join(judge_names)}); under each: #<noise row>")
+        caption = (f"The {len(chosen)} least real of {len(realism)} serving_default images (lowest realism score, "
+                   f"worse of judges {' and '.join(judge_names)})\nleast real first; under each: # + row of noise")
     picture = image_grids.labelled_grid(images, labels, columns=SHEET_COLUMNS, caption=caption)
     files.write_bytes_atomic(path, image_grids.png_bytes(picture))
     return Sheet(str(path), tuple(labels), tuple(float(realism[index]) for index in chosen))
