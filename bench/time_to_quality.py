@@ -114,7 +114,7 @@ def run_recipe(name: str, overrides: dict, arguments, run_root: Path) -> list[tu
     """Trains `name` in legs until the budget is spent; returns (training seconds, figures) after each leg."""
     config = TrainConfig(run_dir=str(run_root / name), data_dir=arguments.data_dir, **overrides)
     evaluate_config = sources.EvaluateConfig(per_digit=arguments.per_digit, default_samples=arguments.default_samples,
-                                             data_dir=arguments.data_dir, judge_dir=arguments.judge)
+                                             data_dir=arguments.data_dir, judge_dirs=tuple(arguments.judge))
     rate, spent, step, rows = images_per_second_guess(config), 0.0, 0, []
     while spent < arguments.budget - 1:
         leg = min(arguments.leg_seconds, arguments.budget - spent)
@@ -129,10 +129,11 @@ def run_recipe(name: str, overrides: dict, arguments, run_root: Path) -> list[tu
         if result.seconds > 0:  # refine the step rate from what this leg measured
             rate = (result.step - step) * config.batch_size / result.seconds
         step = result.step
-        _, row = sources.evaluate_run(config.run_dir, None, evaluate_config, report=lambda line: None,
-                                                progress=False)
-        rows.append((spent, dataclasses.replace(row, source=f"{name} after {spent:.0f} s (step {result.step})")))
-        print(judge_lib.format_reports([rows[-1][1]]).splitlines()[-1], flush=True)
+        evaluation = sources.evaluate_run(config.run_dir, None, evaluate_config, report=lambda line: None,
+                                          progress=False)
+        for row in evaluation.rows:  # one row per judge
+            rows.append((spent, dataclasses.replace(row, source=f"{name} after {spent:.0f} s (step {result.step})")))
+            print(f"judge {row.judge}: " + judge_lib.format_reports([rows[-1][1]]).splitlines()[-1], flush=True)
     return rows
 
 
@@ -155,7 +156,7 @@ def recipe_in_own_process(name: str, run_root: Path) -> list[tuple[float, judge_
         raise SystemExit(INTERRUPTED) from None
     if returncode != 0:
         raise SystemExit(f"recipe {name} failed (exit code {returncode}); its output is above")
-    return [(seconds, judge_lib.QualityReport(**row)) for seconds, row in json.loads(rows_file.read_text())]
+    return [(seconds, judge_lib.QualityReport.from_dict(row)) for seconds, row in json.loads(rows_file.read_text())]
 
 
 def child_main(arguments) -> None:
@@ -171,7 +172,8 @@ def main() -> None:
     parser.add_argument("--per-digit", type=int, default=1000)
     parser.add_argument("--default-samples", type=int, default=10_000)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--judge", default=None, help="a judge folder from `cli.py train-judge` [default: the shipped judge]")
+    parser.add_argument("--judge", action="append", default=[],
+                        help="a judge folder from `cli.py train-judge`; repeatable [default: both shipped judges]")
     parser.add_argument("--recipes", default="default,tutorial")
     parser.add_argument("--run-root", default=None,
                         help="keep the runs in this folder (one subfolder per recipe) [default: a temporary folder]")
@@ -194,8 +196,9 @@ def main() -> None:
     if given_root is not None and given_root.exists() and (not given_root.is_dir() or any(given_root.iterdir())):
         # A recipe's folder with checkpoints in it would resume from them and time only the rest.
         parser.error(f"--run-root {arguments.run_root} is not empty (or not a folder); give a new or empty folder")
-    if arguments.judge and not Path(arguments.judge).is_dir():  # found now, not after the first recipe's training
-        parser.error(f"--judge {arguments.judge} is not a folder; give one written by `cli.py train-judge`")
+    for folder in arguments.judge:  # found now, not after the first recipe's training
+        if not Path(folder).is_dir():
+            parser.error(f"--judge {folder} is not a folder; give one written by `cli.py train-judge`")
     print(f"machine: {machine.cpu_model()}, {os.cpu_count()} CPU(s); "
           f"budget {arguments.budget:.0f} s per recipe, judged every {arguments.leg_seconds:.0f} s; "
           f"default recipe overrides: {RECIPES['default'] or 'none'}", flush=True)
@@ -209,18 +212,21 @@ def main() -> None:
         run_root = given_root or Path(folder)
         run_root.mkdir(parents=True, exist_ok=True)
         results = {name: recipe_in_own_process(name, run_root) for name in arguments.recipes.split(",")}
-    # The judge's calibration row, computed after the recipes, so that the judge's model is not
-    # resident in this process while they train; the shipped judge gives the same row on every machine.
-    calibration = judge_lib.reference(judge_lib.load_judge(arguments.judge), mnist).calibration
-    print("\nside by side (last judgement of each recipe):")
-    print(judge_lib.format_reports([calibration] + [rows[-1][1] for rows in results.values()]))
+    # The judges' calibration rows, computed after the recipes, so that no judge's model is
+    # resident in this process while they train; the shipped judges give the same rows on every machine.
+    calibrations = [judge_lib.reference(judge, mnist).calibration for judge in judge_lib.load_judges(arguments.judge)]
+    last = {name: [row for seconds, row in rows if seconds == rows[-1][0]] for name, rows in results.items()}
+    print("\nside by side (last judgement of each recipe, under each judge):")
+    print(judge_lib.format_reports(calibrations + [row for rows in last.values() for row in rows]))
+    for name, rows in last.items():
+        print(f"{name}, {sources.format_worst(rows)}")
     for previous in ("previous_default", "previous_default_auto"):
         if "default" in results and previous in results:
             new, old = results["default"][-1][0], results[previous][-1][0]
             print(f"training seconds: default {new:.0f} s, {previous} {old:.0f} s: {new / old:.2f}x")
     # The same figures as one JSON line, for scripts: every judgement of every recipe.
     print(json.dumps({"bench": "time_to_quality", "machine": machine.cpu_model(), "budget_seconds": arguments.budget,
-                      "calibration": calibration.to_dict(),
+                      "calibrations": [calibration.to_dict() for calibration in calibrations],
                       "recipes": {name: [dict(row.to_dict(), training_seconds=round(seconds, 1)) for seconds, row in rows]
                                   for name, rows in results.items()}}))
 
