@@ -113,7 +113,7 @@ def _pad_width(picture: np.ndarray, width: int) -> np.ndarray:
     return np.pad(picture, ((0, 0), (0, width - picture.shape[1])), constant_values=128)
 
 
-LABEL_HEIGHT = 12  # rows under each cell of a labelled grid, for one line of PIL's default bitmap font
+LABEL_HEIGHT = 12  # rows under each cell of a labelled grid, for one line of PIL's default font
 
 
 def labelled_grid(images: np.ndarray, labels: list[str], columns: int = 8, scale: int = 3, padding: int = 2,

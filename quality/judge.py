@@ -205,7 +205,7 @@ def train_judge(mnist, directory: str | Path, command: str, report: Callable[[st
                               f"(needs {MIN_CLASSIFIER_ACCURACY:.0%}); not writing it")
     directory = Path(directory)
     weights = directory / WEIGHTS_FILE
-    bare = build_classifier(architecture=architecture)  # the weights alone: the trained model would also save its optimizer's state
+    bare = build_classifier(architecture=architecture)  # the weights alone, without the optimizer's state
     bare.set_weights(model.get_weights())
     _save_weights_atomic(bare, weights)
     calibration = reference(Judge(model, {}, name=architecture), mnist).calibration
@@ -343,7 +343,7 @@ class Reference:
     test_labels: np.ndarray
     test_moments: Moments
     per_digit_test_moments: list[Moments]  # of digit d's test features
-    test_radii: np.ndarray | None  # k-NN radii of the test features (None when made with detailed=False)
+    test_radii: np.ndarray  # k-NN radii of the test features (k = NEAREST_NEIGHBOURS)
     real_vs_real_frechet: float  # real train (REFERENCE_SIZE images) vs real test
     per_digit_real_vs_real: list[float]  # the same, digit d of train against digit d of test
     calibration: "QualityReport"
@@ -352,12 +352,12 @@ class Reference:
 CALIBRATION_SOURCE = "real test split vs real train"
 
 
-def reference(judge: Judge, mnist, detailed: bool = True) -> Reference:
+def reference(judge: Judge, mnist) -> Reference:
     """Reads the real test split and REFERENCE_SIZE real train images with the judge.
 
     The calibration row gives the test split's MNIST score, accuracy and coverage, and real train
-    against real test for the Fréchet ratio (1.0), the per-digit ratios (1.0 each) and, when
-    `detailed`, precision and recall (the best a model can expect: real digits against real digits).
+    against real test for the Fréchet ratio (1.0), the per-digit ratios (1.0 each), precision and
+    recall (the best a model can expect: real digits against real digits).
     """
     test_features, test_probabilities = judge.read(real_images(mnist.test_images))
     train_labels = np.asarray(mnist.train_labels[:REFERENCE_SIZE])
@@ -367,11 +367,11 @@ def reference(judge: Judge, mnist, detailed: bool = True) -> Reference:
     per_digit_moments = [moments(test_features[test_labels == digit]) for digit in range(NUM_CLASSES)]
     per_digit = [frechet_between(moments(train_features[train_labels == digit]), per_digit_moments[digit])
                  for digit in range(NUM_CLASSES)]
-    radii = measures.nearest_neighbour_radii(test_features, NEAREST_NEIGHBOURS) if detailed else None
+    radii = measures.nearest_neighbour_radii(test_features, NEAREST_NEIGHBOURS)
     partial = Reference(test_features, test_labels, test_moments, per_digit_moments, radii,
                         frechet_between(moments(train_features), test_moments), per_digit, calibration=None)
     accuracy, per_digit_accuracy = conditional_accuracy(test_probabilities, test_labels)
-    judged = _judge_features(judge.name, partial, CALIBRATION_SOURCE, train_features, None, train_labels, detailed)
+    judged = _judge_features(judge.name, partial, CALIBRATION_SOURCE, train_features, None, train_labels)
     calibration = dataclasses.replace(
         judged.report, samples=len(test_features), mnist_score=mnist_score(test_probabilities),
         conditional_accuracy=accuracy, per_digit_accuracy=per_digit_accuracy, coverage=coverage(test_probabilities))
@@ -434,10 +434,10 @@ def _known(per_digit: list[float] | None) -> dict[int, float]:
 
 @dataclasses.dataclass(frozen=True)
 class Judged:
-    """A report, and the realism score of each judged image (None when not computed)."""
+    """A report, and the realism score of each judged image."""
 
     report: QualityReport
-    realism: np.ndarray | None
+    realism: np.ndarray
 
 
 def judge_images(judge: Judge, reference_data: Reference, source: str, conditional_images: np.ndarray | None,
@@ -460,30 +460,29 @@ def judge_samples(judge: Judge, reference_data: Reference, source: str, conditio
     if conditional_images is not None:
         features, probabilities = judge.read(conditional_images)
         requested = np.asarray(requested_digits)
-    judged = _judge_features(judge.name, reference_data, source, features, probabilities, requested,
-                             detailed=reference_data.test_radii is not None)
+    judged = _judge_features(judge.name, reference_data, source, features, probabilities, requested)
     return dataclasses.replace(judged, report=dataclasses.replace(judged.report, coverage=coverage(default_probabilities)))
 
 
 def _judge_features(name: str, reference_data: Reference, source: str, features: np.ndarray,
-                    probabilities: np.ndarray | None, requested: np.ndarray | None, detailed: bool) -> Judged:
+                    probabilities: np.ndarray | None, requested: np.ndarray | None) -> Judged:
+    """The figures of `features` (the MNIST score and accuracy only with `probabilities`, the
+    per-digit figures only with `requested` digits); coverage is the caller's."""
     distance = frechet_between(moments(features), reference_data.test_moments)
     accuracy = per_digit_accuracy = per_digit_ratio = None
     if requested is not None:
         per_digit_ratio = per_digit_frechet_ratios(features, requested, reference_data)
         if probabilities is not None:
             accuracy, per_digit_accuracy = conditional_accuracy(probabilities, requested)
-    precision = recall = realism = None
-    if detailed:
-        manifolds = measures.compare_manifolds(reference_data.test_features, features, NEAREST_NEIGHBOURS,
-                                               real_radii=reference_data.test_radii)
-        precision, recall, realism = manifolds.precision, manifolds.recall, manifolds.realism
+    manifolds = measures.compare_manifolds(reference_data.test_features, features, NEAREST_NEIGHBOURS,
+                                           real_radii=reference_data.test_radii)
+    score = mnist_score(probabilities) if probabilities is not None else float("nan")
     report = QualityReport(
-        source=source, samples=len(features), mnist_score=mnist_score(probabilities) if probabilities is not None else float("nan"),
-        frechet_distance=distance, frechet_ratio=distance / reference_data.real_vs_real_frechet,
-        conditional_accuracy=accuracy, per_digit_accuracy=per_digit_accuracy, judge=name, precision=precision,
-        recall=recall, per_digit_frechet_ratio=per_digit_ratio)
-    return Judged(report, realism)
+        source=source, samples=len(features), mnist_score=score, frechet_distance=distance,
+        frechet_ratio=distance / reference_data.real_vs_real_frechet, conditional_accuracy=accuracy,
+        per_digit_accuracy=per_digit_accuracy, judge=name, precision=manifolds.precision, recall=manifolds.recall,
+        per_digit_frechet_ratio=per_digit_ratio)
+    return Judged(report, manifolds.realism)
 
 
 def per_digit_frechet_ratios(features: np.ndarray, requested: np.ndarray, reference_data: Reference) -> list[float]:
