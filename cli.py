@@ -26,8 +26,8 @@ app = typer.Typer(help="A class-conditional DCGAN on real MNIST: train it, expor
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 PRETRAINED_BASE_PATH = Path(__file__).resolve().parent / "pretrained" / "digitgan"  # `serve --pretrained`
-JUDGE_HELP = ("A judge written by `train-judge` (its folder) instead of the one shipped in quality/judge_weights/ "
-              "(whose figures compare across machines).")
+JUDGE_HELP = ("A judge written by `train-judge` (its folder); repeatable. Given, these judges replace the two shipped "
+              "in quality/judge_weights/ and quality/second_judge_weights/ (whose figures compare across machines).")
 DEFAULTS = train_config_lib.TrainConfig()  # where `train` writes and `evaluate` reads a run by default
 SERVE_DEFAULTS = serve_config_lib.ServeConfig()  # likewise `serve`'s, and where `export` writes versions
 DEFAULT_SERVER = serve_config_lib.SERVER  # what the client commands dial
@@ -131,9 +131,15 @@ def export_command(
         None, help="Blessing gate: publish only if the MNIST judge reads at least this share of `sample` images "
                    "as the digit asked for (e.g. 0.99)."),
     max_frechet_ratio: Optional[float] = typer.Option(
-        None, help="Blessing gate: publish only if the Fréchet distance is at most this multiple of real-vs-real (e.g. 3)."),
+        None, help="Blessing gate: publish only if the Fréchet distance is at most this multiple of real-vs-real (e.g. 2)."),
+    min_precision: Optional[float] = typer.Option(
+        None, help="Blessing gate: publish only if at least this share of `sample` images lies on the real digits' "
+                   "manifold (k = 5 precision, e.g. 0.9)."),
+    min_recall: Optional[float] = typer.Option(
+        None, help="Blessing gate: publish only if at least this share of real test digits lies on the generated "
+                   "images' manifold (k = 5 recall, e.g. 0.9)."),
     data_dir: Optional[str] = typer.Option(None, help="Blessing gate: TFDS data dir with MNIST."),
-    judge_dir: Optional[str] = typer.Option(None, "--judge", help=JUDGE_HELP),
+    judge_dirs: list[str] = typer.Option([], "--judge", help=JUDGE_HELP),
     record_command: list[str] = typer.Option(
         [], help="A command line that made this bundle (e.g. the `train` command), recorded in its metadata "
                  "before this export command itself; repeatable."),
@@ -146,11 +152,12 @@ def export_command(
                                      model_name=model_name, version=version, overwrite=overwrite,
                                      commands=(*record_command, *own_command_line()))
         gate = None
-        if min_conditional_accuracy is not None or max_frechet_ratio is not None:
+        if any(line is not None for line in (min_conditional_accuracy, max_frechet_ratio, min_precision, min_recall)):
             from quality import sources
 
-            gate = sources.blessing_gate(sources.EvaluateConfig(data_dir=data_dir, judge_dir=judge_dir), min_conditional_accuracy,
-                                         max_frechet_ratio, report=typer.echo)
+            gate = sources.blessing_gate(sources.EvaluateConfig(data_dir=data_dir, judge_dirs=tuple(judge_dirs)),
+                                         min_conditional_accuracy, max_frechet_ratio, report=typer.echo,
+                                         min_precision=min_precision, min_recall=min_recall)
         result = bundle.export_bundle(config, gate=gate)
     typer.echo(f"Exported step {result.step} as version {result.version}: {result.path}")
     for name, spec in result.signatures.items():
@@ -280,10 +287,14 @@ def evaluate(
     default_samples: int = typer.Option(10_000, help="`serving_default` images judged for coverage."),
     seed: int = typer.Option(0, help="First sample seed (and the noise seed)."),
     data_dir: Optional[str] = typer.Option(None, help="TFDS data dir with MNIST."),
-    judge_dir: Optional[str] = typer.Option(None, "--judge", help=JUDGE_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts (the calibration row first)."),
+    judge_dirs: list[str] = typer.Option([], "--judge", help=JUDGE_HELP),
+    sheet: str = typer.Option("least_real.png", help="Write the 64 judged images that look least real (lowest realism "
+                                                     "score under the worse judge) here, with their digit and seed; '' for none."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts: judge by judge, the calibration row "
+                                                       "then the model's."),
 ) -> None:
-    """Measure quality with the project's MNIST judge: MNIST score, Fréchet distance, conditional accuracy, coverage."""
+    """Measure quality under both shipped MNIST judges: MNIST score, Fréchet ratio (all digits and per digit),
+    precision and recall, conditional accuracy, coverage; and write the sheet of least real-looking digits."""
     from quality import judge, sources
     from client import grpc_client
 
@@ -291,13 +302,20 @@ def evaluate(
         if (server is None) == (run_dir is None and checkpoint is None):
             raise ValueError("give exactly one of --run-dir/--checkpoint (a training run) or --server (a served model)")
         config = sources.EvaluateConfig(per_digit=per_digit, default_samples=default_samples, seed=seed, data_dir=data_dir,
-                                        judge_dir=judge_dir)
+                                        judge_dirs=tuple(judge_dirs), sheet=sheet or None)
         report = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
         if server is not None:
-            reports = sources.evaluate_server(server, model_name, version, config, report=report)
+            evaluation = sources.evaluate_server(server, model_name, version, config, report=report)
         else:
-            reports = sources.evaluate_run(run_dir or DEFAULTS.run_dir, checkpoint, config, report=report)
-    typer.echo(judge.reports_json(reports) if as_json else judge.format_reports(reports))
+            evaluation = sources.evaluate_run(run_dir or DEFAULTS.run_dir, checkpoint, config, report=report)
+    if as_json:
+        typer.echo(judge.reports_json(evaluation.reports))
+    else:
+        typer.echo(judge.format_reports(evaluation.reports))
+        typer.echo(sources.format_worst(evaluation.rows))
+    if evaluation.sheet:
+        report(f"The {len(evaluation.sheet.labels)} least real-looking images, with their digit and seed: "
+               f"{evaluation.sheet.path}")
 
 
 def parse_digits(text: Optional[str]) -> Optional[list[int]]:
@@ -397,26 +415,34 @@ def _write_images(out: Path, images, output_format: str, columns: Optional[int])
 @app.command("train-judge")
 def train_judge(
     out: Path = typer.Option(..., help="Folder to write the judge to (weights and manifest.json). Pass "
-                                       "quality/judge_weights to replace the shipped judge on purpose."),
+                                       "quality/judge_weights or quality/second_judge_weights to replace a shipped judge on purpose."),
+    architecture: str = typer.Option("small", help="small (two convolutions, 128 features: the first shipped judge) or "
+                                                   "wide (four convolutions, global average pooling, 256 features: the second)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the initial weights and dropout (default: 0 for small, 1 for wide, "
+                                                  "as the shipped judges were trained)."),
     data_dir: Optional[str] = typer.Option(None, help="TFDS data dir for MNIST (default: ~/tensorflow_datasets)."),
 ) -> None:
-    """Train an MNIST judge (about 1 to 5 minutes on 2 CPU cores) and write it with its manifest.
+    """Train an MNIST judge (minutes on 2 CPU cores) and write it with its manifest.
 
-    Figures use the shipped judge unless a command is given `--judge FOLDER`; a judge trained here
+    Figures use the shipped judges unless a command is given `--judge FOLDER`; a judge trained here
     is never picked up silently.
     """
     from mnist_data import acquire
     from quality import judge
 
     with user_errors():
+        if architecture not in judge.ARCHITECTURES:
+            raise ValueError(f"--architecture must be one of {', '.join(judge.ARCHITECTURES)}, got {architecture!r}")
+        seed = judge.DEFAULT_SEEDS[architecture] if seed is None else seed
         mnist = acquire.load_mnist(data_dir, report=typer.echo)
-        command = f"python cli.py train-judge --out {out}"
-        manifest = judge.train_judge(mnist, out, command, report=typer.echo)
+        command = own_command_line() or [f"python cli.py train-judge --out {out} --architecture {architecture}"]
+        manifest = judge.train_judge(mnist, out, command[0], report=typer.echo, architecture=architecture, seed=seed)
     calibration = manifest["calibration"]
     typer.echo(f"Wrote {out / manifest['weights']} ({manifest['bytes']:,} bytes, sha256 {manifest['sha256'][:12]}...): "
                f"{manifest['test_accuracy']:.2%} on the real test split; calibration: MNIST score "
                f"{calibration['mnist_score']:.3f}, real train vs real test Fréchet distance "
-               f"{calibration['real_train_vs_real_test_frechet']:.3f}")
+               f"{calibration['real_train_vs_real_test_frechet']:.3f}, precision {calibration['precision']:.3f}, "
+               f"recall {calibration['recall']:.3f}")
 
 
 @app.command()

@@ -100,7 +100,7 @@ def run_recipe(name: str, fields: dict, arguments, run_root: Path) -> list[tuple
     """Trains `name` in legs until the budget is spent; returns (training seconds, figures) after each leg."""
     config = TrainConfig(run_dir=str(run_root / name), data_dir=arguments.data_dir, **fields)
     evaluate_config = sources.EvaluateConfig(per_digit=arguments.per_digit, default_samples=arguments.default_samples,
-                                             data_dir=arguments.data_dir, judge_dir=arguments.judge)
+                                             data_dir=arguments.data_dir, judge_dirs=tuple(arguments.judge))
     rate, spent, step, rows = images_per_second_guess(config), 0.0, 0, []
     while spent < arguments.budget - 1:
         leg = min(arguments.leg_seconds, arguments.budget - spent)
@@ -115,25 +115,26 @@ def run_recipe(name: str, fields: dict, arguments, run_root: Path) -> list[tuple
         if result.seconds > 0:  # refine the step rate from what this leg measured
             rate = (result.step - step) * config.batch_size / result.seconds
         step = result.step
-        _, row = sources.evaluate_run(config.run_dir, None, evaluate_config, report=lambda line: None,
-                                                progress=False)
-        rows.append((spent, dataclasses.replace(row, source=f"{name} after {spent:.0f} s (step {result.step})")))
-        print(judge_lib.format_reports([rows[-1][1]]).splitlines()[-1], flush=True)
+        evaluation = sources.evaluate_run(config.run_dir, None, evaluate_config, report=lambda line: None,
+                                          progress=False)
+        for row in evaluation.rows:  # one row per judge
+            rows.append((spent, dataclasses.replace(row, source=f"{name} after {spent:.0f} s (step {result.step})")))
+            print(f"judge {row.judge}: " + judge_lib.format_reports([rows[-1][1]]).splitlines()[-1], flush=True)
     return rows
 
 
-def recipe_in_own_process(name: str, run_root: Path, path_options: list[str] = ()
-                          ) -> list[tuple[float, judge_lib.QualityReport]]:
-    """Runs this script again for recipe `name` alone; returns its rows (read back from a JSON file).
+def recipe_in_own_process(name: str, run_root: Path) -> list[tuple[float, judge_lib.QualityReport]]:
+    """Runs this module again for recipe `name` alone; returns its rows (read back from a JSON file).
 
-    The child runs from the repository root, so its paths are absolute: `path_options` (see
-    `absolute_path_options`) repeat the user's relative ones, and the last of an option wins.
+    The child runs in this process's folder, with the repository on its module path, so the
+    user's relative paths (--data-dir, --judge) mean the same to it.
     """
     run_root = run_root.resolve()
     rows_file = run_root / f"{name}.rows.json"
-    command = [sys.executable, "-m", "bench.time_to_quality", *sys.argv[1:], *path_options,
+    command = [sys.executable, "-m", "bench.time_to_quality", *sys.argv[1:],
                "--only-recipe", name, "--rows-out", str(rows_file), "--run-root", str(run_root)]
-    process = subprocess.Popen(command, cwd=ROOT)
+    module_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": module_path})
     try:
         returncode = process.wait()
         if returncode == INTERRUPTED:  # the child can end before this process handles its own copy of the Ctrl-C
@@ -147,13 +148,7 @@ def recipe_in_own_process(name: str, run_root: Path, path_options: list[str] = (
         raise SystemExit(INTERRUPTED) from None
     if returncode != 0:
         raise SystemExit(f"recipe {name} failed (exit code {returncode}); its output is above")
-    return [(seconds, judge_lib.QualityReport(**row)) for seconds, row in json.loads(rows_file.read_text())]
-
-
-def absolute_path_options(arguments) -> list[str]:
-    """--data-dir and --judge, where given, as absolute paths."""
-    given = (("--data-dir", arguments.data_dir), ("--judge", arguments.judge))
-    return [item for option, path in given if path for item in (option, str(Path(path).resolve()))]
+    return [(seconds, judge_lib.QualityReport.from_dict(row)) for seconds, row in json.loads(rows_file.read_text())]
 
 
 def child_main(arguments) -> None:
@@ -172,7 +167,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--per-digit", type=int, default=1000)
     parser.add_argument("--default-samples", type=int, default=10_000)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--judge", default=None, help="a judge folder from `cli.py train-judge` [default: the shipped judge]")
+    parser.add_argument("--judge", action="append", default=[],
+                        help="a judge folder from `cli.py train-judge`; repeatable [default: both shipped judges]")
     parser.add_argument("--recipes", default="default,tutorial")
     parser.add_argument("--run-root", default=None,
                         help="keep the runs in this folder (one subfolder per recipe) [default: a temporary folder]")
@@ -194,8 +190,9 @@ def parse_arguments() -> argparse.Namespace:
     if given_root is not None and given_root.exists() and (not given_root.is_dir() or any(given_root.iterdir())):
         # A recipe's folder with checkpoints in it would resume from them and time only the rest.
         parser.error(f"--run-root {arguments.run_root} is not empty (or not a folder); give a new or empty folder")
-    if arguments.judge and not Path(arguments.judge).is_dir():  # found now, not after the first recipe's training
-        parser.error(f"--judge {arguments.judge} is not a folder; give one written by `cli.py train-judge`")
+    for folder in arguments.judge:  # found now, not after the first recipe's training
+        if not Path(folder).is_dir():
+            parser.error(f"--judge {folder} is not a folder; give one written by `cli.py train-judge`")
     return arguments
 
 
@@ -216,24 +213,27 @@ def run_recipes(arguments) -> dict[str, list[tuple[float, judge_lib.QualityRepor
     with tempfile.TemporaryDirectory(prefix="digitgan-time-to-quality-") as folder:
         run_root = Path(arguments.run_root) if arguments.run_root else Path(folder)
         run_root.mkdir(parents=True, exist_ok=True)
-        return {name: recipe_in_own_process(name, run_root, absolute_path_options(arguments))
-                for name in arguments.recipes.split(",")}
+        return {name: recipe_in_own_process(name, run_root) for name in arguments.recipes.split(",")}
 
 
-def print_side_by_side(calibration: judge_lib.QualityReport, results: dict) -> None:
-    """The last judgement of each recipe under the judge's calibration row, and the time ratios."""
-    print("\nside by side (last judgement of each recipe):")
-    print(judge_lib.format_reports([calibration] + [rows[-1][1] for rows in results.values()]))
+def print_side_by_side(calibrations: list[judge_lib.QualityReport], results: dict) -> None:
+    """The last judgement of each recipe under each judge, below the judges' calibration rows; the
+    worse judge's figures per recipe; the time ratios."""
+    last = {name: [row for seconds, row in rows if seconds == rows[-1][0]] for name, rows in results.items()}
+    print("\nside by side (last judgement of each recipe, under each judge):")
+    print(judge_lib.format_reports(calibrations + [row for rows in last.values() for row in rows]))
+    for name, rows in last.items():
+        print(f"{name}, {sources.format_worst(rows)}")
     for previous in ("previous_default", "previous_default_auto"):
         if "default" in results and previous in results:
             new, old = results["default"][-1][0], results[previous][-1][0]
             print(f"training seconds: default {new:.0f} s, {previous} {old:.0f} s: {new / old:.2f}x")
 
 
-def print_json(arguments, calibration: judge_lib.QualityReport, results: dict) -> None:
+def print_json(arguments, calibrations: list[judge_lib.QualityReport], results: dict) -> None:
     """The same figures as one JSON line, for scripts: every judgement of every recipe."""
     print(json.dumps({"bench": "time_to_quality", "machine": machine.cpu_model(), "budget_seconds": arguments.budget,
-                      "calibration": calibration.to_dict(),
+                      "calibrations": [calibration.to_dict() for calibration in calibrations],
                       "recipes": {name: [dict(row.to_dict(), training_seconds=round(seconds, 1)) for seconds, row in rows]
                                   for name, rows in results.items()}}))
 
@@ -246,11 +246,11 @@ def main() -> None:
     # Prepared here, so no recipe's clock includes downloading or converting MNIST.
     mnist = acquire.load_mnist(arguments.data_dir, report=print)
     results = run_recipes(arguments)
-    # The judge's calibration row, computed after the recipes, so that the judge's model is not
-    # resident in this process while they train; the shipped judge gives the same row on every machine.
-    calibration = judge_lib.reference(judge_lib.load_judge(arguments.judge), mnist).calibration
-    print_side_by_side(calibration, results)
-    print_json(arguments, calibration, results)
+    # The judges' calibration rows, computed after the recipes, so that no judge's model is
+    # resident in this process while they train; the shipped judges give the same rows on every machine.
+    calibrations = [judge_lib.reference(judge, mnist).calibration for judge in judge_lib.load_judges(arguments.judge)]
+    print_side_by_side(calibrations, results)
+    print_json(arguments, calibrations, results)
 
 
 if __name__ == "__main__":

@@ -111,3 +111,40 @@ def _pad_width(picture: np.ndarray, width: int) -> np.ndarray:
     if picture.shape[1] >= width:
         return picture
     return np.pad(picture, ((0, 0), (0, width - picture.shape[1])), constant_values=128)
+
+
+LABEL_HEIGHT = 12  # rows under each cell of a labelled grid, for one line of PIL's default font
+
+
+def labelled_grid(images: np.ndarray, labels: list[str], columns: int = 8, scale: int = 3, padding: int = 2,
+                  caption: str | None = None, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """Images in a grid, each enlarged `scale` times (nearest neighbour) with its label centred on a
+    strip under it, under an optional caption (lines split at "\\n"): uint8 [H, W] on a black background.
+
+    Cell i (row i // columns, column i % columns) has its image at top = header + padding +
+    row * (cell height + padding), left = padding + column * (size + padding), where size = H * scale and
+    cell height = size + LABEL_HEIGHT; the header is HEADER_HEIGHT rows per caption line.
+    """
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    pixels = to_uint8(images, value_range)
+    count, height, width = pixels.shape
+    size_y, size_x = height * scale, width * scale
+    rows = max(1, math.ceil(count / columns))
+    caption_lines = caption.split("\n") if caption else []
+    header = HEADER_HEIGHT * len(caption_lines)
+    canvas = Image.new("L", (columns * (size_x + padding) + padding,
+                             header + rows * (size_y + LABEL_HEIGHT + padding) + padding), 0)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for line_number, line in enumerate(caption_lines):
+        draw.text((padding, 1 + line_number * HEADER_HEIGHT), line, fill=255, font=font)
+    for index in range(count):
+        row, column = divmod(index, columns)
+        top = header + padding + row * (size_y + LABEL_HEIGHT + padding)
+        left = padding + column * (size_x + padding)
+        cell = Image.fromarray(pixels[index], mode="L").resize((size_x, size_y), Image.NEAREST)
+        canvas.paste(cell, (left, top))
+        draw.text((left + (size_x - _text_width(font, labels[index])) // 2, top + size_y), labels[index], fill=255,
+                  font=font)
+    return np.asarray(canvas, np.uint8)

@@ -9,12 +9,16 @@ Every source is read through the public signatures, so what is judged is what a 
 Conditional models are asked for `per_digit` images of every digit through `sample` (seeds
 seed + digit * per_digit + i); every model gives `default_samples` images through
 `serving_default` from numpy normal noise (seed `seed`), which is where coverage is measured.
+
+Every evaluation is made under each judge (both shipped judges unless others are named) and gives,
+per judge, the calibration row and the model's row; gates take the worse judge's figure
+(`worst_figures`). `evaluate` can also write the least real-looking images as one sheet (`--sheet`).
 """
 from __future__ import annotations
 
 import dataclasses
 import tempfile
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -34,7 +38,9 @@ class EvaluateConfig:
         seed: first sample seed, and the seed of the numpy noise.
         batch_size: images per signature call (or per gRPC request).
         data_dir: TFDS data dir holding MNIST (None = TFDS default).
-        judge_dir: a judge written by `python cli.py train-judge` (None = the one shipped with the project).
+        judge_dirs: judges written by `python cli.py train-judge`, each a folder; empty = both judges
+            shipped with the project.
+        sheet: where to write the sheet of the SHEET_SIZE least real-looking images (None = no sheet).
     """
 
     per_digit: int = 1000
@@ -42,9 +48,13 @@ class EvaluateConfig:
     seed: int = 0
     batch_size: int = 500
     data_dir: str | None = None
-    judge_dir: str | None = None
+    judge_dirs: tuple[str, ...] = ()
+    sheet: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.judge_dirs, (str, bytes)):
+            raise ValueError(f"judge_dirs must be a sequence of folders, got {self.judge_dirs!r}")
+        object.__setattr__(self, "judge_dirs", tuple(str(folder) for folder in self.judge_dirs))
         for name in ("per_digit", "default_samples", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 2:
@@ -120,17 +130,19 @@ class ServerSampler:
 
 @dataclasses.dataclass(frozen=True)
 class Samples:
-    """What a model gave: `conditional` [per_digit*10, 28, 28, 1] for `requested` digits, or None for an
-    unconditional model; `default` [default_samples, 28, 28, 1] from noise."""
+    """What a model gave: `conditional` [per_digit*10, 28, 28, 1] for `requested` digits with `seeds`
+    (the `sample` signature's inputs), or all three None for an unconditional model; `default`
+    [default_samples, 28, 28, 1] from noise."""
 
     conditional: np.ndarray | None
     requested: np.ndarray | None
     default: np.ndarray
+    seeds: np.ndarray | None = None
 
 
 def draw_samples(sampler: Sampler, config: EvaluateConfig, progress: Callable[[int], None] = lambda count: None) -> Samples:
     """Asks `sampler` for the images `config` describes, `config.batch_size` per call."""
-    conditional = requested = None
+    conditional = requested = seeds = None
     if sampler.conditional:
         requested = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), config.per_digit)
         seeds = config.seed + np.tile(np.arange(config.per_digit, dtype=np.int64), NUM_CLASSES) + requested * config.per_digit
@@ -138,7 +150,7 @@ def draw_samples(sampler: Sampler, config: EvaluateConfig, progress: Callable[[i
                                   len(requested), config.batch_size, progress)
     noise = np.random.default_rng(config.seed).standard_normal((config.default_samples, sampler.latent_dim)).astype(np.float32)
     default = _in_batches(lambda start, stop: sampler.default(noise[start:stop]), len(noise), config.batch_size, progress)
-    return Samples(conditional, requested, default)
+    return Samples(conditional, requested, default, seeds)
 
 
 def _in_batches(call: Callable[[int, int], np.ndarray], total: int, batch_size: int,
@@ -150,17 +162,128 @@ def _in_batches(call: Callable[[int, int], np.ndarray], total: int, batch_size: 
     return np.concatenate(parts)
 
 
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate` found: per judge (in the order judged), the calibration row and the model's row."""
+
+    calibrations: tuple[judge_lib.QualityReport, ...]
+    rows: tuple[judge_lib.QualityReport, ...]
+    sheet: "Sheet | None" = None  # the sheet of least real-looking images, when one was written
+
+    @property
+    def reports(self) -> list[judge_lib.QualityReport]:
+        """Judge by judge, the calibration row then the model's: what `format_reports` prints."""
+        return [report for pair in zip(self.calibrations, self.rows) for report in pair]
+
+    def with_source(self, source: str) -> "Evaluation":
+        return dataclasses.replace(self, rows=tuple(dataclasses.replace(row, source=source) for row in self.rows))
+
+
+# Each figure a gate may use, with the worse of two values: the highest ratio, the lowest share.
+WORSE = {
+    "frechet_ratio": (max, lambda row: row.frechet_ratio),
+    "worst_digit_frechet_ratio": (max, lambda row: None if row.worst_frechet_digit is None
+                                  else row.per_digit_frechet_ratio[row.worst_frechet_digit]),
+    "mean_digit_frechet_ratio": (max, lambda row: row.mean_digit_frechet_ratio),
+    "precision": (min, lambda row: row.precision),
+    "recall": (min, lambda row: row.recall),
+    "conditional_accuracy": (min, lambda row: row.conditional_accuracy),
+    "worst_digit_accuracy": (min, lambda row: None if row.worst_accuracy_digit is None
+                             else row.per_digit_accuracy[row.worst_accuracy_digit]),
+    "mnist_score": (min, lambda row: row.mnist_score),
+}
+
+
+def worst_figures(rows: Sequence[judge_lib.QualityReport]) -> dict[str, tuple[float, str] | None]:
+    """{figure: (the worse value over the judges' rows, the judge that gave it)}, None where no judge gave one."""
+    worst = {}
+    for name, (worse, figure) in WORSE.items():
+        given = [(figure(row), row.judge) for row in rows if figure(row) is not None]
+        worst[name] = worse(given, key=lambda pair: pair[0]) if given else None
+    return worst
+
+
+def format_worst(rows: Sequence[judge_lib.QualityReport]) -> str:
+    """One line: the worse judge's figure of each kind (what gates hold against thresholds), and which judge."""
+    worst = worst_figures(rows)
+    formats = {"frechet_ratio": ("Fréchet ratio", "{:.2f}"), "worst_digit_frechet_ratio": ("worst digit's ratio", "{:.2f}"),
+               "precision": ("precision", "{:.3f}"), "recall": ("recall", "{:.3f}"),
+               "conditional_accuracy": ("cond. acc.", "{:.2%}"), "worst_digit_accuracy": ("worst digit's acc.", "{:.2%}")}
+    parts = [f"{label} {number.format(worst[name][0])} ({worst[name][1]})" for name, (label, number) in formats.items()
+             if worst[name] is not None]
+    return "worse judge: " + ", ".join(parts)
+
+
 def evaluate(sampler: Sampler, source: str, config: EvaluateConfig,
-             report: Callable[[str], None] = print, progress: bool = True) -> list[judge_lib.QualityReport]:
-    """[calibration row (real test vs real train), the model's row] for `sampler`."""
+             report: Callable[[str], None] = print, progress: bool = True) -> Evaluation:
+    """Judges `sampler` under every judge of `config`; writes the sheet when `config.sheet` names one."""
     from mnist_data import acquire
 
+    judges = judge_lib.load_judges(config.judge_dirs)  # a missing or changed judge is refused before any work
     mnist = acquire.load_mnist(config.data_dir, report=report)
-    judge = judge_lib.load_judge(config.judge_dir)
-    reference = judge_lib.reference(judge, mnist)
+    references = [_reference(judge, mnist, config.data_dir) for judge in judges]
     samples = _draw_with_progress(sampler, config, progress)
-    row = judge_lib.judge_images(judge, reference, source, samples.conditional, samples.requested, samples.default)
-    return [reference.calibration, row]
+    judged = [judge_lib.judge_samples(judge, reference, source, samples.conditional, samples.requested, samples.default)
+              for judge, reference in zip(judges, references)]
+    sheet = None
+    if config.sheet:
+        realism = np.min([one.realism for one in judged], axis=0)  # the worse judge's reading of each image
+        sheet = write_least_real_sheet(config.sheet, samples, realism, [judge.name for judge in judges])
+    return Evaluation(tuple(reference.calibration for reference in references), tuple(one.report for one in judged),
+                      sheet)
+
+
+# The real side of a judge's figures depends only on its weights and on MNIST, so a process that
+# evaluates again (the bench after each leg, the export gate) reads the real digits once per judge.
+_REFERENCES: dict[tuple[str, str | None], judge_lib.Reference] = {}
+
+
+def _reference(judge: judge_lib.Judge, mnist, data_dir: str | None) -> judge_lib.Reference:
+    key = (judge.manifest["sha256"], data_dir)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = judge_lib.reference(judge, mnist)
+    return dataclasses.replace(_REFERENCES[key], calibration=dataclasses.replace(
+        _REFERENCES[key].calibration, judge=judge.name))  # the same weights may be named otherwise
+
+
+SHEET_SIZE = 64  # images on the sheet: 8 rows of 8
+SHEET_COLUMNS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Sheet:
+    """A written sheet: its path, and its cells' labels and realism scores, least real first."""
+
+    path: str
+    labels: tuple[str, ...]
+    realism: tuple[float, ...]
+
+
+def least_real(realism: np.ndarray, count: int = SHEET_SIZE) -> np.ndarray:
+    """Indices of the `count` lowest realism scores, lowest first (ties in index order)."""
+    return np.argsort(realism, kind="stable")[:count]
+
+
+def write_least_real_sheet(path: str, samples: Samples, realism: np.ndarray, judge_names: Sequence[str],
+                           count: int = SHEET_SIZE) -> Sheet:
+    """Writes the `count` judged images with the lowest realism as one PNG, least real first, each with
+    its digit and seed under it (`#i` for the i-th serving_default image of an unconditional model)."""
+    from common import files, images as image_grids
+
+    chosen = least_real(realism, count)
+    if samples.conditional is not None:
+        images = samples.conditional[chosen]
+        labels = [f"{samples.requested[index]} s{samples.seeds[index]}" for index in chosen]
+        caption = (f"The {len(chosen)} least real of {len(realism)} sample digits (lowest realism score, worse of "
+                   f"judges {' and '.join(judge_names)})\nleast real first; under each: digit, s + seed")
+    else:
+        images = samples.default[chosen]
+        labels = [f"#{index}" for index in chosen]
+        caption = (f"The {len(chosen)} least real of {len(realism)} serving_default images (lowest realism score, "
+                   f"worse of judges {' and '.join(judge_names)})\nleast real first; under each: # + row of noise")
+    picture = image_grids.labelled_grid(images, labels, columns=SHEET_COLUMNS, caption=caption)
+    files.write_bytes_atomic(path, image_grids.png_bytes(picture))
+    return Sheet(str(path), tuple(labels), tuple(float(realism[index]) for index in chosen))
 
 
 def _draw_with_progress(sampler: Sampler, config: EvaluateConfig, progress: bool) -> Samples:
@@ -172,13 +295,13 @@ def _draw_with_progress(sampler: Sampler, config: EvaluateConfig, progress: bool
 
 
 def evaluate_bundle(path: str, config: EvaluateConfig, report: Callable[[str], None] = print,
-                    progress: bool = True, source: str | None = None) -> list[judge_lib.QualityReport]:
+                    progress: bool = True, source: str | None = None) -> Evaluation:
     """Judges the SavedModel bundle at `path` (a `<base>/<version>` folder or a staged candidate)."""
     return evaluate(SignatureSampler(path), source or f"bundle {path}", config, report, progress)
 
 
 def evaluate_run(run_dir: str, checkpoint: str | None, config: EvaluateConfig, report: Callable[[str], None] = print,
-                 progress: bool = True) -> list[judge_lib.QualityReport]:
+                 progress: bool = True) -> Evaluation:
     """Judges a run's latest checkpoint (or `checkpoint`) through the same signatures an export writes."""
     from export import bundle, signatures
 
@@ -192,23 +315,35 @@ def evaluate_run(run_dir: str, checkpoint: str | None, config: EvaluateConfig, r
 
 
 def evaluate_server(server: str, model_name: str, version: int | None, config: EvaluateConfig,
-                    report: Callable[[str], None] = print, progress: bool = True) -> list[judge_lib.QualityReport]:
+                    report: Callable[[str], None] = print, progress: bool = True) -> Evaluation:
     """Judges a served model over gRPC: exactly the images a TF Serving client receives."""
     sampler = ServerSampler(server, model_name, version)
-    reports = evaluate(sampler, f"{model_name} on {server}", config, report, progress)
+    evaluation = evaluate(sampler, f"{model_name} on {server}", config, report, progress)
     if sampler.version is not None:  # name the version that actually answered
-        reports[1] = dataclasses.replace(reports[1], source=f"{model_name} v{sampler.version} on {server}")
-    return reports
+        evaluation = evaluation.with_source(f"{model_name} v{sampler.version} on {server}")
+    return evaluation
+
+
+GATE_THRESHOLDS = {  # threshold name → (figure in WORSE, passes(value, threshold), how a failure reads)
+    "min_conditional_accuracy": ("conditional_accuracy", lambda value, line: value >= line, "conditional accuracy {:.2%} < {:.2%}"),
+    "max_frechet_ratio": ("frechet_ratio", lambda value, line: value <= line, "Fréchet ratio {:.2f} > {:.2f}"),
+    "min_precision": ("precision", lambda value, line: value >= line, "precision {:.3f} < {:.3f}"),
+    "min_recall": ("recall", lambda value, line: value >= line, "recall {:.3f} < {:.3f}"),
+}
 
 
 def blessing_gate(config: EvaluateConfig, min_conditional_accuracy: float | None = None,
                   max_frechet_ratio: float | None = None, report: Callable[[str], None] = print,
-                  progress: bool = True):
-    """An export gate (see `export.bundle.export_bundle`) judging the staged candidate against thresholds."""
+                  progress: bool = True, min_precision: float | None = None, min_recall: float | None = None):
+    """An export gate (see `export.bundle.export_bundle`) judging the staged candidate against thresholds,
+    under every judge of `config`: each threshold is held against the worse judge's figure."""
     from export import bundle
 
-    if min_conditional_accuracy is not None and not 0.0 < min_conditional_accuracy <= 1.0:
-        raise ValueError(f"min_conditional_accuracy must be in (0, 1], got {min_conditional_accuracy!r}")
+    thresholds = dict(min_conditional_accuracy=min_conditional_accuracy, max_frechet_ratio=max_frechet_ratio,
+                      min_precision=min_precision, min_recall=min_recall)
+    for name in ("min_conditional_accuracy", "min_precision", "min_recall"):
+        if thresholds[name] is not None and not 0.0 < thresholds[name] <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1], got {thresholds[name]!r}")
     if max_frechet_ratio is not None and not max_frechet_ratio > 0.0:
         raise ValueError(f"max_frechet_ratio must be positive, got {max_frechet_ratio!r}")
 
@@ -217,16 +352,21 @@ def blessing_gate(config: EvaluateConfig, min_conditional_accuracy: float | None
         if min_conditional_accuracy is not None and not sampler.conditional:  # say so before minutes of judging
             return bundle.Verdict(passed=False, figures={}, failures=(
                 "--min-conditional-accuracy needs a conditional model; this one is unconditional",))
-        calibration, row = evaluate(sampler, "export candidate", config, report, progress)
-        report(judge_lib.format_reports([calibration, row]))
+        evaluation = evaluate(sampler, "export candidate", config, report, progress)
+        report(judge_lib.format_reports(evaluation.reports))
+        worst = worst_figures(evaluation.rows)
         failures = []
-        if min_conditional_accuracy is not None and row.conditional_accuracy < min_conditional_accuracy:
-            failures.append(f"conditional accuracy {row.conditional_accuracy:.2%} < {min_conditional_accuracy:.2%}")
-        if max_frechet_ratio is not None and row.frechet_ratio > max_frechet_ratio:
-            failures.append(f"Fréchet ratio {row.frechet_ratio:.2f} > {max_frechet_ratio:.2f}")
-        figures = dict(row.to_dict(), calibration=calibration.to_dict(),
-                       thresholds=dict(min_conditional_accuracy=min_conditional_accuracy,
-                                       max_frechet_ratio=max_frechet_ratio))
+        for name, line in thresholds.items():
+            figure, passes, reads = GATE_THRESHOLDS[name]
+            if line is not None and worst[figure] is None:
+                failures.append(f"{name}: no judge measured {figure.replace('_', ' ')}")
+            elif line is not None and not passes(worst[figure][0], line):
+                failures.append(reads.format(worst[figure][0], line) + f" (judge {worst[figure][1]})")
+        figures = dict({figure: None if pair is None else pair[0] for figure, pair in worst.items()},
+                       worse_judge={figure: None if pair is None else pair[1] for figure, pair in worst.items()},
+                       samples=evaluation.rows[0].samples, thresholds=thresholds,
+                       judges=[dict(row.to_dict(), calibration=calibration.to_dict())
+                               for calibration, row in zip(evaluation.calibrations, evaluation.rows)])
         return bundle.Verdict(passed=not failures, figures=figures, failures=tuple(failures))
 
     return gate

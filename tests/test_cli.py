@@ -165,7 +165,7 @@ def test_export_serve_generate_end_to_end(tiny_runs, mnist_data_dir, tmp_path):
         assert missing.exit_code == 2 and "not found" in missing.output
         _requests_spread_over_a_server_list(server, base, tmp_path)
         _pictures(address, mnist_data_dir, tmp_path)
-        _evaluate_served_model(address, mnist_data_dir)
+        _evaluate_served_model(address, mnist_data_dir, tmp_path)
     finally:
         server.stop(grace=1)
 
@@ -194,18 +194,24 @@ def _pictures(address, mnist_data_dir, tmp_path):
     assert refused.exit_code == 2 and "--compare-real" in refused.output
 
 
-def _evaluate_served_model(address, mnist_data_dir):
-    """`evaluate --server` judges what a gRPC client receives; the calibration row comes first."""
+def _evaluate_served_model(address, mnist_data_dir, tmp_path):
+    """`evaluate --server` judges what a gRPC client receives under both shipped judges, each judge's
+    calibration row first, and writes the sheet of least real-looking digits."""
     import json
 
+    sheet = tmp_path / "least_real.png"
     result = runner.invoke(cli.app, ["evaluate", "--server", address, "--per-digit", "20", "--default-samples", "200",
-                                     "--data-dir", mnist_data_dir, "--json"])
+                                     "--data-dir", mnist_data_dir, "--json", "--sheet", str(sheet)])
     assert result.exit_code == 0, result.output
-    calibration, row = json.loads(result.stdout[result.stdout.index("["):])
-    assert calibration["source"].startswith("real test split") and calibration["conditional_accuracy"] >= 0.99
-    assert row["source"] == f"digitgan v1 on {address}" and row["samples"] == 200
-    assert 0.0 <= row["conditional_accuracy"] <= 1.0 and len(row["per_digit_accuracy"]) == 10
-    assert sum(row["coverage"]) == pytest.approx(1.0) and row["frechet_ratio"] > 1.0  # 4 training steps: far from real
+    reports = json.loads(result.stdout[result.stdout.index("["):])
+    assert [report["judge"] for report in reports] == ["small", "small", "wide", "wide"]
+    for calibration, row in zip(reports[::2], reports[1::2]):
+        assert calibration["source"].startswith("real test split") and calibration["conditional_accuracy"] >= 0.99
+        assert row["source"] == f"digitgan v1 on {address}" and row["samples"] == 200
+        assert 0.0 <= row["conditional_accuracy"] <= 1.0 and len(row["per_digit_accuracy"]) == 10
+        assert sum(row["coverage"]) == pytest.approx(1.0) and row["frechet_ratio"] > 1.0  # 4 training steps: far from real
+        assert 0.0 <= row["precision"] <= 1.0 and 0.0 <= row["recall"] <= 1.0 and len(row["per_digit_frechet_ratio"]) == 10
+    assert Image.open(sheet).format == "PNG"
     both = runner.invoke(cli.app, ["evaluate", "--server", address, "--run-dir", "runs/x"])
     assert both.exit_code == 2 and "exactly one of" in both.output
 

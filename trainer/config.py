@@ -81,8 +81,8 @@ class TrainConfig:
     """Decay of a moving average of G's weights (0 = none); the average draws the sample grids and is
     what `export` writes, as it gives cleaner digits than G itself."""
     evaluate_every_epoch: bool = True
-    """At each epoch end, judge a fixed sample (100 per digit) with the shipped MNIST judge and log the
-    figures to TensorBoard (`quality/...`), when the caller plugs the judge in."""
+    """At each epoch end, judge a fixed sample (100 per digit) with the shipped MNIST judges and log the
+    figures to TensorBoard (`quality/...`), when the caller plugs the judges in."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "epochs", self.epochs, "at least 1")

@@ -290,19 +290,28 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(tiny_runs, tmp_path):
 
 @pytest.mark.slow
 def test_blessing_gate_refuses_a_weak_candidate_and_records_figures(tiny_runs, mnist_data_dir, tmp_path):
-    """TFX-style blessing: the staged candidate is judged before the rename; figures land in the metadata."""
+    """TFX-style blessing: the staged candidate is judged under both shipped judges before the rename;
+    each threshold holds against the worse judge's figure; figures land in the metadata."""
     from quality import sources
 
     base = tmp_path / "digitgan"
     small = sources.EvaluateConfig(per_digit=20, default_samples=200, data_dir=mnist_data_dir)
     strict = sources.blessing_gate(small, min_conditional_accuracy=0.99, max_frechet_ratio=3.0, report=lambda line: None,
-                                   progress=False)
-    with pytest.raises(bundle.ExportError, match=r"version 1 not published: conditional accuracy .* < 99.00%; "
-                                                 r"Fréchet ratio .* > 3.00"):
-        _export(tiny_runs["conditional"], base, gate=strict)  # 4 training steps: far from either threshold
+                                   progress=False, min_precision=0.9, min_recall=0.9)
+    with pytest.raises(bundle.ExportError, match=r"version 1 not published: conditional accuracy .* < 99.00% \(judge \w+\); "
+                                                 r"Fréchet ratio .* > 3.00 \(judge \w+\); precision .* < 0.900 .*; "
+                                                 r"recall .* < 0.900"):
+        _export(tiny_runs["conditional"], base, gate=strict)  # 4 training steps: far from every threshold
     assert _numeric_children(base) == []
     rejected = bundle.read_metadata(base / ".rejected-1")["evaluation"]
     assert rejected["blessed"] is False and rejected["samples"] == 200 and rejected["thresholds"]["max_frechet_ratio"] == 3.0
+    judged = {row["judge"]: row for row in rejected["judges"]}
+    assert set(judged) == {"small", "wide"} and all(row["calibration"]["judge"] == name for name, row in judged.items())
+    # The gate holds each threshold against the worse of the two judges.
+    assert rejected["frechet_ratio"] == max(row["frechet_ratio"] for row in judged.values())
+    assert rejected["recall"] == min(row["recall"] for row in judged.values())
+    worse = max(judged, key=lambda name: judged[name]["frechet_ratio"])
+    assert rejected["worse_judge"]["frechet_ratio"] == worse
     lenient = sources.blessing_gate(small, max_frechet_ratio=1e9, report=lambda line: None, progress=False)
     result = _export(tiny_runs["conditional"], base, gate=lenient)
     evaluation = bundle.read_metadata(result.path)["evaluation"]
@@ -310,6 +319,8 @@ def test_blessing_gate_refuses_a_weak_candidate_and_records_figures(tiny_runs, m
     assert evaluation["frechet_ratio"] == pytest.approx(rejected["frechet_ratio"])  # same seeds, same candidate
     with pytest.raises(ValueError, match="min_conditional_accuracy must be in"):
         sources.blessing_gate(small, min_conditional_accuracy=99)
+    with pytest.raises(ValueError, match="min_recall must be in"):
+        sources.blessing_gate(small, min_recall=90)
     needs_digits = sources.blessing_gate(small, min_conditional_accuracy=0.5, report=lambda line: None, progress=False)
     with pytest.raises(bundle.ExportError, match="needs a conditional model; this one is unconditional"):
         _export(tiny_runs["unconditional"], tmp_path / "unconditional", gate=needs_digits)
