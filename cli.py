@@ -353,26 +353,34 @@ def _write_images(out: Path, images, output_format: str, columns: Optional[int])
 @app.command("train-judge")
 def train_judge(
     out: Path = typer.Option(..., help="Folder to write the judge to (weights and manifest.json). Pass "
-                                       "quality/judge_weights to replace the shipped judge on purpose."),
+                                       "quality/judge_weights or quality/second_judge_weights to replace a shipped judge on purpose."),
+    architecture: str = typer.Option("small", help="small (two convolutions, 128 features: the first shipped judge) or "
+                                                   "wide (four convolutions, global average pooling, 256 features: the second)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the initial weights and dropout (default: 0 for small, 1 for wide, "
+                                                  "as the shipped judges were trained)."),
     data_dir: Optional[str] = typer.Option(None, help="TFDS data dir for MNIST (default: ~/tensorflow_datasets)."),
 ) -> None:
-    """Train an MNIST judge (about 1 to 5 minutes on 2 CPU cores) and write it with its manifest.
+    """Train an MNIST judge (minutes on 2 CPU cores) and write it with its manifest.
 
-    Figures use the shipped judge unless a command is given `--judge FOLDER`; a judge trained here
+    Figures use the shipped judges unless a command is given `--judge FOLDER`; a judge trained here
     is never picked up silently.
     """
     from mnist_data import acquire
     from quality import judge
 
     with user_errors():
+        if architecture not in judge.ARCHITECTURES:
+            raise ValueError(f"--architecture must be one of {', '.join(judge.ARCHITECTURES)}, got {architecture!r}")
+        seed = judge.DEFAULT_SEEDS[architecture] if seed is None else seed
         mnist = acquire.load_mnist(data_dir, report=typer.echo)
-        command = f"python cli.py train-judge --out {out}"
-        manifest = judge.train_judge(mnist, out, command, report=typer.echo)
+        command = own_command_line() or [f"python cli.py train-judge --out {out} --architecture {architecture}"]
+        manifest = judge.train_judge(mnist, out, command[0], report=typer.echo, architecture=architecture, seed=seed)
     calibration = manifest["calibration"]
     typer.echo(f"Wrote {out / manifest['weights']} ({manifest['bytes']:,} bytes, sha256 {manifest['sha256'][:12]}...): "
                f"{manifest['test_accuracy']:.2%} on the real test split; calibration: MNIST score "
                f"{calibration['mnist_score']:.3f}, real train vs real test Fréchet distance "
-               f"{calibration['real_train_vs_real_test_frechet']:.3f}")
+               f"{calibration['real_train_vs_real_test_frechet']:.3f}, precision {calibration['precision']:.3f}, "
+               f"recall {calibration['recall']:.3f}")
 
 
 @app.command()

@@ -1,19 +1,28 @@
-"""Measured quality: the project's own MNIST classifier as judge, and the figures it gives.
+"""Measured quality: the project's own MNIST classifiers as judges, and the figures they give.
 
-The judge is a small CNN trained once on real MNIST (>= 99% on the test split) and shipped with the
-project in `quality/judge_weights/` (weights + `manifest.json` with the command that trained it,
-its accuracy, its calibration figures and the weights' sha256), as TF-GAN ships its MNIST
-classifier: every machine judges with the same weights, so figures compare across machines and
-runs. Nothing in training may use it (it only reports). Its penultimate layer (`features`, 128 ReLU units) is the
-feature space for the Fréchet distance. Images enter every function here as float32
-[N, 28, 28, 1] in [0, 1] (0 = background, 1 = ink), which is what the served signatures return.
+Two judges ship with the project, each trained once on real MNIST (>= 99% on the test split) with
+its own seed, in `quality/judge_weights/` ("small": two convolutions, 128 features; recipes are
+chosen by it) and `quality/second_judge_weights/` ("wide": four convolutions, global average
+pooling, 256 features; never tuned on, it confirms). Each folder holds the weights and a
+`manifest.json` with the command that trained it, its architecture, its accuracy, its calibration
+figures and the weights' sha256, as TF-GAN ships its MNIST classifier: every machine judges with the
+same weights, so figures compare across machines and runs. A figure moves when the ruler changes,
+so every figure is given under both judges and gates take the worse. Nothing in training may use
+a judge (they only report). A judge's penultimate layer (`features`) is its feature space. Images
+enter every function here as float32 [N, 28, 28, 1] in [0, 1] (0 = background, 1 = ink), which is
+what the served signatures return.
 
-Figures (all computed by `judge_images`):
+Figures (all computed by `judge_samples`, per judge):
 - MNIST score = exp(E_x KL(p(y|x) || p(y))): up to 10; high when each image is confidently one
   digit and all digits occur. Real test data scores near 10.
 - Fréchet distance between the features of the samples and of the real test split (lower is
   better), and its ratio to the real-train-vs-real-test distance (1.0 = as close as real data).
-- Conditional accuracy: the share of samples the judge reads as the digit that was requested.
+- Per-digit Fréchet ratio (conditional models): digit d's samples against real test d, over real
+  train d against real test d; its mean and its worst digit.
+- Precision and recall (k = 5 nearest neighbours, `measures.py`): the share of samples on the real
+  test digits' manifold, and the share of real test digits on the samples' manifold.
+- Conditional accuracy: the share of samples the judge reads as the digit that was requested, and
+  the worst digit's.
 - Coverage: the share of samples read as each digit (10% each when no digit is missing or favoured).
 """
 from __future__ import annotations
@@ -26,40 +35,52 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from common import files, precision
+from quality import measures
 
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
 CLASSIFIER_VERSION = 1  # bump when the architecture or recipe changes: manifests of another version are refused
-SHIPPED_JUDGE = Path(__file__).resolve().parent / "judge_weights"  # the judge every figure uses by default
+SHIPPED_JUDGE = Path(__file__).resolve().parent / "judge_weights"  # the first judge: recipes are chosen by it
+SECOND_JUDGE = Path(__file__).resolve().parent / "second_judge_weights"  # another design, never tuned on: it confirms
+SHIPPED_JUDGES = (SHIPPED_JUDGE, SECOND_JUDGE)  # every figure is given under both, and gated on the worse
+ARCHITECTURES = ("small", "wide")  # a manifest without "architecture" is "small" (the first judge's)
+DEFAULT_SEEDS = {"small": 0, "wide": 1}  # the seeds the shipped judges were trained with
 WEIGHTS_FILE = "mnist_judge.weights.h5"
 MANIFEST_FILE = "manifest.json"
 MIN_CLASSIFIER_ACCURACY = 0.99
 REFERENCE_SIZE = 10_000  # real train images compared with the real test split in the calibration row
+NEAREST_NEIGHBOURS = 5  # k of precision and recall: a sample's ball reaches its k-th nearest neighbour
 
 
 class EvaluationError(ValueError):
     """The evaluation cannot be done as asked; the message says why and what to do."""
 
 
-def build_classifier(seed: int = 0):
-    """The judge CNN: float32 [B, 28, 28, 1] in [0, 1] → logits [B, 10]; penultimate layer `features` [B, 128].
+def build_classifier(seed: int = 0, architecture: str = "small"):
+    """A judge CNN: float32 [B, 28, 28, 1] in [0, 1] → logits [B, 10]; penultimate layer `features`.
 
-    Always float32, whatever mixed-precision policy a training run has set globally, so its figures
-    are the same from every caller; `seed` seeds its initial weights and dropout.
+    "small": two 3x3 convolutions (32, 64; BatchNorm, ReLU, max-pooling), flattened, 128 features.
+    "wide": two blocks of two 3x3 convolutions (32 then 64 channels, BatchNorm, ReLU; max-pooling
+    after each block), global average pooling, 256 features: a different design, so the two judges'
+    feature spaces differ. Always float32, whatever mixed-precision policy a training run has set
+    globally, so its figures are the same from every caller; `seed` seeds its initial weights and dropout.
     """
     import keras
 
+    builders = {"small": _small_layers, "wide": _wide_layers}
+    if architecture not in builders:
+        raise EvaluationError(f"unknown judge architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}")
     with precision.float32_policy():
-        return _classifier_layers(keras, seed)
+        return builders[architecture](keras, seed)
 
 
-def _classifier_layers(keras, seed: int):
+def _small_layers(keras, seed: int):
     layers = keras.layers
     inputs = keras.Input((28, 28, 1), name="images")
     hidden = inputs
@@ -74,31 +95,49 @@ def _classifier_layers(keras, seed: int):
     return keras.Model(inputs, logits, name="mnist_judge")
 
 
+def _wide_layers(keras, seed: int):
+    layers = keras.layers
+    inputs = keras.Input((28, 28, 1), name="images")
+    hidden = inputs
+    initializer = lambda offset: keras.initializers.HeNormal(seed=seed + offset)  # noqa: E731
+    for index, filters in enumerate((32, 32, 64, 64)):
+        hidden = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=initializer(index))(hidden)
+        hidden = layers.ReLU()(layers.BatchNormalization()(hidden))
+        if index % 2:
+            hidden = layers.MaxPooling2D()(hidden)
+    hidden = layers.GlobalAveragePooling2D()(hidden)
+    features = layers.Dense(256, activation="relu", name="features", kernel_initializer=initializer(4))(hidden)
+    logits = layers.Dense(NUM_CLASSES, name="logits", kernel_initializer=initializer(5))(
+        layers.Dropout(0.3, seed=seed + 11)(features))
+    return keras.Model(inputs, logits, name="mnist_judge_wide")
+
+
 def real_images(uint8_images: np.ndarray) -> np.ndarray:
     """uint8 [N, 28, 28, 1] in 0..255 → float32 [N, 28, 28, 1] in [0, 1], the judge's input range."""
     return uint8_images.astype(np.float32) / 255.0
 
 
-def train_classifier(mnist, epochs: int = 5, seed: int = 0, report: Callable[[str], None] = log.info):
-    """Trains the judge on the real train split; returns (model, accuracy on the real test split)."""
+def train_classifier(mnist, epochs: int = 5, seed: int = 0, report: Callable[[str], None] = log.info,
+                     architecture: str = "small"):
+    """Trains a judge on the real train split; returns (model, accuracy on the real test split)."""
     import keras
 
-    model = build_classifier(seed)
+    model = build_classifier(seed, architecture)
     steps = epochs * (len(mnist.train_images) // 128 + 1)
     learning_rate = keras.optimizers.schedules.CosineDecay(2e-3, decay_steps=steps)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     model.fit(real_images(mnist.train_images), mnist.train_labels, batch_size=128, epochs=epochs, verbose=0)
     _, accuracy = model.evaluate(real_images(mnist.test_images), mnist.test_labels, batch_size=500, verbose=0)
-    report(f"MNIST judge trained: {accuracy:.2%} on the real test split")
+    report(f"MNIST judge ({architecture}) trained: {accuracy:.2%} on the real test split")
     return model, float(accuracy)
 
 
 def load_judge(directory: str | Path | None = None) -> "Judge":
-    """The judge in `directory` (weights + manifest); None is the judge shipped with the project.
+    """The judge in `directory` (weights + manifest); None is the first shipped judge.
 
     The weights' sha256 must match the manifest's, so a changed or partial file is refused, never
-    used: figures from the shipped judge compare across machines and runs only if it is the same judge.
+    used: figures from the shipped judges compare across machines and runs only if they are the same judges.
     """
     directory = Path(directory) if directory is not None else SHIPPED_JUDGE
     manifest = read_manifest(directory)
@@ -108,9 +147,15 @@ def load_judge(directory: str | Path | None = None) -> "Judge":
         raise EvaluationError(f"the judge weights {weights} have sha256 {digest}, but its manifest says "
                               f"{manifest['sha256']}: restore them (git checkout) or train a judge with "
                               "`python cli.py train-judge --out DIR`")
-    model = build_classifier()
+    model = build_classifier(architecture=manifest["architecture"])
     model.load_weights(str(weights))
-    return Judge(model, manifest)
+    shipped = any(directory.resolve() == folder for folder in SHIPPED_JUDGES)
+    return Judge(model, manifest, name=manifest["architecture"] if shipped else directory.resolve().name)
+
+
+def load_judges(directories: Sequence[str | Path] = ()) -> list["Judge"]:
+    """The judges in `directories`, in that order; none given: both shipped judges (first, second)."""
+    return [load_judge(directory) for directory in (directories or SHIPPED_JUDGES)]
 
 
 def read_manifest(directory: Path) -> dict:
@@ -129,6 +174,10 @@ def read_manifest(directory: Path) -> dict:
     if manifest["classifier_version"] != CLASSIFIER_VERSION:
         raise EvaluationError(f"the judge in {directory} is version {manifest['classifier_version']}; this code "
                               f"builds version {CLASSIFIER_VERSION}: train one with `python cli.py train-judge --out DIR`")
+    manifest = dict(manifest, architecture=manifest.get("architecture", "small"))
+    if manifest["architecture"] not in ARCHITECTURES:
+        raise EvaluationError(f"the judge in {directory} has architecture {manifest['architecture']!r}; this code "
+                              f"builds {', '.join(ARCHITECTURES)}")
     return manifest
 
 
@@ -139,32 +188,36 @@ def file_sha256(path: Path) -> str:
         raise EvaluationError(f"the judge weights {path} are missing") from None
 
 
-def train_judge(mnist, directory: str | Path, command: str, report: Callable[[str], None] = log.info) -> dict:
+def train_judge(mnist, directory: str | Path, command: str, report: Callable[[str], None] = log.info,
+                architecture: str = "small", seed: int = 0) -> dict:
     """Trains a judge on real MNIST and writes it to `directory` (weights, then the manifest); returns the manifest.
 
     Refuses (EvaluationError) a judge under MIN_CLASSIFIER_ACCURACY on the real test split. The
-    manifest records the command, the accuracy, the calibration figures and the weights' sha256.
+    manifest records the command, the architecture and seed, the accuracy, the calibration figures
+    and the weights' sha256.
     """
     import keras
     import tensorflow as tf
 
-    model, accuracy = train_classifier(mnist, report=report)
+    model, accuracy = train_classifier(mnist, seed=seed, report=report, architecture=architecture)
     if accuracy < MIN_CLASSIFIER_ACCURACY:
         raise EvaluationError(f"the MNIST judge reached only {accuracy:.2%} on the test split "
                               f"(needs {MIN_CLASSIFIER_ACCURACY:.0%}); not writing it")
     directory = Path(directory)
     weights = directory / WEIGHTS_FILE
-    bare = build_classifier()  # the weights alone: the trained model would also save its optimizer's state
+    bare = build_classifier(architecture=architecture)  # the weights alone: the trained model would also save its optimizer's state
     bare.set_weights(model.get_weights())
     _save_weights_atomic(bare, weights)
-    calibration = reference(Judge(model, {}), mnist).calibration
+    calibration = reference(Judge(model, {}, name=architecture), mnist).calibration
     manifest = {
         "weights": WEIGHTS_FILE, "sha256": file_sha256(weights), "bytes": weights.stat().st_size,
-        "classifier_version": CLASSIFIER_VERSION, "command": command,
+        "classifier_version": CLASSIFIER_VERSION, "architecture": architecture, "seed": seed, "command": command,
         "test_accuracy": accuracy,
         "calibration": {"mnist_score": calibration.mnist_score,
                         "real_train_vs_real_test_frechet": calibration.frechet_distance,
-                        "reference_train_images": REFERENCE_SIZE, "coverage": calibration.coverage},
+                        "reference_train_images": REFERENCE_SIZE, "coverage": calibration.coverage,
+                        "precision": calibration.precision, "recall": calibration.recall,
+                        "nearest_neighbours": NEAREST_NEIGHBOURS},
         "trained_with": {"tensorflow": tf.__version__, "keras": keras.__version__,
                          "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)"},
     }
@@ -188,18 +241,20 @@ def _save_weights_atomic(model, path: Path) -> None:
 class Judge:
     """The classifier as a function: images → (penultimate features, class probabilities).
 
-    `manifest` is what its manifest says of it (empty for a judge that was just trained).
+    `manifest` is what its manifest says of it (empty for a judge that was just trained); `name`
+    is what reports call it ("small" and "wide" for the shipped judges, else its folder's name).
     """
 
-    def __init__(self, model, manifest: dict):
+    def __init__(self, model, manifest: dict, name: str):
         import keras
 
         self.model = model
         self.manifest = manifest
+        self.name = name
         self._features_and_logits = keras.Model(model.inputs, [model.get_layer("features").output, model.output])
 
     def read(self, images: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-        """images float32 [N, 28, 28, 1] in [0, 1] → (features float64 [N, 128], probabilities float64 [N, 10])."""
+        """images float32 [N, 28, 28, 1] in [0, 1] → (features float64 [N, D], probabilities float64 [N, 10])."""
         _check_images(images)
         features, logits = [], []
         for start in range(0, len(images), batch_size):
@@ -263,29 +318,48 @@ def conditional_accuracy(probabilities: np.ndarray, requested: np.ndarray) -> tu
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-    """The real-data side of every comparison: the test split's features and the calibration row."""
+    """The real-data side of every comparison under one judge: the test split's features, labels and
+    k-NN radii, the real-vs-real Fréchet distances (all digits, and per digit), and the calibration row."""
 
     test_features: np.ndarray
+    test_labels: np.ndarray
+    test_radii: np.ndarray | None  # k-NN radii of the test features (None when made with detailed=False)
     real_vs_real_frechet: float  # real train (REFERENCE_SIZE images) vs real test
+    per_digit_real_vs_real: list[float]  # the same, digit d of train against digit d of test
     calibration: "QualityReport"
 
 
-def reference(judge: Judge, mnist) -> Reference:
-    """Reads the real test split and REFERENCE_SIZE real train images with the judge."""
+CALIBRATION_SOURCE = "real test split vs real train"
+
+
+def reference(judge: Judge, mnist, detailed: bool = True) -> Reference:
+    """Reads the real test split and REFERENCE_SIZE real train images with the judge.
+
+    The calibration row gives the test split's MNIST score, accuracy and coverage, and real train
+    against real test for the Fréchet ratio (1.0), the per-digit ratios (1.0 each) and, when
+    `detailed`, precision and recall (the best a model can expect: real digits against real digits).
+    """
     test_features, test_probabilities = judge.read(real_images(mnist.test_images))
+    train_labels = np.asarray(mnist.train_labels[:REFERENCE_SIZE])
     train_features, _ = judge.read(real_images(mnist.train_images[:REFERENCE_SIZE]))
-    real_vs_real = frechet_distance(train_features, test_features)
-    accuracy, per_digit = conditional_accuracy(test_probabilities, mnist.test_labels)
-    calibration = QualityReport(
-        source="real test split vs real train", samples=len(test_features),
-        mnist_score=mnist_score(test_probabilities), frechet_distance=real_vs_real, frechet_ratio=1.0,
-        conditional_accuracy=accuracy, per_digit_accuracy=per_digit, coverage=coverage(test_probabilities))
-    return Reference(test_features, real_vs_real, calibration)
+    test_labels = np.asarray(mnist.test_labels)
+    per_digit = [frechet_distance(train_features[train_labels == digit], test_features[test_labels == digit])
+                 for digit in range(NUM_CLASSES)]
+    radii = measures.nearest_neighbour_radii(test_features, NEAREST_NEIGHBOURS) if detailed else None
+    partial = Reference(test_features, test_labels, radii, frechet_distance(train_features, test_features), per_digit,
+                        calibration=None)
+    accuracy, per_digit_accuracy = conditional_accuracy(test_probabilities, test_labels)
+    judged = _judge_features(judge.name, partial, CALIBRATION_SOURCE, train_features, None, train_labels, detailed)
+    calibration = dataclasses.replace(
+        judged.report, samples=len(test_features), mnist_score=mnist_score(test_probabilities),
+        conditional_accuracy=accuracy, per_digit_accuracy=per_digit_accuracy, coverage=coverage(test_probabilities))
+    return dataclasses.replace(partial, calibration=calibration)
 
 
 @dataclasses.dataclass(frozen=True)
 class QualityReport:
-    """One row of figures; `None` where a figure does not apply (e.g. accuracy of an unconditional model)."""
+    """One row of figures under one judge; `None` where a figure does not apply (e.g. accuracy of an
+    unconditional model) or was not computed."""
 
     source: str
     samples: int
@@ -295,45 +369,148 @@ class QualityReport:
     conditional_accuracy: float | None = None
     per_digit_accuracy: list[float] | None = None
     coverage: list[float] | None = None  # under serving_default (noise only)
+    judge: str | None = None  # the judge's name ("small", "wide" for the shipped ones)
+    precision: float | None = None  # k = NEAREST_NEIGHBOURS, against the real test split
+    recall: float | None = None
+    per_digit_frechet_ratio: list[float] | None = None  # digit d generated vs real test d, over real train d vs test d
+
+    @property
+    def mean_digit_frechet_ratio(self) -> float | None:
+        """The mean of the per-digit Fréchet ratios (over the digits that were asked for)."""
+        known = _known(self.per_digit_frechet_ratio)
+        return None if not known else float(np.mean(list(known.values())))
+
+    @property
+    def worst_frechet_digit(self) -> int | None:
+        """The digit with the highest per-digit Fréchet ratio."""
+        known = _known(self.per_digit_frechet_ratio)
+        return None if not known else max(known, key=known.get)
+
+    @property
+    def worst_accuracy_digit(self) -> int | None:
+        """The digit read as asked least often."""
+        known = _known(self.per_digit_accuracy)
+        return None if not known else min(known, key=known.get)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, and the figures derived from them (mean and worst digit), for JSON readers."""
+        derived = {"mean_digit_frechet_ratio": self.mean_digit_frechet_ratio,
+                   "worst_frechet_digit": self.worst_frechet_digit, "worst_accuracy_digit": self.worst_accuracy_digit}
+        return dict(dataclasses.asdict(self), **derived)
+
+    @classmethod
+    def from_dict(cls, figures: dict) -> "QualityReport":
+        """The inverse of `to_dict` (derived figures are recomputed, other extra keys ignored)."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in figures.items() if name in names})
+
+
+def _known(per_digit: list[float] | None) -> dict[int, float]:
+    """{digit: value} of a per-digit list, without the NaNs of digits that were not asked for."""
+    return {digit: value for digit, value in enumerate(per_digit or []) if not np.isnan(value)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Judged:
+    """A report, and the realism score of each judged image (None when not computed)."""
+
+    report: QualityReport
+    realism: np.ndarray | None
 
 
 def judge_images(judge: Judge, reference_data: Reference, source: str, conditional_images: np.ndarray | None,
                  requested_digits: np.ndarray | None, default_images: np.ndarray) -> QualityReport:
+    """Figures for a model; see `judge_samples`."""
+    return judge_samples(judge, reference_data, source, conditional_images, requested_digits, default_images).report
+
+
+def judge_samples(judge: Judge, reference_data: Reference, source: str, conditional_images: np.ndarray | None,
+                  requested_digits: np.ndarray | None, default_images: np.ndarray) -> Judged:
     """Figures for a model: `conditional_images` [N, 28, 28, 1] were asked to be `requested_digits` [N]
     (None for unconditional models); `default_images` come from noise alone (serving_default).
 
-    The score and the Fréchet distance use the conditional images when there are any (what a client
-    asking for digits gets), otherwise the default ones.
+    The score, the Fréchet distance, precision and recall (and each image's realism) use the
+    conditional images when there are any (what a client asking for digits gets), otherwise the
+    default ones; the per-digit Fréchet ratios need conditional images. Coverage uses the default ones.
     """
     default_features, default_probabilities = judge.read(default_images)
-    features, probabilities = default_features, default_probabilities
-    accuracy = per_digit = None
+    features, probabilities, requested = default_features, default_probabilities, None
     if conditional_images is not None:
         features, probabilities = judge.read(conditional_images)
-        accuracy, per_digit = conditional_accuracy(probabilities, np.asarray(requested_digits))
+        requested = np.asarray(requested_digits)
+    judged = _judge_features(judge.name, reference_data, source, features, probabilities, requested,
+                             detailed=reference_data.test_radii is not None)
+    return dataclasses.replace(judged, report=dataclasses.replace(judged.report, coverage=coverage(default_probabilities)))
+
+
+def _judge_features(name: str, reference_data: Reference, source: str, features: np.ndarray,
+                    probabilities: np.ndarray | None, requested: np.ndarray | None, detailed: bool) -> Judged:
     distance = frechet_distance(features, reference_data.test_features)
-    return QualityReport(source=source, samples=len(features), mnist_score=mnist_score(probabilities),
-                         frechet_distance=distance, frechet_ratio=distance / reference_data.real_vs_real_frechet,
-                         conditional_accuracy=accuracy, per_digit_accuracy=per_digit,
-                         coverage=coverage(default_probabilities))
+    accuracy = per_digit_accuracy = per_digit_ratio = None
+    if requested is not None:
+        per_digit_ratio = per_digit_frechet_ratios(features, requested, reference_data)
+        if probabilities is not None:
+            accuracy, per_digit_accuracy = conditional_accuracy(probabilities, requested)
+    precision = recall = realism = None
+    if detailed:
+        manifolds = measures.compare_manifolds(reference_data.test_features, features, NEAREST_NEIGHBOURS,
+                                               real_radii=reference_data.test_radii)
+        precision, recall, realism = manifolds.precision, manifolds.recall, manifolds.realism
+    report = QualityReport(
+        source=source, samples=len(features), mnist_score=mnist_score(probabilities) if probabilities is not None else float("nan"),
+        frechet_distance=distance, frechet_ratio=distance / reference_data.real_vs_real_frechet,
+        conditional_accuracy=accuracy, per_digit_accuracy=per_digit_accuracy, judge=name, precision=precision,
+        recall=recall, per_digit_frechet_ratio=per_digit_ratio)
+    return Judged(report, realism)
+
+
+def per_digit_frechet_ratios(features: np.ndarray, requested: np.ndarray, reference_data: Reference) -> list[float]:
+    """For each digit d: Fréchet distance(images asked to be d, real test d) / (real train d, real test d);
+    NaN for a digit with fewer than 2 images."""
+    ratios = []
+    for digit in range(NUM_CLASSES):
+        mine = features[requested == digit]
+        if len(mine) < 2:
+            ratios.append(float("nan"))
+            continue
+        distance = frechet_distance(mine, reference_data.test_features[reference_data.test_labels == digit])
+        ratios.append(distance / reference_data.per_digit_real_vs_real[digit])
+    return ratios
 
 
 def format_reports(reports: list[QualityReport]) -> str:
-    """A fixed-width table, one row per report (the calibration row included by the caller); the
-    source column is as wide as the longest source, so no name is cut."""
-    width = max([34] + [len(report.source) for report in reports])
-    header = (f"{'source':<{width}} {'samples':>8} {'MNIST score':>11} {'Fréchet':>9} {'ratio':>6} {'cond. acc.':>10} "
-              f"{'coverage':>13}")
-    rows = [header]
-    for report in reports:
-        accuracy = "-" if report.conditional_accuracy is None else f"{report.conditional_accuracy:.2%}"
-        spread = "-" if not report.coverage else f"{min(report.coverage):.1%}-{max(report.coverage):.1%}"
-        rows.append(f"{report.source:<{width}} {report.samples:>8} {report.mnist_score:>11.3f} "
-                    f"{report.frechet_distance:>9.3f} {report.frechet_ratio:>6.2f} {accuracy:>10} {spread:>13}")
-    return "\n".join(rows)
+    """Fixed-width tables, one per judge (in the order the reports name them), one row per report (the
+    calibration rows included by the caller); the source column is as wide as the longest source,
+    so no name is cut. Columns: samples, MNIST score, Fréchet ratio, per-digit Fréchet ratio (mean
+    over the digits, then the worst with its digit), precision, recall, conditional accuracy (all
+    digits, then the worst with its digit), coverage (the least and most frequent digit's share)."""
+    width = max([30] + [len(report.source) for report in reports])
+    header = (f"{'source':<{width}} {'samples':>7} {'MNIST':>5} {'ratio':>6} {'digits':>6} {'worst':>8} {'prec.':>5} "
+              f"{'rec.':>5} {'acc.':>7} {'worst':>10} {'coverage':>10}")
+    judges = list(dict.fromkeys(report.judge for report in reports))
+    tables = []
+    for name in judges:
+        rows = [f"judge {name}:"] if name is not None else []
+        rows.append(header)
+        rows += [_format_row(report, width) for report in reports if report.judge == name]
+        tables.append("\n".join(rows))
+    return "\n\n".join(tables)
+
+
+def _format_row(report: QualityReport, width: int) -> str:
+    def share(value):
+        return "-" if value is None else f"{value:.3f}"
+
+    accuracy = "-" if report.conditional_accuracy is None else f"{report.conditional_accuracy:.2%}"
+    worst_accuracy = ("-" if report.worst_accuracy_digit is None else
+                      f"{report.per_digit_accuracy[report.worst_accuracy_digit]:.2%} ({report.worst_accuracy_digit})")
+    mean_digit = "-" if report.mean_digit_frechet_ratio is None else f"{report.mean_digit_frechet_ratio:.2f}"
+    worst_digit = ("-" if report.worst_frechet_digit is None else
+                   f"{report.per_digit_frechet_ratio[report.worst_frechet_digit]:.2f} ({report.worst_frechet_digit})")
+    spread = "-" if not report.coverage else f"{min(report.coverage):.1%}-{max(report.coverage):.1%}"
+    return (f"{report.source:<{width}} {report.samples:>7} {report.mnist_score:>5.3f} {report.frechet_ratio:>6.2f} "
+            f"{mean_digit:>6} {worst_digit:>8} {share(report.precision):>5} {share(report.recall):>5} {accuracy:>7} "
+            f"{worst_accuracy:>10} {spread:>10}")
 
 
 def reports_json(reports: list[QualityReport]) -> str:

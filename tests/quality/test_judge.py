@@ -1,5 +1,5 @@
-"""The MNIST judge and its figures behave on known inputs: real data is near perfect, noise is far,
-a generator collapsed to one digit fails coverage. Uses the shipped classifier on real MNIST."""
+"""The MNIST judges and their figures behave on known inputs: real data is near perfect, noise is far,
+a generator collapsed to one digit fails coverage. Uses the shipped classifiers on real MNIST."""
 from __future__ import annotations
 
 import json
@@ -20,14 +20,27 @@ def mnist(mnist_data_dir):
 
 @pytest.fixture(scope="module")
 def judge_and_reference(mnist):
-    judge = judge_lib.load_judge()  # the shipped judge
+    judge = judge_lib.load_judge()  # the first shipped judge
     return judge, judge_lib.reference(judge, mnist)
 
 
-def test_the_shipped_judge_is_the_one_its_manifest_describes(judge_and_reference, mnist):
-    judge, reference = judge_and_reference
-    manifest = json.loads((judge_lib.SHIPPED_JUDGE / judge_lib.MANIFEST_FILE).read_text())
-    assert judge_lib.file_sha256(judge_lib.SHIPPED_JUDGE / manifest["weights"]) == manifest["sha256"]
+@pytest.fixture(scope="module")
+def second_judge_and_reference(mnist):
+    judge = judge_lib.load_judge(judge_lib.SECOND_JUDGE)
+    return judge, judge_lib.reference(judge, mnist)
+
+
+BOTH_JUDGES = ["judge_and_reference", pytest.param("second_judge_and_reference", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("which", BOTH_JUDGES)
+def test_each_shipped_judge_is_the_one_its_manifest_describes(which, request, mnist):
+    judge, reference = request.getfixturevalue(which)
+    folder = judge_lib.SHIPPED_JUDGES[0 if which == "judge_and_reference" else 1]
+    manifest = json.loads((folder / judge_lib.MANIFEST_FILE).read_text())
+    assert judge_lib.file_sha256(folder / manifest["weights"]) == manifest["sha256"]
+    assert judge.name == manifest.get("architecture", "small") == ("small" if folder == judge_lib.SHIPPED_JUDGE else "wide")
+    assert (folder / manifest["weights"]).stat().st_size < 2_000_000
     probabilities = judge.read(judge_lib.real_images(mnist.test_images))[1]
     accuracy = float(np.mean(probabilities.argmax(axis=1) == mnist.test_labels))
     assert accuracy >= judge_lib.MIN_CLASSIFIER_ACCURACY
@@ -35,11 +48,22 @@ def test_the_shipped_judge_is_the_one_its_manifest_describes(judge_and_reference
     calibration = manifest["calibration"]
     assert reference.calibration.mnist_score == pytest.approx(calibration["mnist_score"], abs=1e-3)
     assert reference.real_vs_real_frechet == pytest.approx(calibration["real_train_vs_real_test_frechet"], rel=1e-3)
+    if "precision" in calibration:  # the first judge's manifest predates precision and recall
+        assert reference.calibration.precision == pytest.approx(calibration["precision"], abs=2e-3)
+        assert reference.calibration.recall == pytest.approx(calibration["recall"], abs=2e-3)
 
 
-def test_a_changed_or_missing_judge_is_refused_not_used(tmp_path):
+def test_the_two_shipped_judges_differ_in_design():
+    small, wide = judge_lib.load_judges()
+    assert (small.name, wide.name) == ("small", "wide")
+    assert small.model.get_layer("features").units == 128 and wide.model.get_layer("features").units == 256
+    assert small.manifest["sha256"] != wide.manifest["sha256"]
+
+
+@pytest.mark.parametrize("folder", judge_lib.SHIPPED_JUDGES, ids=["small", "wide"])
+def test_a_changed_or_missing_judge_is_refused_not_used(tmp_path, folder):
     copy = tmp_path / "judge"
-    shutil.copytree(judge_lib.SHIPPED_JUDGE, copy)
+    shutil.copytree(folder, copy)
     weights = copy / judge_lib.WEIGHTS_FILE
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -50,13 +74,30 @@ def test_a_changed_or_missing_judge_is_refused_not_used(tmp_path):
         judge_lib.load_judge(tmp_path / "nowhere")
 
 
-def test_judge_reads_the_real_test_split(judge_and_reference):
-    _, reference = judge_and_reference
+@pytest.mark.parametrize("which", BOTH_JUDGES)
+def test_judge_reads_the_real_test_split(which, request):
+    _, reference = request.getfixturevalue(which)
     calibration = reference.calibration
     assert calibration.conditional_accuracy >= 0.99, calibration  # the judge's accuracy on real test data
     assert calibration.mnist_score > 9.0, calibration
     assert all(0.085 <= share <= 0.115 for share in calibration.coverage), calibration.coverage
     assert 0.0 < reference.real_vs_real_frechet < 10.0
+    assert 0.85 < calibration.precision < 1.0 and 0.85 < calibration.recall < 1.0, calibration
+    assert calibration.per_digit_frechet_ratio == [1.0] * 10 and calibration.judge == reference.calibration.judge
+
+
+@pytest.mark.slow
+def test_the_reference_train_images_judged_as_a_model_read_as_the_calibration(judge_and_reference, mnist):
+    """The model path (`judge_images`) on the calibration's own real train images gives its figures:
+    Fréchet ratio 1 for all digits and for each digit, and the same precision and recall."""
+    judge, reference = judge_and_reference
+    size = judge_lib.REFERENCE_SIZE
+    images = judge_lib.real_images(mnist.train_images[:size])
+    row = judge_lib.judge_images(judge, reference, "real train", images, mnist.train_labels[:size], images)
+    assert row.frechet_ratio == pytest.approx(1.0, abs=1e-9)
+    assert row.per_digit_frechet_ratio == pytest.approx([1.0] * 10, abs=1e-9)
+    assert (row.precision, row.recall) == (reference.calibration.precision, reference.calibration.recall)
+    assert row.mean_digit_frechet_ratio == pytest.approx(1.0) and row.judge == "small"
 
 
 def test_real_images_score_as_real_and_noise_far(judge_and_reference, mnist):
@@ -64,9 +105,13 @@ def test_real_images_score_as_real_and_noise_far(judge_and_reference, mnist):
     images = judge_lib.real_images(mnist.train_images[20_000:30_000])  # not among the reference's train images
     real = judge_lib.judge_images(judge, reference, "real", images, mnist.train_labels[20_000:30_000], images)
     assert real.conditional_accuracy >= 0.99 and real.frechet_ratio < 1.5 and real.mnist_score > 9.0, real
+    assert real.precision > 0.9 and real.recall > 0.9 and max(real.per_digit_frechet_ratio) < 2.0, real
     noise = np.random.default_rng(0).uniform(0.0, 1.0, (2000, 28, 28, 1)).astype(np.float32)
     far = judge_lib.judge_images(judge, reference, "noise", None, None, noise)
     assert far.frechet_ratio > 50 and far.mnist_score < 2.0 and far.conditional_accuracy is None, far
+    # Noise collapses to a few points of feature space, far from most real digits: no real style is
+    # drawn (recall 0), though some noise lands in the wide balls of real outliers (precision's known weakness).
+    assert far.recall < 0.01 and far.precision < 0.5 and far.per_digit_frechet_ratio is None, far
 
 
 def test_a_generator_collapsed_to_one_digit_fails_coverage(judge_and_reference, mnist):
@@ -75,6 +120,7 @@ def test_a_generator_collapsed_to_one_digit_fails_coverage(judge_and_reference, 
     collapsed = judge_lib.judge_images(judge, reference, "only threes", None, None, threes)
     assert collapsed.coverage[3] > 0.95 and max(collapsed.coverage[:3] + collapsed.coverage[4:]) < 0.05
     assert collapsed.mnist_score < 1.5 and collapsed.frechet_ratio > 10, collapsed
+    assert collapsed.recall < 0.2 < 0.9 < collapsed.precision, collapsed  # real-looking threes, most styles missing
 
 
 def test_frechet_distance_of_known_gaussians():
@@ -102,13 +148,44 @@ def test_bad_images_are_refused(judge_and_reference):
         judge.read(np.full((4, 28, 28, 1), 255.0, np.float32))
 
 
-def test_format_reports_keeps_long_sources_whole_and_columns_aligned():
-    reports = [judge_lib.QualityReport("real test split vs real train", 10000, 9.753, 2.209, 1.0, 0.9907, None,
-                                       [0.089, 0.114]),
-               judge_lib.QualityReport("previous_default after 646 s (step 7496)", 10000, 9.896, 4.179, 1.89, 0.998),
-               judge_lib.QualityReport("tutorial after 600 s (step 1928)", 10000, 2.861, 481.242, 352.4)]
-    lines = judge_lib.format_reports(reports).splitlines()
-    assert lines[2].startswith("previous_default after 646 s (step 7496) ")
-    assert len({line.index(" 10000 ") for line in lines[1:]}) == 1  # the samples column lines up
-    assert lines[2].split()[-2:] == ["99.80%", "-"]  # no coverage measured
-    assert lines[3].split()[-2:] == ["-", "-"]  # unconditional: no accuracy either
+def test_format_reports_prints_a_table_per_judge_with_columns_aligned():
+    def row(source, judge, ratio, accuracy=None, **figures):
+        return judge_lib.QualityReport(source, 10000, 9.8, 4.0, ratio, accuracy, judge=judge, **figures)
+
+    digits = dict(per_digit_accuracy=[0.999] * 8 + [0.985, 0.998], per_digit_frechet_ratio=[1.5] * 7 + [2.75, 1.5, 1.5],
+                  precision=0.912, recall=0.874, coverage=[0.089, 0.114])
+    reports = [row("real test split vs real train", "small", 1.0, 0.9907, **digits),
+               row("previous_default after 646 s (step 7496)", "small", 1.89, 0.998, **digits),
+               row("tutorial after 600 s (step 1928)", "small", 352.4),
+               row("previous_default after 646 s (step 7496)", "wide", 2.04, 0.997, **digits)]
+    text = judge_lib.format_reports(reports)
+    small, wide = text.split("\n\n")
+    small_lines, wide_lines = small.splitlines(), wide.splitlines()
+    assert small_lines[0] == "judge small:" and wide_lines[0] == "judge wide:" and len(wide_lines) == 3
+    assert small_lines[3].startswith("previous_default after 646 s (step 7496) ")
+    assert len({line.index(" 10000 ") for line in small_lines[2:]}) == 1  # the samples column lines up
+    assert small_lines[3].split()[-10:] == ["1.89", "1.62", "2.75", "(7)", "0.912", "0.874", "99.80%", "98.50%", "(8)",
+                                            "8.9%-11.4%"]
+    assert small_lines[4].split()[-8:] == ["352.40", "-", "-", "-", "-", "-", "-", "-"]  # unconditional, no more measured
+    assert wide_lines[2].split()[8] == "2.04"
+    assert max(len(line) for line in text.splitlines()) <= 120  # with sources up to 40 characters
+
+
+def test_a_report_round_trips_through_its_dict():
+    report = judge_lib.QualityReport("x", 100, 9.0, 3.0, 1.5, 0.99, [0.99] * 10, [0.1] * 10, judge="wide",
+                                     precision=0.9, recall=0.8, per_digit_frechet_ratio=[1.0] * 9 + [3.0])
+    figures = report.to_dict()
+    assert figures["worst_frechet_digit"] == 9 and figures["mean_digit_frechet_ratio"] == pytest.approx(1.2)
+    assert judge_lib.QualityReport.from_dict(figures) == report
+
+
+def test_a_manifest_without_an_architecture_is_the_small_judge(tmp_path):
+    assert "architecture" not in json.loads((judge_lib.SHIPPED_JUDGE / judge_lib.MANIFEST_FILE).read_text())
+    assert judge_lib.read_manifest(judge_lib.SHIPPED_JUDGE)["architecture"] == "small"
+    copy = tmp_path / "mine"
+    shutil.copytree(judge_lib.SHIPPED_JUDGE, copy)
+    manifest = json.loads((copy / judge_lib.MANIFEST_FILE).read_text())
+    assert judge_lib.load_judge(copy).name == "mine"  # a judge of one's own is named by its folder
+    (copy / judge_lib.MANIFEST_FILE).write_text(json.dumps(dict(manifest, architecture="huge")))
+    with pytest.raises(judge_lib.EvaluationError, match="architecture 'huge'"):
+        judge_lib.load_judge(copy)
