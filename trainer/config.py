@@ -9,6 +9,7 @@ from common import files
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 LEARNING_RATE_SCHEDULES = ("constant", "linear_decay")
+LOSSES = ("bce", "hinge")
 ARCHITECTURES = ("tutorial", "compact", "tutorial_cbn", "tutorial_cbn_3x3")  # the keys of trainer.models.ARCHITECTURES
 CONFIG_FILE = "config.json"
 # Fields that say where and how a run ran, not what it learns: two runs that differ only in these
@@ -53,6 +54,19 @@ class TrainConfig:
     architecture: str = "tutorial_cbn_3x3"
     """G and D's layers (trainer/models.py): "tutorial" (the DCGAN tutorial's), "compact", "tutorial_cbn"
     (the digit also conditions G's BatchNorm) or "tutorial_cbn_3x3" (tutorial_cbn with 3x3 kernels)."""
+    loss: str = "bce"
+    """D and G's adversarial loss: "bce" (the non-saturating DCGAN loss) or "hinge" (Lim & Ye 2017; the loss
+    projection discriminators were published with)."""
+    spectral_norm: bool = False
+    """Spectral normalisation of D's convolution and dense kernels (Miyato et al. 2018), one power iteration a step."""
+    r1_gamma: float = 0.0
+    """Weight γ of the R1 penalty (γ/2)·E[|∇D(real)|²] on D (Mescheder et al. 2018); 0 = none. Applied lazily:
+    every `r1_interval` steps with γ scaled by the interval (StyleGAN2)."""
+    r1_interval: int = 16
+    """With `r1_gamma` > 0: the penalty is added on every this many steps (1 = every step)."""
+    minibatch_std: bool = False
+    """D gets one more feature map: the standard deviation of its last features over groups of 4 images of the
+    batch (ProGAN), so it can see a batch that lacks variety."""
     max_steps: int | None = None
     """Stop after this many steps in total (smoke runs); None trains all epochs."""
     seed: int = 0
@@ -80,6 +94,9 @@ class TrainConfig:
     generator_average_decay: float = 0.999
     """Decay of a moving average of G's weights (0 = none); the average draws the sample grids and is
     what `export` writes, as it gives cleaner digits than G itself."""
+    generator_average_rampup: float = 0.0
+    """0 = the average's decay warms up as (1 + step) / (10 + step); > 0 = its half-life is instead this share of
+    the steps so far, capped at `generator_average_decay`'s half-life (StyleGAN2's ramp-up)."""
     evaluate_every_epoch: bool = True
     """At each epoch end, judge a fixed sample (100 per digit) with the shipped MNIST judges and log the
     figures to TensorBoard (`quality/...`), when the caller plugs the judges in."""
@@ -113,6 +130,11 @@ class TrainConfig:
         _require(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", self.checkpoint_every_steps, "at least 1")
         _require(0 <= self.generator_average_decay < 1, "generator_average_decay", self.generator_average_decay,
                  "in [0, 1)")
+        _require(0 <= self.generator_average_rampup <= 1, "generator_average_rampup", self.generator_average_rampup,
+                 "in [0, 1]")
+        _require(self.loss in LOSSES, "loss", self.loss, f"one of {', '.join(LOSSES)}")
+        _require(self.r1_gamma >= 0, "r1_gamma", self.r1_gamma, "0 or more")
+        _require(self.r1_interval >= 1, "r1_interval", self.r1_interval, "at least 1")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "at least 1")
         _require(bool(self.run_dir), "run_dir", self.run_dir, "a directory path")
 

@@ -1,4 +1,4 @@
-"""GAN losses: binary cross-entropy on logits, averaged over the GLOBAL batch.
+"""GAN losses (binary cross-entropy on logits, or the hinge loss), averaged over the GLOBAL batch.
 
 Each replica divides its sum of per-example losses by the global batch size
 (`tf.nn.compute_average_loss`), so summing the replicas' losses (and gradients) gives the
@@ -27,4 +27,33 @@ def generator_loss(fake_logits, global_batch_size: int):
 def classifier_loss(class_logits, digits, global_batch_size: int):
     """AC-GAN's auxiliary loss: cross-entropy of D's digit logits [B, 10] float32 against digits int32 [B]."""
     per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=digits, logits=class_logits)
+    return tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
+
+
+def hinge_discriminator_loss(real_logits, fake_logits, global_batch_size: int):
+    """D's hinge loss: relu(1 - D(real)) + relu(1 + D(fake)). Logits [B, 1] float32."""
+    per_example = tf.nn.relu(1.0 - real_logits) + tf.nn.relu(1.0 + fake_logits)
+    return tf.nn.compute_average_loss(tf.squeeze(per_example, -1), global_batch_size=global_batch_size)
+
+
+def hinge_generator_loss(fake_logits, global_batch_size: int):
+    """G's loss under the hinge loss: -D(fake), the discriminator's logit on the fakes pushed up."""
+    return tf.nn.compute_average_loss(tf.squeeze(-fake_logits, -1), global_batch_size=global_batch_size)
+
+
+def adversarial_losses(loss: str):
+    """(generator_loss, discriminator_loss) functions of `loss` ("bce" or "hinge"), each (logits..., global_batch_size)."""
+    if loss == "hinge":
+        return hinge_generator_loss, hinge_discriminator_loss
+    if loss == "bce":
+        return generator_loss, discriminator_loss
+    raise ValueError(f"loss must be one of bce, hinge, got {loss!r}")
+
+
+def r1_penalty(input_gradients, global_batch_size: int):
+    """Σ over the batch of |∇ₓD(x)|² / global batch: E[|∇D|²] of R1 (Mescheder et al. 2018), before its γ/2.
+
+    input_gradients float32 [b, 28, 28, 1]: the gradient of D's logit w.r.t. each real image.
+    """
+    per_example = tf.reduce_sum(tf.square(input_gradients), axis=[1, 2, 3])
     return tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)

@@ -46,6 +46,81 @@ class ReplicaDropout(keras.layers.Layer):
         return {**super().get_config(), "rate": self.rate}
 
 
+def _spectrally_normalized(layer: keras.layers.Layer, kernel, training: bool):
+    """`kernel` / σ(kernel), σ estimated by one power iteration from `layer.spectral_u` (updated when training).
+
+    The iteration runs in float32 on the kernel seen as [inputs, outputs]; only σ carries gradients (as in
+    Miyato et al.). Every replica computes the same u from the same kernel, so its copies stay equal.
+    """
+    matrix = tf.reshape(tf.cast(kernel, tf.float32), [-1, kernel.shape[-1]])
+    u = tf.cast(layer.spectral_u, tf.float32)  # [1, outputs]
+    v = tf.math.l2_normalize(tf.matmul(u, matrix, transpose_b=True))  # [1, inputs]
+    u = tf.stop_gradient(tf.math.l2_normalize(tf.matmul(v, matrix)))
+    v = tf.stop_gradient(v)
+    sigma = tf.reshape(tf.matmul(tf.matmul(v, matrix), u, transpose_b=True), [])
+    if training:
+        layer.spectral_u.assign(u)
+    return kernel / tf.cast(sigma, kernel.dtype)
+
+
+def _add_spectral_u(layer: keras.layers.Layer, outputs: int) -> None:
+    layer.spectral_u = layer.add_weight(shape=(1, outputs), initializer=keras.initializers.RandomNormal(),
+                                        trainable=False, name="spectral_u", dtype="float32")
+
+
+class SpectralConv2D(keras.layers.Conv2D):
+    """Conv2D whose kernel is divided by its largest singular value (spectral normalisation, Miyato et al. 2018)."""
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        _add_spectral_u(self, self.filters)
+
+    def call(self, inputs, training=False):
+        outputs = self.convolution_op(inputs, _spectrally_normalized(self, self.kernel, training))
+        return outputs + tf.reshape(self.bias, (1, 1, 1, self.filters)) if self.use_bias else outputs
+
+
+class SpectralDense(keras.layers.Dense):
+    """Dense whose kernel is divided by its largest singular value (spectral normalisation)."""
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        _add_spectral_u(self, self.units)
+
+    def call(self, inputs, training=False):
+        outputs = tf.matmul(inputs, _spectrally_normalized(self, self.kernel, training))
+        return outputs + self.bias if self.use_bias else outputs
+
+
+class MinibatchStd(keras.layers.Layer):
+    """Appends one feature map: the batch's standard deviation (ProGAN, Karras et al. 2018).
+
+    features [B, H, W, C] → [B, H, W, C + 1]. The batch is split into groups of `group_size` (the whole
+    batch when B does not divide by it); the new map of each image is the mean over positions and
+    channels of the std over its group. Computed in float32 and on each replica's own images.
+    """
+
+    def __init__(self, group_size: int = 4, **kwargs):
+        super().__init__(**kwargs)
+        self.group_size = group_size
+
+    def call(self, features):
+        values = tf.cast(features, tf.float32)
+        batch = tf.shape(values)[0]
+        groups = tf.where(batch % self.group_size == 0, tf.minimum(self.group_size, batch), batch)
+        grouped = tf.reshape(values, tf.concat([[groups, -1], tf.shape(values)[1:]], 0))  # [G, B/G, H, W, C]
+        std = tf.sqrt(tf.math.reduce_variance(grouped, axis=0) + 1e-8)  # [B/G, H, W, C]
+        per_image = tf.tile(tf.reduce_mean(std, axis=[1, 2, 3]), [groups])  # image i = g * B/G + m gets m's
+        maps = per_image[:, None, None, None] * tf.ones_like(values[..., :1])
+        return tf.concat([features, tf.cast(maps, features.dtype)], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], input_shape[-1] + 1)
+
+    def get_config(self):
+        return {**super().get_config(), "group_size": self.group_size}
+
+
 class DigitScaleShift(keras.layers.Layer):
     """The scale and shift of a conditional BatchNorm: features * (1 + gamma[digit]) + beta[digit].
 
@@ -79,18 +154,26 @@ class ProjectionLogit(keras.layers.Layer):
     trains faster and more stably than concatenating one-hot maps to the image.
     """
 
+    def __init__(self, spectral_norm: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.spectral_norm = spectral_norm
+
     def build(self, input_shapes):
         features_shape, _ = input_shapes
         width = int(features_shape[-1])
-        self.linear = keras.layers.Dense(1, dtype=self.dtype_policy, name="linear")
+        dense = SpectralDense if self.spectral_norm else keras.layers.Dense
+        self.linear = dense(1, dtype=self.dtype_policy, name="linear")
         self.linear.build(features_shape)
         self.class_embedding = keras.layers.Embedding(NUM_CLASSES, width, dtype=self.dtype_policy, name="class_embedding")
         self.class_embedding.build((None,))
 
-    def call(self, inputs):
+    def call(self, inputs, training=False):
         features, digits = inputs
         projection = tf.reduce_sum(self.class_embedding(digits) * features, axis=-1, keepdims=True)
-        return self.linear(features) + projection
+        return self.linear(features, training=training) + projection
+
+    def get_config(self):
+        return {**super().get_config(), "spectral_norm": self.spectral_norm}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +240,7 @@ def build_generator(latent_dim: int = 100, conditional: bool = True, synchronize
 
 def build_discriminator(conditional: bool = True, per_replica_dropout: bool = False,
                         architecture: str = "tutorial", classifier_head: bool = False,
-                        dropout: float = 0.3) -> keras.Model:
+                        dropout: float = 0.3, spectral_norm: bool = False, minibatch_std: bool = False) -> keras.Model:
     """DCGAN discriminator: Conv2D 64 / 128 (stride 2), LeakyReLU, Dropout, Dense → 1 logit (projection when conditional).
 
     Inputs image float32 [B, 28, 28, 1] in [-1, 1] (and digit int32 [B] when conditional); output
@@ -168,29 +251,36 @@ def build_discriminator(conditional: bool = True, per_replica_dropout: bool = Fa
     Pass `per_replica_dropout=True` when training over several replicas: Keras's Dropout would give
     every replica the same mask. On one device Keras's Dropout is kept, as its stateless kernel was
     faster than the stateful `tf.nn.dropout` (docs/experiments.md).
+
+    `spectral_norm` spectrally normalises every convolution and dense kernel (not the projection's class
+    embedding); `minibatch_std` appends a `MinibatchStd` feature map to the last convolution's output.
     """
     spec = _architecture(architecture)
+    convolution = SpectralConv2D if spectral_norm else keras.layers.Conv2D
+    dense = SpectralDense if spectral_norm else keras.layers.Dense
     image = keras.Input(IMAGE_SHAPE, name="image")
     inputs = [image]
     hidden = image
     for index, filters in enumerate(spec.downsampling, start=1):
         name = f"down{index}"
-        hidden = keras.layers.Conv2D(filters, spec.kernel_size, strides=2, padding="same", name=name)(hidden)
+        hidden = convolution(filters, spec.kernel_size, strides=2, padding="same", name=name)(hidden)
         hidden = keras.layers.LeakyReLU(negative_slope=0.2, name=f"{name}_relu")(hidden)
         if dropout:
             dropout_layer = ReplicaDropout if per_replica_dropout else keras.layers.Dropout
             hidden = dropout_layer(dropout, name=f"{name}_dropout")(hidden)
+    if minibatch_std:
+        hidden = MinibatchStd(name="minibatch_std")(hidden)
     features = keras.layers.Flatten(name="features")(hidden)
     if conditional:
         digit = keras.Input((), dtype="int32", name="digit")
         inputs.append(digit)
-        logit = ProjectionLogit(dtype="float32", name="logit")([features, digit])
+        logit = ProjectionLogit(spectral_norm=spectral_norm, dtype="float32", name="logit")([features, digit])
     else:
-        logit = keras.layers.Dense(1, dtype="float32", name="logit")(features)
+        logit = dense(1, dtype="float32", name="logit")(features)
     if classifier_head:
         if not conditional:
             raise ValueError("classifier_head needs a conditional discriminator (there is no digit to classify)")
-        class_logits = keras.layers.Dense(NUM_CLASSES, dtype="float32", name="class_logits")(features)
+        class_logits = dense(NUM_CLASSES, dtype="float32", name="class_logits")(features)
         return keras.Model(inputs, [logit, class_logits], name="discriminator")
     return keras.Model(inputs, logit, name="discriminator")
 

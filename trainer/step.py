@@ -82,7 +82,8 @@ def set_globals_and_build_state(config: TrainConfig, strategy: tf.distribute.Str
         discriminator = models.build_discriminator(config.conditional, per_replica_dropout=several_replicas,
                                                    architecture=config.architecture,
                                                    classifier_head=config.classifier_weight > 0,
-                                                   dropout=config.discriminator_dropout)
+                                                   dropout=config.discriminator_dropout,
+                                                   spectral_norm=config.spectral_norm, minibatch_std=config.minibatch_std)
         generator_optimizer = _adam(config, config.learning_rate)
         discriminator_optimizer = _adam(config, config.discriminator_learning_rate or config.learning_rate)
         # Optimizers must be built before the first distributed step, or the first
@@ -103,16 +104,20 @@ def set_globals_and_build_state(config: TrainConfig, strategy: tf.distribute.Str
                     generator_average)
 
 
-def update_generator_average(state: GanState, decay: float) -> None:
+def update_generator_average(state: GanState, decay: float, rampup: float = 0.0) -> None:
     """average <- d * average + (1 - d) * G over all of G's weights (BatchNorm statistics included).
 
     Runs in cross-replica context after each step: G's copies are identical on every replica, so
-    one update written to every copy keeps the average mirrored. The decay ramps up as
-    (1 + step) / (10 + step) towards `decay`, so the early average does not cling to the random
-    initial weights.
+    one update written to every copy keeps the average mirrored. The decay ramps up towards `decay`,
+    so the early average does not cling to the random initial weights: as (1 + step) / (10 + step),
+    or with `rampup` > 0 as a half-life of `rampup` x step steps, d = 0.5 ** (1 / (rampup x step)).
     """
     step = tf.cast(state.step, tf.float32)
-    effective = tf.minimum(decay, (1.0 + step) / (10.0 + step))
+    if rampup > 0:
+        ramp = tf.pow(0.5, 1.0 / tf.maximum(rampup * step, 1e-3))
+    else:
+        ramp = (1.0 + step) / (10.0 + step)
+    effective = tf.minimum(decay, ramp)
     for average, current in zip(state.generator_average.weights, state.generator.weights):
         average.assign(effective * average + (1.0 - effective) * tf.cast(current, average.dtype))
 
@@ -156,42 +161,67 @@ class HoldThenLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
         return {"initial": self.initial, "hold_steps": self.hold_steps, "total_steps": self.total_steps}
 
 
-def replica_step(state: GanState, images, digits, latent_dim: int, gradients_function):
+def replica_step(state: GanState, images, digits, latent_dim: int, gradients_function, r1_interval: int = 1):
     """One D and G update on this replica's batch. Returns (generator_loss, discriminator_loss).
 
     images uint8 [b, 28, 28, 1] (MNIST pixels); digits int32 [b]; b = this replica's share of the batch.
-    `gradients_function(images, digits, noise, fake_digits)` is `losses_and_gradients` with the run's
-    settings bound (make_train_function builds it, XLA-compiled when `config.xla`).
+    `gradients_function(images, digits, noise, fake_digits, regularize)` is `losses_and_gradients` with
+    the run's settings bound (make_train_function builds it, XLA-compiled when `config.xla`);
+    `regularize` says whether this step adds the lazy R1 penalty (every `r1_interval` steps).
     """
     images = scale_images(images)
     batch = tf.shape(images)[0]  # the per-replica batch, not the global one
     # Drawn from the in-scope Generator, outside any XLA cluster: every replica gets its own noise.
     noise = state.noise_generator.normal([batch, latent_dim])
     fake_digits = state.noise_generator.uniform([batch], 0, models.NUM_CLASSES, dtype=tf.int32)
+    regularize = state.step % r1_interval == 0
     generator_loss, discriminator_loss, generator_gradients, discriminator_gradients = gradients_function(
-        images, digits, noise, fake_digits)
+        images, digits, noise, fake_digits, regularize)
     _apply(state.generator_optimizer, generator_gradients, state.generator)
     _apply(state.discriminator_optimizer, discriminator_gradients, state.discriminator)
     return generator_loss, discriminator_loss
 
 
-def losses_and_gradients(state: GanState, images, digits, noise, fake_digits, global_batch_size: int,
-                         conditional: bool, classifier_weight: float = 0.0):
+def losses_and_gradients(state: GanState, images, digits, noise, fake_digits, regularize=False, *,
+                         global_batch_size: int, conditional: bool, classifier_weight: float = 0.0,
+                         loss: str = "bce", r1_weight: float = 0.0):
     """(generator_loss, discriminator_loss, G's gradients, D's gradients) of one forward and backward pass.
 
     images float32 [b, 28, 28, 1] in [-1, 1]; digits and fake_digits int32 [b]; noise float32 [b, latent].
+    With `r1_weight` > 0 and `regularize` (a bool tensor) true, D's gradients also include
+    r1_weight x E[|∇ₓD(real)|²] (not in the reported D loss).
     With mixed_float16 the gradients are of the scaled losses; LossScaleOptimizer unscales them.
     """
     with tf.GradientTape() as generator_tape, tf.GradientTape() as discriminator_tape:
         generator_loss, discriminator_loss = compute_losses(state, images, digits, noise, fake_digits,
                                                             global_batch_size, conditional, training=True,
-                                                            classifier_weight=classifier_weight)
+                                                            classifier_weight=classifier_weight, loss=loss)
+        optimized_discriminator_loss = discriminator_loss
+        if r1_weight:
+            penalty = tf.cond(regularize,
+                              lambda: r1_weight * r1_penalty(state, images, digits, global_batch_size, conditional),
+                              lambda: tf.constant(0.0))
+            optimized_discriminator_loss = discriminator_loss + penalty
         scaled_generator_loss = _scale(state.generator_optimizer, generator_loss)
-        scaled_discriminator_loss = _scale(state.discriminator_optimizer, discriminator_loss)
+        scaled_discriminator_loss = _scale(state.discriminator_optimizer, optimized_discriminator_loss)
     generator_gradients = generator_tape.gradient(scaled_generator_loss, state.generator.trainable_variables)
     discriminator_gradients = discriminator_tape.gradient(scaled_discriminator_loss,
                                                           state.discriminator.trainable_variables)
     return generator_loss, discriminator_loss, generator_gradients, discriminator_gradients
+
+
+def r1_penalty(state: GanState, images, digits, global_batch_size: int, conditional: bool):
+    """E[|∇ₓD(x)|²] over this replica's real images (divided by the global batch), differentiable in D's weights.
+
+    D's adversarial logit is taken in inference mode (no dropout, no spectral-norm update), so the
+    penalty measures D as it stands.
+    """
+    with tf.GradientTape() as input_tape:
+        input_tape.watch(images)
+        outputs = state.discriminator(models.discriminator_inputs(images, digits, conditional), training=False)
+        logits = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+        total = tf.reduce_sum(tf.cast(logits, tf.float32))
+    return losses.r1_penalty(input_tape.gradient(total, images), global_batch_size)
 
 
 def scale_images(images):
@@ -200,25 +230,27 @@ def scale_images(images):
 
 
 def compute_losses(state: GanState, images, digits, noise, fake_digits, global_batch_size: int, conditional: bool,
-                   training: bool = True, classifier_weight: float = 0.0):
+                   training: bool = True, classifier_weight: float = 0.0, loss: str = "bce"):
     """(generator_loss, discriminator_loss) of one forward pass, each divided by the GLOBAL batch size.
 
     Summing the replicas' values (and the optimizer summing their gradients) gives the
     single-device mean over the whole global batch. With `classifier_weight` > 0 (a discriminator
     built with the classifier head), D's loss adds the cross-entropy of its digit guess on the real
     images and G's loss the same on the fakes against the digits asked for (AC-GAN; D learns to
-    classify from real images only, so it never learns the fakes' mistakes as a class).
+    classify from real images only, so it never learns the fakes' mistakes as a class). `loss` picks
+    the adversarial loss: "bce" or "hinge" (`losses.adversarial_losses`).
     """
+    generator_loss, discriminator_loss = losses.adversarial_losses(loss)
     fakes = state.generator(models.generator_inputs(noise, fake_digits, conditional), training=training)
     real_outputs = state.discriminator(models.discriminator_inputs(images, digits, conditional), training=training)
     fake_outputs = state.discriminator(models.discriminator_inputs(fakes, fake_digits, conditional), training=training)
     if not classifier_weight:
-        return (losses.generator_loss(fake_outputs, global_batch_size),
-                losses.discriminator_loss(real_outputs, fake_outputs, global_batch_size))
+        return (generator_loss(fake_outputs, global_batch_size),
+                discriminator_loss(real_outputs, fake_outputs, global_batch_size))
     (real_logits, real_class_logits), (fake_logits, fake_class_logits) = real_outputs, fake_outputs
-    return (losses.generator_loss(fake_logits, global_batch_size)
+    return (generator_loss(fake_logits, global_batch_size)
             + classifier_weight * losses.classifier_loss(fake_class_logits, fake_digits, global_batch_size),
-            losses.discriminator_loss(real_logits, fake_logits, global_batch_size)
+            discriminator_loss(real_logits, fake_logits, global_batch_size)
             + classifier_weight * losses.classifier_loss(real_class_logits, digits, global_batch_size))
 
 
@@ -249,17 +281,20 @@ def make_train_function(strategy: tf.distribute.Strategy, state: GanState, confi
     check_xla(config, strategy)  # loop.train checks too, before it writes; this guards direct callers
     gradients_function = functools.partial(
         losses_and_gradients, state, global_batch_size=global_batch_size, conditional=config.conditional,
-        classifier_weight=config.classifier_weight)
+        classifier_weight=config.classifier_weight, loss=config.loss,
+        # Lazy R1 (StyleGAN2): (γ/2)·E|∇D|², every r1_interval steps, so γ is scaled by the interval.
+        r1_weight=config.r1_gamma / 2.0 * config.r1_interval)
     if config.xla:
         # Only the forward and backward pass is compiled; the optimizer updates run outside it.
         gradients_function = tf.function(gradients_function, jit_compile=True)
 
     def distributed_step(batch):
         images, digits = batch
-        per_replica = strategy.run(replica_step, args=(state, images, digits, config.latent_dim, gradients_function))
+        per_replica = strategy.run(replica_step, args=(state, images, digits, config.latent_dim, gradients_function,
+                                                       config.r1_interval))
         state.step.assign_add(1)
         if state.generator_average is not None:
-            update_generator_average(state, config.generator_average_decay)
+            update_generator_average(state, config.generator_average_decay, config.generator_average_rampup)
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in per_replica]
 
     @tf.function

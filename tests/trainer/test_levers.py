@@ -1,0 +1,182 @@
+"""The training levers of issue 22, each off by default: hinge loss, spectral normalisation in D,
+lazy R1, minibatch standard deviation, and the moving average's ramp-up.
+
+Each is checked for its arithmetic, its config validation, and on 2 logical CPU replicas for
+training with replicas kept identical and for resuming exactly.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import recipes
+from trainer import data, loop, losses, models, step as step_lib, strategy as strategy_lib
+from trainer.config import TrainConfig
+from tests.trainer.test_faults import assert_same_training
+
+GLOBAL_BATCH = 16
+LEVERS = {
+    "hinge": dict(loss="hinge"),
+    "spectral_norm": dict(spectral_norm=True),
+    "r1": dict(r1_gamma=1.0, r1_interval=2),
+    "minibatch_std": dict(minibatch_std=True),
+    "average_rampup": dict(generator_average_rampup=0.05),
+}
+ALL_LEVERS = {key: value for lever in LEVERS.values() for key, value in lever.items()}
+
+
+def test_levers_are_off_by_default():
+    config = TrainConfig()
+    assert (config.loss, config.spectral_norm, config.r1_gamma, config.minibatch_std,
+            config.generator_average_rampup) == ("bce", False, 0.0, False, 0.0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("loss", "wasserstein", "loss must be one of bce, hinge, got 'wasserstein'"),
+    ("r1_gamma", -1.0, "r1_gamma must be 0 or more, got -1.0"),
+    ("r1_interval", 0, "r1_interval must be at least 1, got 0"),
+    ("generator_average_rampup", 1.5, "generator_average_rampup must be in [0, 1], got 1.5"),
+])
+def test_bad_lever_values_are_refused_with_the_value(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**{field: value})
+
+
+def test_levers_are_settable_with_set():
+    assert recipes.parse_settings(["loss=hinge", "spectral_norm=true", "r1_gamma=0.5", "r1_interval=8",
+                                   "minibatch_std=yes", "generator_average_rampup=0.05"]) == {
+        "loss": "hinge", "spectral_norm": True, "r1_gamma": 0.5, "r1_interval": 8, "minibatch_std": True,
+        "generator_average_rampup": 0.05}
+
+
+def test_hinge_losses_follow_their_formulas_over_the_global_batch():
+    real, fake = tf.constant([[2.0], [0.5], [-0.3], [1.0]]), tf.constant([[-2.0], [0.2], [-0.5], [1.5]])
+    expected_d = np.mean(np.maximum(0, 1 - real.numpy()) + np.maximum(0, 1 + fake.numpy()))
+    halves = [float(losses.hinge_discriminator_loss(real[i:i + 2], fake[i:i + 2], 4)) for i in (0, 2)]
+    np.testing.assert_allclose(sum(halves), expected_d, rtol=1e-6)
+    np.testing.assert_allclose(float(losses.hinge_generator_loss(fake, 4)), -np.mean(fake.numpy()), rtol=1e-6)
+    with pytest.raises(ValueError, match="loss must be one of bce, hinge, got 'l2'"):
+        losses.adversarial_losses("l2")
+
+
+def test_r1_penalty_is_the_mean_squared_gradient_norm():
+    gradients = tf.reshape(tf.range(2 * 28 * 28, dtype=tf.float32) / 1000.0, [2, 28, 28, 1])
+    expected = np.mean(np.sum(gradients.numpy() ** 2, axis=(1, 2, 3)))
+    np.testing.assert_allclose(float(losses.r1_penalty(gradients, 2)), expected, rtol=1e-6)
+
+
+def test_minibatch_std_appends_the_std_over_groups_of_four():
+    features = np.random.default_rng(0).standard_normal((8, 3, 3, 2)).astype(np.float32)
+    out = models.MinibatchStd()(tf.constant(features)).numpy()
+    assert out.shape == (8, 3, 3, 3)
+    np.testing.assert_array_equal(out[..., :2], features)
+    grouped = features.reshape(4, 2, 3, 3, 2)  # image i = g * 2 + m
+    per_member = np.sqrt(grouped.var(axis=0) + 1e-8).mean(axis=(1, 2, 3))
+    for image in range(8):
+        np.testing.assert_allclose(out[image, ..., 2], per_member[image % 2], rtol=1e-5)
+    odd = models.MinibatchStd()(tf.constant(features[:6])).numpy()  # 6 does not divide by 4: one group
+    np.testing.assert_allclose(odd[0, 0, 0, 2], np.sqrt(features[:6].var(axis=0) + 1e-8).mean(), rtol=1e-5)
+
+
+def test_spectral_conv_divides_its_kernel_by_the_largest_singular_value():
+    layer = models.SpectralConv2D(8, 3, padding="same")
+    layer.build((None, 7, 7, 4))
+    for _ in range(50):  # power iterations converge on the top singular vector
+        normalized = models._spectrally_normalized(layer, layer.kernel, training=True)
+    matrix = normalized.numpy().reshape(-1, 8)
+    np.testing.assert_allclose(np.linalg.svd(matrix, compute_uv=False)[0], 1.0, rtol=1e-3)
+    before = layer.spectral_u.numpy().copy()
+    layer(tf.ones([1, 7, 7, 4]), training=False)
+    np.testing.assert_array_equal(layer.spectral_u.numpy(), before)  # inference leaves u alone
+
+
+def test_discriminator_builds_with_every_lever():
+    plain = models.build_discriminator(architecture="tutorial_cbn_3x3", classifier_head=True, dropout=0.0)
+    both = models.build_discriminator(architecture="tutorial_cbn_3x3", classifier_head=True, dropout=0.0,
+                                      spectral_norm=True, minibatch_std=True)
+    assert [weight.path for weight in both.non_trainable_weights] == [
+        "down1/spectral_u", "down2/spectral_u", "logit/linear/spectral_u", "class_logits/spectral_u"]
+    assert both.get_layer("features").output.shape[-1] == plain.get_layer("features").output.shape[-1] + 7 * 7
+    logit, classes = both([tf.zeros([4, 28, 28, 1]), tf.constant([0, 1, 2, 3])])
+    assert logit.shape == (4, 1) and classes.shape == (4, 10)
+
+
+def test_average_rampup_sets_a_half_life_of_a_share_of_the_steps():
+    config = TrainConfig(batch_size=GLOBAL_BATCH, generator_average_decay=0.999, generator_average_rampup=0.1)
+    state = step_lib.set_globals_and_build_state(config, tf.distribute.get_strategy())
+    weights = state.generator.trainable_weights[0]
+    start = weights.numpy().copy()
+    weights.assign(start + 1.0)
+    state.step.assign(200)  # a half-life of 20 steps
+    step_lib.update_generator_average(state, 0.999, rampup=0.1)
+    decay = 0.5 ** (1 / 20)
+    average = state.generator_average.trainable_weights[0].numpy()
+    np.testing.assert_allclose(average, decay * start + (1 - decay) * (start + 1.0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lever", list(LEVERS) + ["all"])
+def test_each_lever_trains_on_two_replicas_and_keeps_them_identical(mnist_data_dir, lever):
+    strategy = strategy_lib.create_strategy(gpus=0, cpu_replicas=2)
+    settings = ALL_LEVERS if lever == "all" else LEVERS[lever]
+    config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2, **settings)
+    state = step_lib.set_globals_and_build_state(config, strategy)
+    from mnist_data import acquire
+
+    mnist = acquire.load_mnist(mnist_data_dir)
+    dataset_fn = data.epoch_dataset_fn(mnist.train_images[:64], mnist.train_labels[:64], GLOBAL_BATCH, seed=0, epoch=0)
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    before = [variable.numpy().copy() for variable in state.discriminator.trainable_variables]
+    train = step_lib.make_train_function(strategy, state, config, GLOBAL_BATCH)
+    generator_loss, discriminator_loss = (float(value) for value in train(iterator, tf.constant(3)))
+    assert np.isfinite(generator_loss) and np.isfinite(discriminator_loss)
+    after = [variable.numpy() for variable in state.discriminator.trainable_variables]
+    assert any(not np.allclose(old, new) for old, new in zip(before, after)), "D did not change"
+    for variable in state.generator.variables + state.discriminator.variables:
+        copies = [value.numpy() for value in variable.value.values]
+        np.testing.assert_array_equal(copies[0], copies[1], err_msg=variable.path)
+
+
+def test_r1_adds_its_penalty_to_ds_gradients_only_on_regularizing_steps(mnist_data_dir):
+    from mnist_data import acquire
+
+    config = TrainConfig(batch_size=4, precision="float32", r1_gamma=10.0, r1_interval=4)
+    state = step_lib.set_globals_and_build_state(config, tf.distribute.get_strategy())
+    mnist = acquire.load_mnist(mnist_data_dir)
+    images = tf.constant(mnist.train_images[:4].astype(np.float32) / 127.5 - 1.0)
+    digits = tf.constant(mnist.train_labels[:4].astype(np.int32))
+    noise, fake_digits = tf.random.normal([4, config.latent_dim], seed=1), tf.constant([3, 1, 4, 1])
+    kwargs = dict(global_batch_size=4, conditional=True, classifier_weight=config.classifier_weight)
+    plain = step_lib.losses_and_gradients(state, images, digits, noise, fake_digits, tf.constant(True), **kwargs)
+    off = step_lib.losses_and_gradients(state, images, digits, noise, fake_digits, tf.constant(False),
+                                        r1_weight=20.0, **kwargs)
+    on = step_lib.losses_and_gradients(state, images, digits, noise, fake_digits, tf.constant(True),
+                                       r1_weight=20.0, **kwargs)
+    dense = lambda gradients: [tf.convert_to_tensor(gradient).numpy() for gradient in gradients]  # noqa: E731
+    np.testing.assert_allclose(float(on[1]), float(plain[1]), rtol=1e-6)  # the reported loss has no penalty
+    for plain_gradient, off_gradient in zip(dense(plain[3]), dense(off[3])):
+        np.testing.assert_allclose(off_gradient, plain_gradient, rtol=1e-5, atol=1e-7)
+    assert any(not np.allclose(a, b) for a, b in zip(dense(on[3]), dense(plain[3])))
+    for plain_gradient, on_gradient in zip(dense(plain[2]), dense(on[2])):  # G's gradients do not see the penalty
+        np.testing.assert_allclose(on_gradient, plain_gradient, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_every_lever_together_resumes_exactly(tmp_path, mnist_data_dir):
+    """4 steps straight, and 2 + resume + 2: the same checkpoint, spectral-norm vectors and all."""
+    def run(run_dir, max_steps):
+        config = TrainConfig(run_dir=str(run_dir), data_dir=mnist_data_dir, batch_size=GLOBAL_BATCH, cpu_replicas=2,
+                             steps_per_call=1, checkpoint_every_steps=1, max_steps=max_steps,
+                             evaluate_every_epoch=False, **ALL_LEVERS)
+        return loop.train(config, report=lambda line: None, progress=False)
+
+    straight = run(tmp_path / "straight", 4)
+    run(tmp_path / "resumed", 2)
+    resumed = run(tmp_path / "resumed", 4)
+    assert straight.step == resumed.step == 4
+    saved = {name for name, _ in tf.train.list_variables(straight.checkpoint)}
+    assert sum("spectral_u" in name for name in saved) == 4
+    assert_same_training(resumed.checkpoint, straight.checkpoint)
