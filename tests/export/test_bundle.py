@@ -60,10 +60,10 @@ def test_an_untrained_checkpoint_exports_signatures_that_load_and_answer(untrain
     assert bundle.read_metadata(result.path)["step"] == 0
 
 
-def test_the_gate_judges_an_untrained_candidate_with_the_shipped_judge(untrained_run, mnist_data_dir, tmp_path,
+def test_the_gate_judges_an_untrained_candidate_with_the_shipped_judges(untrained_run, mnist_data_dir, tmp_path,
                                                                       monkeypatch):
     """The fast lane's quality check: the blessing gate (quality.sources) judges the untrained export with
-    the shipped judge against a handful of real MNIST images, refuses it and records its figures."""
+    both shipped judges against a handful of real MNIST images, refuses it and records their figures."""
     import tensorflow_datasets as tfds
 
     from mnist_data import acquire
@@ -82,9 +82,12 @@ def test_the_gate_judges_an_untrained_candidate_with_the_shipped_judge(untrained
     assert _numeric_children(base) == []
     evaluation = bundle.read_metadata(base / ".rejected-1")["evaluation"]
     assert evaluation["blessed"] is False and evaluation["samples"] == 50 and evaluation["conditional_accuracy"] < 0.99
-    assert len(evaluation["coverage"]) == 10 and evaluation["frechet_ratio"] > 1.0
-    calibration = evaluation["calibration"]  # the judge on the 100 real test images
-    assert calibration["samples"] == 100 and calibration["conditional_accuracy"] >= 0.97, calibration
+    judged = {row["judge"]: row for row in evaluation["judges"]}
+    assert set(judged) == {"small", "wide"}  # both shipped judges
+    for row in judged.values():
+        assert len(row["coverage"]) == 10 and row["frechet_ratio"] > 1.0
+        calibration = row["calibration"]  # each judge on the 100 real test images
+        assert calibration["samples"] == 100 and calibration["conditional_accuracy"] >= 0.97, calibration
 
 
 @pytest.mark.slow
