@@ -5,7 +5,6 @@ data extension both ways, errors, metrics, batching shared with Predict, and the
 giving the same digits over v2 as over TF Serving's Predict.
 """
 
-import contextlib
 import http.client
 import io
 import json
@@ -27,8 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 import serving_test_models as models
 from serving_test_models import wait_for
-from serving.config import FREE_PORT, ServeConfig
-from serving.server import create_server
+from serving.config import FREE_PORT
 
 PRETRAINED = Path(__file__).resolve().parents[2] / "pretrained" / "digitgan"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -98,16 +96,10 @@ def rest_json(server, method, path, document=None):
     return status, json.loads(body)
 
 
-@contextlib.contextmanager
 def running_server(**settings):
     """A model server with REST on a free port and the given ServeConfig settings, ready to serve."""
-    server = create_server(ServeConfig(port=0, rest_port=FREE_PORT, poll_seconds=0, grace_seconds=1.0, **settings))
-    server.start()
-    try:
-        assert server.wait_until_ready(120)
-        yield server
-    finally:
-        server.stop(1.0)
+    return models.running_server(**{"port": 0, "rest_port": FREE_PORT, "poll_seconds": 0, "grace_seconds": 1.0,
+                                    **settings})
 
 
 def grpc_error(call):
