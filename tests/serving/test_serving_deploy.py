@@ -200,15 +200,10 @@ def deploy_server(model_root, tmp_path_factory):
     config.model_config_list.config[0].base_path = str(model_root / "digitgan")
     config_file = tmp_path_factory.mktemp("deploy") / "models.config"
     config_file.write_text(text_format.MessageToString(config))
-    server = create_server(ServeConfig(model_config_file=str(config_file), port=0, rest_port=FREE_PORT,
+    with model_builders.running_server(model_config_file=str(config_file), port=0, rest_port=FREE_PORT,
                                        enable_batching=True, batching_parameters_file=str(DEPLOY / "batching.config"),
-                                       grace_seconds=1.0))
-    server.start()
-    try:
-        assert server.wait_until_ready(60)
+                                       grace_seconds=1.0) as server:
         yield server
-    finally:
-        server.stop(1.0)
 
 
 def test_project_server_loads_deploy_models_config_and_answers_predict(deploy_server):
