@@ -9,7 +9,7 @@ from common import files
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 LEARNING_RATE_SCHEDULES = ("constant", "linear_decay")
-LOSSES = ("bce", "hinge")
+LOSSES = ("bce", "hinge", "relativistic")
 ARCHITECTURES = ("tutorial", "compact", "tutorial_cbn", "tutorial_cbn_3x3")  # the keys of trainer.models.ARCHITECTURES
 CONFIG_FILE = "config.json"
 # Fields that say where and how a run ran, not what it learns: two runs that differ only in these
@@ -55,8 +55,9 @@ class TrainConfig:
     """G and D's layers (trainer/models.py): "tutorial" (the DCGAN tutorial's), "compact", "tutorial_cbn"
     (the digit also conditions G's BatchNorm) or "tutorial_cbn_3x3" (tutorial_cbn with 3x3 kernels)."""
     loss: str = "bce"
-    """D and G's adversarial loss: "bce" (the non-saturating DCGAN loss) or "hinge" (Lim & Ye 2017; the loss
-    projection discriminators were published with)."""
+    """D and G's adversarial loss: "bce" (the non-saturating DCGAN loss), "hinge" (Lim & Ye 2017; the loss
+    projection discriminators were published with) or "relativistic" (RpGAN: D compares each real image with
+    a fake, softplus(D(fake) - D(real)); R3GAN pairs it with R1 for mode coverage)."""
     spectral_norm: bool = False
     """Spectral normalisation of D's convolution and dense kernels (Miyato et al. 2018), one power iteration a step."""
     r1_gamma: float = 0.0

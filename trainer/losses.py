@@ -1,4 +1,5 @@
-"""GAN losses (binary cross-entropy on logits, or the hinge loss), averaged over the GLOBAL batch.
+"""GAN losses (binary cross-entropy on logits, the hinge loss, or the relativistic pairing loss), averaged over
+the GLOBAL batch.
 
 Each replica divides its sum of per-example losses by the global batch size
 (`tf.nn.compute_average_loss`), so summing the replicas' losses (and gradients) gives the
@@ -41,13 +42,34 @@ def hinge_generator_loss(fake_logits, global_batch_size: int):
     return tf.nn.compute_average_loss(tf.squeeze(-fake_logits, -1), global_batch_size=global_batch_size)
 
 
+def relativistic_discriminator_loss(real_logits, fake_logits, global_batch_size: int):
+    """RpGAN's D loss (Jolicoeur-Martineau 2019; R3GAN, Huang et al. 2024): softplus(D(fake) - D(real)), each
+    real image paired with the fake in its row. Logits [b, 1] float32."""
+    return generator_loss(real_logits - fake_logits, global_batch_size)  # the same softplus, mirrored
+
+
+def relativistic_generator_loss(real_logits, fake_logits, global_batch_size: int):
+    """RpGAN's G loss: softplus(D(real) - D(fake)), the fake pushed above the real image it is paired with."""
+    return generator_loss(fake_logits - real_logits, global_batch_size)
+
+
 def adversarial_losses(loss: str):
-    """(generator_loss, discriminator_loss) functions of `loss` ("bce" or "hinge"), each (logits..., global_batch_size)."""
+    """(generator_loss, discriminator_loss) of `loss` ("bce", "hinge" or "relativistic").
+
+    Both take (real_logits, fake_logits, global_batch_size); only the relativistic G loss reads the
+    real logits (its gradient still flows only through the fakes, as G makes only those).
+    """
     if loss == "hinge":
-        return hinge_generator_loss, hinge_discriminator_loss
+        return _fakes_only(hinge_generator_loss), hinge_discriminator_loss
     if loss == "bce":
-        return generator_loss, discriminator_loss
-    raise ValueError(f"loss must be one of bce, hinge, got {loss!r}")
+        return _fakes_only(generator_loss), discriminator_loss
+    if loss == "relativistic":
+        return relativistic_generator_loss, relativistic_discriminator_loss
+    raise ValueError(f"loss must be one of bce, hinge, relativistic, got {loss!r}")
+
+
+def _fakes_only(loss_function):
+    return lambda real_logits, fake_logits, global_batch_size: loss_function(fake_logits, global_batch_size)
 
 
 def r1_penalty(input_gradients, global_batch_size: int):

@@ -238,17 +238,17 @@ def compute_losses(state: GanState, images, digits, noise, fake_digits, global_b
     built with the classifier head), D's loss adds the cross-entropy of its digit guess on the real
     images and G's loss the same on the fakes against the digits asked for (AC-GAN; D learns to
     classify from real images only, so it never learns the fakes' mistakes as a class). `loss` picks
-    the adversarial loss: "bce" or "hinge" (`losses.adversarial_losses`).
+    the adversarial loss: "bce", "hinge" or "relativistic" (`losses.adversarial_losses`).
     """
     generator_loss, discriminator_loss = losses.adversarial_losses(loss)
     fakes = state.generator(models.generator_inputs(noise, fake_digits, conditional), training=training)
     real_outputs = state.discriminator(models.discriminator_inputs(images, digits, conditional), training=training)
     fake_outputs = state.discriminator(models.discriminator_inputs(fakes, fake_digits, conditional), training=training)
     if not classifier_weight:
-        return (generator_loss(fake_outputs, global_batch_size),
+        return (generator_loss(real_outputs, fake_outputs, global_batch_size),
                 discriminator_loss(real_outputs, fake_outputs, global_batch_size))
     (real_logits, real_class_logits), (fake_logits, fake_class_logits) = real_outputs, fake_outputs
-    return (generator_loss(fake_logits, global_batch_size)
+    return (generator_loss(real_logits, fake_logits, global_batch_size)
             + classifier_weight * losses.classifier_loss(fake_class_logits, fake_digits, global_batch_size),
             discriminator_loss(real_logits, fake_logits, global_batch_size)
             + classifier_weight * losses.classifier_loss(real_class_logits, digits, global_batch_size))

@@ -1,4 +1,4 @@
-"""The training levers of issue 22, each off by default: hinge loss, spectral normalisation in D,
+"""The training levers of issue 22, each off by default: hinge and relativistic losses, spectral normalisation in D,
 lazy R1, minibatch standard deviation, and the moving average's ramp-up.
 
 Each is checked for its arithmetic, its config validation, and on 2 logical CPU replicas for
@@ -20,12 +20,13 @@ from tests.trainer.test_faults import assert_same_training
 GLOBAL_BATCH = 16
 LEVERS = {
     "hinge": dict(loss="hinge"),
+    "relativistic": dict(loss="relativistic"),
     "spectral_norm": dict(spectral_norm=True),
     "r1": dict(r1_gamma=1.0, r1_interval=2),
     "minibatch_std": dict(minibatch_std=True),
     "average_rampup": dict(generator_average_rampup=0.05),
 }
-ALL_LEVERS = {key: value for lever in LEVERS.values() for key, value in lever.items()}
+ALL_LEVERS = {key: value for lever in LEVERS.values() for key, value in lever.items()}  # the last loss wins
 
 
 def test_levers_are_off_by_default():
@@ -35,7 +36,7 @@ def test_levers_are_off_by_default():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("loss", "wasserstein", "loss must be one of bce, hinge, got 'wasserstein'"),
+    ("loss", "wasserstein", "loss must be one of bce, hinge, relativistic, got 'wasserstein'"),
     ("r1_gamma", -1.0, "r1_gamma must be 0 or more, got -1.0"),
     ("r1_interval", 0, "r1_interval must be at least 1, got 0"),
     ("generator_average_rampup", 1.5, "generator_average_rampup must be in [0, 1], got 1.5"),
@@ -58,8 +59,18 @@ def test_hinge_losses_follow_their_formulas_over_the_global_batch():
     halves = [float(losses.hinge_discriminator_loss(real[i:i + 2], fake[i:i + 2], 4)) for i in (0, 2)]
     np.testing.assert_allclose(sum(halves), expected_d, rtol=1e-6)
     np.testing.assert_allclose(float(losses.hinge_generator_loss(fake, 4)), -np.mean(fake.numpy()), rtol=1e-6)
-    with pytest.raises(ValueError, match="loss must be one of bce, hinge, got 'l2'"):
+    with pytest.raises(ValueError, match="loss must be one of bce, hinge, relativistic, got 'l2'"):
         losses.adversarial_losses("l2")
+
+
+def test_relativistic_losses_pair_each_real_image_with_a_fake():
+    real, fake = tf.constant([[2.0], [0.5], [-0.3], [1.0]]), tf.constant([[-2.0], [0.2], [-0.5], [1.5]])
+    generator_loss, discriminator_loss = losses.adversarial_losses("relativistic")
+    softplus = lambda values: np.log1p(np.exp(values))  # noqa: E731
+    difference = (real - fake).numpy()
+    halves = [float(discriminator_loss(real[i:i + 2], fake[i:i + 2], 4)) for i in (0, 2)]
+    np.testing.assert_allclose(sum(halves), np.mean(softplus(-difference)), rtol=1e-6)
+    np.testing.assert_allclose(float(generator_loss(real, fake, 4)), np.mean(softplus(difference)), rtol=1e-6)
 
 
 def test_r1_penalty_is_the_mean_squared_gradient_norm():
