@@ -200,8 +200,8 @@ ARCHITECTURES = {
     # tutorial_cbn with 3x3 kernels in G and D: G's transposed convolutions, most of the step's work,
     # need about a third of the multiply-adds (the default; its speed: docs/experiments.md).
     "tutorial_cbn_3x3": Architecture(256, ((128, 1), (64, 2)), (64, 128), 3, digit_batch_norm=True),
-    # tutorial_cbn_3x3 with D twice as wide (128, 256): D is about a tenth of G's multiply-adds at the
-    # default widths, so a stronger critic costs little of the step.
+    # tutorial_cbn_3x3 with D twice as wide (128, 256): a stronger critic, at about four times D's
+    # multiply-adds, which D spends on both batches and on G's backward pass (slower per step).
     "tutorial_cbn_3x3_wide_d": Architecture(256, ((128, 1), (64, 2)), (128, 256), 3, digit_batch_norm=True),
 }
 

@@ -1,5 +1,5 @@
-"""The training levers of issue 22, each off by default: hinge and relativistic losses, spectral normalisation in D,
-lazy R1, minibatch standard deviation, and the moving average's ramp-up.
+"""The training levers of issue 22, each off by default: hinge and relativistic losses, spectral
+normalisation in D, lazy R1, minibatch standard deviation, and the moving average's ramp-up.
 
 Each is checked for its arithmetic, its config validation, and on 2 logical CPU replicas for
 training with replicas kept identical and for resuming exactly.
