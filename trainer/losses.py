@@ -53,23 +53,27 @@ def relativistic_generator_loss(real_logits, fake_logits, global_batch_size: int
     return generator_loss(fake_logits - real_logits, global_batch_size)
 
 
+def _fakes_only(loss_function):
+    return lambda real_logits, fake_logits, global_batch_size: loss_function(fake_logits, global_batch_size)
+
+
+# TrainConfig.loss's values → (G's loss, D's loss), both taking (real_logits, fake_logits, global_batch_size).
+ADVERSARIAL_LOSSES = {
+    "bce": (_fakes_only(generator_loss), discriminator_loss),
+    "hinge": (_fakes_only(hinge_generator_loss), hinge_discriminator_loss),
+    "relativistic": (relativistic_generator_loss, relativistic_discriminator_loss),
+}
+
+
 def adversarial_losses(loss: str):
-    """(generator_loss, discriminator_loss) of `loss` ("bce", "hinge" or "relativistic").
+    """(generator_loss, discriminator_loss) of `loss`, a key of ADVERSARIAL_LOSSES.
 
     Both take (real_logits, fake_logits, global_batch_size); only the relativistic G loss reads the
     real logits (its gradient still flows only through the fakes, as G makes only those).
     """
-    if loss == "hinge":
-        return _fakes_only(hinge_generator_loss), hinge_discriminator_loss
-    if loss == "bce":
-        return _fakes_only(generator_loss), discriminator_loss
-    if loss == "relativistic":
-        return relativistic_generator_loss, relativistic_discriminator_loss
-    raise ValueError(f"loss must be one of bce, hinge, relativistic, got {loss!r}")
-
-
-def _fakes_only(loss_function):
-    return lambda real_logits, fake_logits, global_batch_size: loss_function(fake_logits, global_batch_size)
+    if loss not in ADVERSARIAL_LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(ADVERSARIAL_LOSSES)}, got {loss!r}")
+    return ADVERSARIAL_LOSSES[loss]
 
 
 def r1_penalty(input_gradients, global_batch_size: int):

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from configs import recipes
 from trainer import data, loop, losses, models, step as step_lib, strategy as strategy_lib
+from trainer import config as config_lib
 from trainer.config import TrainConfig
 from tests.trainer.test_faults import assert_same_training
 
@@ -27,6 +28,10 @@ LEVERS = {
     "average_rampup": dict(generator_average_rampup=0.05),
 }
 ALL_LEVERS = {key: value for lever in LEVERS.values() for key, value in lever.items()}  # the last loss wins
+
+
+def test_config_names_every_loss_the_step_knows():
+    assert set(config_lib.LOSSES) == set(losses.ADVERSARIAL_LOSSES)
 
 
 def test_levers_are_off_by_default():
