@@ -22,10 +22,10 @@ import time
 
 import grpc
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from client.grpc_client import CHANNEL_OPTIONS
+from serving import tensors
 from serving.config import MODEL_NAME, SERVER
 
 OK = "OK"
@@ -102,7 +102,7 @@ def predict_request(model_name: str, rows: int = 1, latent_dim: int = 100,
                     signature_name: str = "") -> predict_pb2.PredictRequest:
     """A Predict request with a [rows, latent_dim] float32 `noise` input.
 
-    The tensor is written as tensor_content by hand: tf.make_tensor_proto would cost more
+    The tensor is written as tensor_content (`serving.tensors`): tf.make_tensor_proto would cost more
     client CPU than the server spends on the tiny test model.
     """
     noise = np.random.default_rng(0).standard_normal((rows, latent_dim)).astype(np.float32)
@@ -110,10 +110,7 @@ def predict_request(model_name: str, rows: int = 1, latent_dim: int = 100,
     request.model_spec.name = model_name
     if signature_name:
         request.model_spec.signature_name = signature_name
-    request.inputs["noise"].CopyFrom(tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_FLOAT, tensor_content=noise.tobytes(),
-        tensor_shape=tensor_shape_pb2.TensorShapeProto(
-            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in noise.shape])))
+    request.inputs["noise"].CopyFrom(tensors.ndarray_to_proto(noise, use_tensor_content=True))
     return request
 
 

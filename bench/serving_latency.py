@@ -240,7 +240,6 @@ def bench_rest(port: int, latent: int, size: int, args) -> dict:
     """REST :predict (row format, `instances`) from one client on a kept-alive connection; each
     request is timed until the whole JSON reply has arrived (the client does not parse it)."""
     import http.client
-    import json
 
     noise = np.random.default_rng(1).standard_normal((size, latent)).astype(np.float32)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -256,7 +255,6 @@ def bench_rest(port: int, latent: int, size: int, args) -> dict:
 
 def rest_predict_call(connection, noise: np.ndarray):
     """call() -> the JSON reply of one REST :predict of `noise` (row format) on `connection`."""
-    import json
 
     body = json.dumps({"instances": noise.tolist()}).encode()
     path = f"/v1/models/{MODEL_NAME}:predict"

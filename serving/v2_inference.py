@@ -48,6 +48,7 @@ if types_pb2.DT_BFLOAT16 in tensors.DTYPES:
 NUMPY_DTYPES = {name: tensors.DTYPES[enum][0] for enum, name in V2_DATATYPES.items()}  # object for BYTES
 
 
+@functools.cache  # the installed version does not change while the server runs; read it once
 def server_version() -> str:
     try:
         return importlib.metadata.version("digitgan")
