@@ -24,7 +24,8 @@ RECIPES: dict[str, dict] = {
         learning_rate_schedule="linear_decay", learning_rate_decay_start=0.5, beta_1=0.5, beta_2=0.999,
         latent_dim=100, conditional=True, classifier_weight=0.15, discriminator_dropout=0.3,
         architecture="tutorial_cbn", generator_average_decay=0.999, max_steps=None, seed=0, loss="bce",
-        spectral_norm=False, r1_gamma=0.0, r1_interval=16, minibatch_std=False, generator_average_rampup=0.0),
+        spectral_norm=False, r1_gamma=0.0, r1_interval=16, minibatch_std=False, generator_average_rampup=0.0,
+        twin_classifier=0.0),
     # TensorFlow's DCGAN tutorial: unconditional, batch 256, Adam(1e-4) with beta_1 0.9, 50 epochs,
     # float32, no schedule and no moving average.
     "tutorial": dict(

@@ -48,6 +48,10 @@ class TrainConfig:
     classifier_weight: float = 0.6
     """Weight of the auxiliary classifier loss (AC-GAN): D also names real digits and G must make fakes
     D reads as the digit asked for; 0 = none, and always 0 for unconditional runs."""
+    twin_classifier: float = 0.0
+    """With `classifier_weight` > 0: TAC-GAN (Gong et al. 2019) when > 0. D gets a second digit head that learns
+    to name the fakes' digits, and G's classifier loss subtracts this share of that head's cross-entropy:
+    1 cancels AC-GAN's pull towards the digits easiest to name (a pull that costs variety), 0 = plain AC-GAN."""
     discriminator_dropout: float = 0.0
     """Dropout rate after each of D's convolutions; 0 = no dropout layers (the tutorial's D uses 0.3;
     why the default has none: docs/experiments.md)."""
@@ -117,6 +121,9 @@ class TrainConfig:
         _require(self.classifier_weight >= 0, "classifier_weight", self.classifier_weight, "0 or more")
         if not self.conditional:
             object.__setattr__(self, "classifier_weight", 0.0)  # frozen; config.json shows what ran
+        _require(0 <= self.twin_classifier <= 1, "twin_classifier", self.twin_classifier, "in [0, 1]")
+        _require(not self.twin_classifier or self.classifier_weight > 0, "twin_classifier", self.twin_classifier,
+                 "0 when there is no auxiliary classifier (classifier_weight 0, or an unconditional run)")
         _require(0 <= self.beta_1 < 1, "beta_1", self.beta_1, "in [0, 1)")
         _require(0 < self.beta_2 < 1, "beta_2", self.beta_2, "in (0, 1)")
         _require(self.latent_dim >= 2, "latent_dim", self.latent_dim, "at least 2")

@@ -243,12 +243,15 @@ def build_generator(latent_dim: int = 100, conditional: bool = True, synchronize
 
 def build_discriminator(conditional: bool = True, per_replica_dropout: bool = False,
                         architecture: str = "tutorial", classifier_head: bool = False,
-                        dropout: float = 0.3, spectral_norm: bool = False, minibatch_std: bool = False) -> keras.Model:
+                        dropout: float = 0.3, spectral_norm: bool = False, minibatch_std: bool = False,
+                        twin_classifier_head: bool = False) -> keras.Model:
     """DCGAN discriminator: Conv2D 64 / 128 (stride 2), LeakyReLU, Dropout, Dense → 1 logit (projection when conditional).
 
     Inputs image float32 [B, 28, 28, 1] in [-1, 1] (and digit int32 [B] when conditional); output
     one logit float32 [B, 1]. `classifier_head=True` (conditional only) adds AC-GAN's auxiliary
     classifier: the outputs become [logit, class_logits float32 [B, 10]], both from the same features.
+    `twin_classifier_head=True` (with the classifier head) adds TAC-GAN's twin, which learns to name the
+    fakes' digits: [logit, class_logits, twin_class_logits float32 [B, 10]].
 
     `dropout` is the rate after each convolution (the tutorial's 0.3); 0 builds no dropout layers.
     Pass `per_replica_dropout=True` when training over several replicas: Keras's Dropout would give
@@ -283,8 +286,12 @@ def build_discriminator(conditional: bool = True, per_replica_dropout: bool = Fa
     if classifier_head:
         if not conditional:
             raise ValueError("classifier_head needs a conditional discriminator (there is no digit to classify)")
-        class_logits = dense(NUM_CLASSES, dtype="float32", name="class_logits")(features)
-        return keras.Model(inputs, [logit, class_logits], name="discriminator")
+        outputs = [logit, dense(NUM_CLASSES, dtype="float32", name="class_logits")(features)]
+        if twin_classifier_head:
+            outputs.append(dense(NUM_CLASSES, dtype="float32", name="twin_class_logits")(features))
+        return keras.Model(inputs, outputs, name="discriminator")
+    if twin_classifier_head:
+        raise ValueError("twin_classifier_head needs the classifier head (classifier_head=True)")
     return keras.Model(inputs, logit, name="discriminator")
 
 

@@ -82,6 +82,7 @@ def set_globals_and_build_state(config: TrainConfig, strategy: tf.distribute.Str
         discriminator = models.build_discriminator(config.conditional, per_replica_dropout=several_replicas,
                                                    architecture=config.architecture,
                                                    classifier_head=config.classifier_weight > 0,
+                                                   twin_classifier_head=config.twin_classifier > 0,
                                                    dropout=config.discriminator_dropout,
                                                    spectral_norm=config.spectral_norm, minibatch_std=config.minibatch_std)
         generator_optimizer = _adam(config, config.learning_rate)
@@ -184,7 +185,7 @@ def replica_step(state: GanState, images, digits, latent_dim: int, gradients_fun
 
 def losses_and_gradients(state: GanState, images, digits, noise, fake_digits, regularize=False, *,
                          global_batch_size: int, conditional: bool, classifier_weight: float = 0.0,
-                         loss: str = "bce", r1_weight: float = 0.0):
+                         loss: str = "bce", r1_weight: float = 0.0, twin_classifier: float = 0.0):
     """(generator_loss, discriminator_loss, G's gradients, D's gradients) of one forward and backward pass.
 
     images float32 [b, 28, 28, 1] in [-1, 1]; digits and fake_digits int32 [b]; noise float32 [b, latent].
@@ -195,7 +196,8 @@ def losses_and_gradients(state: GanState, images, digits, noise, fake_digits, re
     with tf.GradientTape() as generator_tape, tf.GradientTape() as discriminator_tape:
         generator_loss, discriminator_loss = compute_losses(state, images, digits, noise, fake_digits,
                                                             global_batch_size, conditional, training=True,
-                                                            classifier_weight=classifier_weight, loss=loss)
+                                                            classifier_weight=classifier_weight, loss=loss,
+                                                            twin_classifier=twin_classifier)
         optimized_discriminator_loss = discriminator_loss
         if r1_weight:
             penalty = tf.cond(regularize,
@@ -230,15 +232,17 @@ def scale_images(images):
 
 
 def compute_losses(state: GanState, images, digits, noise, fake_digits, global_batch_size: int, conditional: bool,
-                   training: bool = True, classifier_weight: float = 0.0, loss: str = "bce"):
+                   training: bool = True, classifier_weight: float = 0.0, loss: str = "bce",
+                   twin_classifier: float = 0.0):
     """(generator_loss, discriminator_loss) of one forward pass, each divided by the GLOBAL batch size.
 
     Summing the replicas' values (and the optimizer summing their gradients) gives the
     single-device mean over the whole global batch. With `classifier_weight` > 0 (a discriminator
     built with the classifier head), D's loss adds the cross-entropy of its digit guess on the real
     images and G's loss the same on the fakes against the digits asked for (AC-GAN; D learns to
-    classify from real images only, so it never learns the fakes' mistakes as a class). `loss` picks
-    the adversarial loss: "bce", "hinge" or "relativistic" (`losses.adversarial_losses`).
+    classify from real images only, so it never learns the fakes' mistakes as a class). With
+    `twin_classifier` > 0 (a discriminator with the twin head, TAC-GAN) D's loss also adds the twin's
+    cross-entropy on the fakes, and G's subtracts that share of it. `loss` picks the adversarial loss: "bce", "hinge" or "relativistic" (`losses.adversarial_losses`).
     """
     generator_loss, discriminator_loss = losses.adversarial_losses(loss)
     fakes = state.generator(models.generator_inputs(noise, fake_digits, conditional), training=training)
@@ -247,11 +251,17 @@ def compute_losses(state: GanState, images, digits, noise, fake_digits, global_b
     if not classifier_weight:
         return (generator_loss(real_outputs, fake_outputs, global_batch_size),
                 discriminator_loss(real_outputs, fake_outputs, global_batch_size))
-    (real_logits, real_class_logits), (fake_logits, fake_class_logits) = real_outputs, fake_outputs
-    return (generator_loss(real_logits, fake_logits, global_batch_size)
-            + classifier_weight * losses.classifier_loss(fake_class_logits, fake_digits, global_batch_size),
-            discriminator_loss(real_logits, fake_logits, global_batch_size)
-            + classifier_weight * losses.classifier_loss(real_class_logits, digits, global_batch_size))
+    (real_logits, real_class_logits, *_), (fake_logits, fake_class_logits, *fake_twin) = real_outputs, fake_outputs
+    generator_classifier = losses.classifier_loss(fake_class_logits, fake_digits, global_batch_size)
+    discriminator_classifier = losses.classifier_loss(real_class_logits, digits, global_batch_size)
+    if twin_classifier:
+        # TAC-GAN: the twin head learns to name the fakes; G pushes its cross-entropy up, which cancels
+        # the pull of the first head towards digits that are easy to name.
+        twin = losses.classifier_loss(fake_twin[0], fake_digits, global_batch_size)
+        generator_classifier -= twin_classifier * twin
+        discriminator_classifier += twin
+    return (generator_loss(real_logits, fake_logits, global_batch_size) + classifier_weight * generator_classifier,
+            discriminator_loss(real_logits, fake_logits, global_batch_size) + classifier_weight * discriminator_classifier)
 
 
 def _scale(optimizer, loss):
@@ -281,7 +291,7 @@ def make_train_function(strategy: tf.distribute.Strategy, state: GanState, confi
     check_xla(config, strategy)  # loop.train checks too, before it writes; this guards direct callers
     gradients_function = functools.partial(
         losses_and_gradients, state, global_batch_size=global_batch_size, conditional=config.conditional,
-        classifier_weight=config.classifier_weight, loss=config.loss,
+        classifier_weight=config.classifier_weight, loss=config.loss, twin_classifier=config.twin_classifier,
         # Lazy R1 (StyleGAN2): (γ/2)·E|∇D|², every r1_interval steps, so γ is scaled by the interval.
         r1_weight=config.r1_gamma / 2.0 * config.r1_interval)
     if config.xla:

@@ -1,5 +1,6 @@
 """The training levers of issue 22, each off by default: hinge and relativistic losses, spectral
-normalisation in D, lazy R1, minibatch standard deviation, and the moving average's ramp-up.
+normalisation in D, lazy R1, minibatch standard deviation, the moving average's ramp-up and the
+twin auxiliary classifier.
 
 Each is checked for its arithmetic, its config validation, and on 2 logical CPU replicas for
 training with replicas kept identical and for resuming exactly.
@@ -26,6 +27,7 @@ LEVERS = {
     "r1": dict(r1_gamma=1.0, r1_interval=2),
     "minibatch_std": dict(minibatch_std=True),
     "average_rampup": dict(generator_average_rampup=0.05),
+    "twin_classifier": dict(twin_classifier=1.0),
 }
 ALL_LEVERS = {key: value for lever in LEVERS.values() for key, value in lever.items()}  # the last loss wins
 
@@ -37,7 +39,7 @@ def test_config_names_every_loss_the_step_knows():
 def test_levers_are_off_by_default():
     config = TrainConfig()
     assert (config.loss, config.spectral_norm, config.r1_gamma, config.minibatch_std,
-            config.generator_average_rampup) == ("bce", False, 0.0, False, 0.0)
+            config.generator_average_rampup, config.twin_classifier) == ("bce", False, 0.0, False, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -45,17 +47,25 @@ def test_levers_are_off_by_default():
     ("r1_gamma", -1.0, "r1_gamma must be 0 or more, got -1.0"),
     ("r1_interval", 0, "r1_interval must be at least 1, got 0"),
     ("generator_average_rampup", 1.5, "generator_average_rampup must be in [0, 1], got 1.5"),
+    ("twin_classifier", 1.5, "twin_classifier must be in [0, 1], got 1.5"),
 ])
 def test_bad_lever_values_are_refused_with_the_value(field, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         TrainConfig(**{field: value})
 
 
+@pytest.mark.parametrize("settings", [dict(classifier_weight=0.0), dict(conditional=False)])
+def test_twin_classifier_needs_the_auxiliary_classifier(settings):
+    with pytest.raises(ValueError, match=re.escape("twin_classifier must be 0 when there is no auxiliary")):
+        TrainConfig(twin_classifier=1.0, **settings)
+
+
 def test_levers_are_settable_with_set():
     assert recipes.parse_settings(["loss=hinge", "spectral_norm=true", "r1_gamma=0.5", "r1_interval=8",
-                                   "minibatch_std=yes", "generator_average_rampup=0.05"]) == {
+                                   "minibatch_std=yes", "generator_average_rampup=0.05",
+                                   "twin_classifier=0.5"]) == {
         "loss": "hinge", "spectral_norm": True, "r1_gamma": 0.5, "r1_interval": 8, "minibatch_std": True,
-        "generator_average_rampup": 0.05}
+        "generator_average_rampup": 0.05, "twin_classifier": 0.5}
 
 
 def test_hinge_losses_follow_their_formulas_over_the_global_batch():
@@ -118,6 +128,37 @@ def test_discriminator_builds_with_every_lever():
     assert both.get_layer("features").output.shape[-1] == plain.get_layer("features").output.shape[-1] + 7 * 7
     logit, classes = both([tf.zeros([4, 28, 28, 1]), tf.constant([0, 1, 2, 3])])
     assert logit.shape == (4, 1) and classes.shape == (4, 10)
+
+
+def test_twin_classifier_moves_its_cross_entropy_on_the_fakes_from_g_to_d(mnist_data_dir):
+    """TAC-GAN: D's loss adds weight x CE(twin(fake), asked digit); G's loss subtracts its share of it."""
+    from mnist_data import acquire
+
+    config = TrainConfig(batch_size=4, precision="float32", classifier_weight=2.0, twin_classifier=0.5)
+    state = step_lib.set_globals_and_build_state(config, tf.distribute.get_strategy())
+    mnist = acquire.load_mnist(mnist_data_dir)
+    images = tf.constant(mnist.train_images[:4].astype(np.float32) / 127.5 - 1.0)
+    digits = tf.constant(mnist.train_labels[:4].astype(np.int32))
+    noise, fake_digits = tf.random.normal([4, config.latent_dim], seed=1), tf.constant([3, 1, 4, 1])
+    generator_loss, discriminator_loss = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True,
+                                                                 training=False, classifier_weight=2.0,
+                                                                 twin_classifier=0.5)
+    fakes = state.generator([noise, fake_digits], training=False)
+    real_logit, real_classes, _ = state.discriminator([images, digits], training=False)
+    fake_logit, fake_classes, fake_twin = state.discriminator([fakes, fake_digits], training=False)
+    twin = losses.classifier_loss(fake_twin, fake_digits, 4)
+    assert float(twin) > 0
+    expected_generator = (losses.generator_loss(fake_logit, 4)
+                          + 2.0 * (losses.classifier_loss(fake_classes, fake_digits, 4) - 0.5 * twin))
+    expected_discriminator = (losses.discriminator_loss(real_logit, fake_logit, 4)
+                              + 2.0 * (losses.classifier_loss(real_classes, digits, 4) + twin))
+    np.testing.assert_allclose([float(generator_loss), float(discriminator_loss)],
+                               [float(expected_generator), float(expected_discriminator)], rtol=1e-5)
+
+
+def test_twin_classifier_head_needs_the_classifier_head():
+    with pytest.raises(ValueError, match="twin_classifier_head needs the classifier head"):
+        models.build_discriminator(architecture="tutorial_cbn_3x3", twin_classifier_head=True)
 
 
 def test_average_rampup_sets_a_half_life_of_a_share_of_the_steps():
@@ -194,5 +235,5 @@ def test_every_lever_together_resumes_exactly(tmp_path, mnist_data_dir):
     resumed = run(tmp_path / "resumed", 4)
     assert straight.step == resumed.step == 4
     saved = {name for name, _ in tf.train.list_variables(straight.checkpoint)}
-    assert sum("spectral_u" in name for name in saved) == 4
+    assert sum("spectral_u" in name for name in saved) == 5  # 2 convolutions, the logit, both digit heads
     assert_same_training(resumed.checkpoint, straight.checkpoint)
