@@ -132,14 +132,8 @@ def test_discriminator_builds_with_every_lever():
 
 def test_twin_classifier_moves_its_cross_entropy_on_the_fakes_from_g_to_d(mnist_data_dir):
     """TAC-GAN: D's loss adds weight x CE(twin(fake), asked digit); G's loss subtracts its share of it."""
-    from mnist_data import acquire
-
     config = TrainConfig(batch_size=4, precision="float32", classifier_weight=2.0, twin_classifier=0.5)
-    state = step_lib.set_globals_and_build_state(config, tf.distribute.get_strategy())
-    mnist = acquire.load_mnist(mnist_data_dir)
-    images = tf.constant(mnist.train_images[:4].astype(np.float32) / 127.5 - 1.0)
-    digits = tf.constant(mnist.train_labels[:4].astype(np.int32))
-    noise, fake_digits = tf.random.normal([4, config.latent_dim], seed=1), tf.constant([3, 1, 4, 1])
+    state, images, digits, noise, fake_digits = _state_and_batch(config, mnist_data_dir)
     generator_loss, discriminator_loss = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True,
                                                                  training=False, classifier_weight=2.0,
                                                                  twin_classifier=0.5)
@@ -198,14 +192,8 @@ def test_each_lever_trains_on_two_replicas_and_keeps_them_identical(mnist_data_d
 
 
 def test_r1_adds_its_penalty_to_ds_gradients_only_on_regularizing_steps(mnist_data_dir):
-    from mnist_data import acquire
-
     config = TrainConfig(batch_size=4, precision="float32", r1_gamma=10.0, r1_interval=4)
-    state = step_lib.set_globals_and_build_state(config, tf.distribute.get_strategy())
-    mnist = acquire.load_mnist(mnist_data_dir)
-    images = tf.constant(mnist.train_images[:4].astype(np.float32) / 127.5 - 1.0)
-    digits = tf.constant(mnist.train_labels[:4].astype(np.int32))
-    noise, fake_digits = tf.random.normal([4, config.latent_dim], seed=1), tf.constant([3, 1, 4, 1])
+    state, images, digits, noise, fake_digits = _state_and_batch(config, mnist_data_dir)
     kwargs = dict(global_batch_size=4, conditional=True, classifier_weight=config.classifier_weight)
     plain = step_lib.losses_and_gradients(state, images, digits, noise, fake_digits, tf.constant(True), **kwargs)
     off = step_lib.losses_and_gradients(state, images, digits, noise, fake_digits, tf.constant(False),
@@ -237,3 +225,15 @@ def test_every_lever_together_resumes_exactly(tmp_path, mnist_data_dir):
     saved = {name for name, _ in tf.train.list_variables(straight.checkpoint)}
     assert sum("spectral_u" in name for name in saved) == 5  # 2 convolutions, the logit, both digit heads
     assert_same_training(resumed.checkpoint, straight.checkpoint)
+
+
+def _state_and_batch(config: TrainConfig, mnist_data_dir: str):
+    """(state on one device, 4 real images in [-1, 1], their digits, noise, the fakes' digits)."""
+    from mnist_data import acquire
+
+    state = step_lib.set_globals_and_build_state(config, tf.distribute.get_strategy())
+    mnist = acquire.load_mnist(mnist_data_dir)
+    images = tf.constant(mnist.train_images[:4].astype(np.float32) / 127.5 - 1.0)
+    digits = tf.constant(mnist.train_labels[:4].astype(np.int32))
+    noise, fake_digits = tf.random.normal([4, config.latent_dim], seed=1), tf.constant([3, 1, 4, 1])
+    return state, images, digits, noise, fake_digits
