@@ -49,9 +49,9 @@ class TrainConfig:
     """Weight of the auxiliary classifier loss (AC-GAN): D also names real digits and G must make fakes
     D reads as the digit asked for; 0 = none, and always 0 for unconditional runs."""
     twin_classifier: float = 0.0
-    """With `classifier_weight` > 0: TAC-GAN (Gong et al. 2019) when > 0. D gets a second digit head that learns
-    to name the fakes' digits, and G's classifier loss subtracts this share of that head's cross-entropy:
-    1 cancels AC-GAN's pull towards the digits easiest to name (a pull that costs variety), 0 = plain AC-GAN."""
+    """TAC-GAN (Gong et al. 2019), with `classifier_weight` > 0: D gets a second digit head that learns to name
+    the fakes' digits, and G's classifier loss subtracts this share of that head's cross-entropy. 1 cancels
+    AC-GAN's pull towards the digits easiest to name (a pull that costs variety); 0 = plain AC-GAN."""
     discriminator_dropout: float = 0.0
     """Dropout rate after each of D's convolutions; 0 = no dropout layers (the tutorial's D uses 0.3;
     why the default has none: docs/experiments.md)."""

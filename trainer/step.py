@@ -242,7 +242,8 @@ def compute_losses(state: GanState, images, digits, noise, fake_digits, global_b
     images and G's loss the same on the fakes against the digits asked for (AC-GAN; D learns to
     classify from real images only, so it never learns the fakes' mistakes as a class). With
     `twin_classifier` > 0 (a discriminator with the twin head, TAC-GAN) D's loss also adds the twin's
-    cross-entropy on the fakes, and G's subtracts that share of it. `loss` picks the adversarial loss: "bce", "hinge" or "relativistic" (`losses.adversarial_losses`).
+    cross-entropy on the fakes, and G's subtracts that share of it. `loss` picks the adversarial
+    loss: "bce", "hinge" or "relativistic" (`losses.adversarial_losses`).
     """
     generator_loss, discriminator_loss = losses.adversarial_losses(loss)
     fakes = state.generator(models.generator_inputs(noise, fake_digits, conditional), training=training)
