@@ -261,8 +261,10 @@ def compute_losses(state: GanState, images, digits, noise, fake_digits, global_b
         twin = losses.classifier_loss(fake_twin[0], fake_digits, global_batch_size)
         generator_classifier -= twin_classifier * twin
         discriminator_classifier += twin
-    return (generator_loss(real_logits, fake_logits, global_batch_size) + classifier_weight * generator_classifier,
-            discriminator_loss(real_logits, fake_logits, global_batch_size) + classifier_weight * discriminator_classifier)
+    adversarial = (generator_loss(real_logits, fake_logits, global_batch_size),
+                   discriminator_loss(real_logits, fake_logits, global_batch_size))
+    return (adversarial[0] + classifier_weight * generator_classifier,
+            adversarial[1] + classifier_weight * discriminator_classifier)
 
 
 def _scale(optimizer, loss):
