@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -108,9 +109,10 @@ def test_minibatch_std_appends_the_std_over_groups_of_four():
 
 
 def test_spectral_conv_divides_its_kernel_by_the_largest_singular_value():
-    layer = models.SpectralConv2D(8, 3, padding="same")
+    # A fixed kernel: how fast the iterations converge depends on its two largest singular values.
+    layer = models.SpectralConv2D(8, 3, padding="same", kernel_initializer=keras.initializers.GlorotUniform(seed=0))
     layer.build((None, 7, 7, 4))
-    for _ in range(50):  # power iterations converge on the top singular vector
+    for _ in range(300):  # power iterations converge on the top singular vector
         normalized = models._spectrally_normalized(layer, layer.kernel, training=True)
     matrix = normalized.numpy().reshape(-1, 8)
     np.testing.assert_allclose(np.linalg.svd(matrix, compute_uv=False)[0], 1.0, rtol=1e-3)
