@@ -255,7 +255,6 @@ def bench_rest(port: int, latent: int, size: int, args) -> dict:
 
 def rest_predict_call(connection, noise: np.ndarray):
     """call() -> the JSON reply of one REST :predict of `noise` (row format) on `connection`."""
-
     body = json.dumps({"instances": noise.tolist()}).encode()
     path = f"/v1/models/{MODEL_NAME}:predict"
 

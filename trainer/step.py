@@ -249,22 +249,23 @@ def compute_losses(state: GanState, images, digits, noise, fake_digits, global_b
     fakes = state.generator(models.generator_inputs(noise, fake_digits, conditional), training=training)
     real_outputs = state.discriminator(models.discriminator_inputs(images, digits, conditional), training=training)
     fake_outputs = state.discriminator(models.discriminator_inputs(fakes, fake_digits, conditional), training=training)
+    # With digit heads D returns [logit, class_logits(, twin_class_logits)]; without, the logit alone.
+    real_logits, *real_heads = real_outputs if classifier_weight else [real_outputs]
+    fake_logits, *fake_heads = fake_outputs if classifier_weight else [fake_outputs]
+    adversarial_generator = generator_loss(real_logits, fake_logits, global_batch_size)
+    adversarial_discriminator = discriminator_loss(real_logits, fake_logits, global_batch_size)
     if not classifier_weight:
-        return (generator_loss(real_outputs, fake_outputs, global_batch_size),
-                discriminator_loss(real_outputs, fake_outputs, global_batch_size))
-    (real_logits, real_class_logits, *_), (fake_logits, fake_class_logits, *fake_twin) = real_outputs, fake_outputs
-    generator_classifier = losses.classifier_loss(fake_class_logits, fake_digits, global_batch_size)
-    discriminator_classifier = losses.classifier_loss(real_class_logits, digits, global_batch_size)
+        return adversarial_generator, adversarial_discriminator
+    generator_classifier = losses.classifier_loss(fake_heads[0], fake_digits, global_batch_size)
+    discriminator_classifier = losses.classifier_loss(real_heads[0], digits, global_batch_size)
     if twin_classifier:
         # TAC-GAN: the twin head learns to name the fakes; G pushes its cross-entropy up, which cancels
         # the pull of the first head towards digits that are easy to name.
-        twin = losses.classifier_loss(fake_twin[0], fake_digits, global_batch_size)
+        twin = losses.classifier_loss(fake_heads[1], fake_digits, global_batch_size)
         generator_classifier -= twin_classifier * twin
         discriminator_classifier += twin
-    adversarial = (generator_loss(real_logits, fake_logits, global_batch_size),
-                   discriminator_loss(real_logits, fake_logits, global_batch_size))
-    return (adversarial[0] + classifier_weight * generator_classifier,
-            adversarial[1] + classifier_weight * discriminator_classifier)
+    return (adversarial_generator + classifier_weight * generator_classifier,
+            adversarial_discriminator + classifier_weight * discriminator_classifier)
 
 
 def _scale(optimizer, loss):
