@@ -283,7 +283,8 @@ def evaluate(
     server: Optional[str] = typer.Option(None, help="Judge a served model over gRPC, host:port: what clients receive."),
     model_name: str = typer.Option(DEFAULT_MODEL_NAME, help="Model name on the server."),
     version: Optional[int] = typer.Option(None, help="Model version on the server (default: the latest available)."),
-    per_digit: int = typer.Option(1000, help="`sample` images judged per digit (conditional models)."),
+    per_digit: int = typer.Option(1000, help="`sample` images judged per digit on average (conditional models); "
+                                   "each digit comes in its share of the real test split."),
     default_samples: int = typer.Option(10_000, help="`serving_default` images judged for coverage."),
     seed: int = typer.Option(0, help="First sample seed (and the noise seed)."),
     data_dir: Optional[str] = typer.Option(None, help="TFDS data dir with MNIST."),

@@ -1,4 +1,4 @@
-"""Cheap per-epoch figures for TensorBoard: both shipped MNIST judges on a fixed sample of 100 images per digit.
+"""Cheap per-epoch figures for TensorBoard: both shipped MNIST judges on a fixed sample of 1,000 images.
 
 `EpochQuality` is the judge `trainer.loop.train` calls after each epoch when the caller plugs it in
 (`python cli.py train` does unless `--set evaluate_every_epoch=false`); it sees the generator only as a
@@ -31,7 +31,7 @@ class EpochQuality:
     never overlaps the sample grid's noise. KID's real subsets are the same in every run and epoch.
     """
 
-    PER_DIGIT = 100
+    PER_DIGIT = 100  # on average: digits come in their shares of the real test split
     KID_SUBSETS = 10
 
     def __init__(self, mnist, seed: int, latent_dim: int, conditional: bool):
@@ -48,7 +48,7 @@ class EpochQuality:
             self.kernels.append(measures.KernelDistanceTo(test_features, self.KID_SUBSETS, subset_size=count))
         self.conditional = conditional
         self.noise = np.random.default_rng([seed, 1]).standard_normal((count, latent_dim)).astype(np.float32)
-        self.digits = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), self.PER_DIGIT)
+        self.digits = judge_lib.digits_in_proportion(mnist.test_labels, count)  # as `evaluate` asks for them
 
     def log(self, generate: Callable[[np.ndarray, np.ndarray], np.ndarray], step: int) -> str:
         """Judges `generate(noise, digits)` (float32 [1000, 28, 28, 1] in [0, 1]), writes `quality/*`

@@ -320,6 +320,23 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
 
+def digits_in_proportion(labels: np.ndarray, total: int) -> np.ndarray:
+    """int32 [total], sorted: digits 0..9 in the shares they have among `labels` (largest remainders).
+
+    A generated set is compared with the real test split like with like only when it holds each
+    digit in the test split's share: asked for equal shares, the class mix alone would add to every
+    Fréchet distance what no generator can remove (docs/experiments.md measures it on real digits).
+    """
+    counts = np.bincount(np.asarray(labels), minlength=NUM_CLASSES)[:NUM_CLASSES]
+    if total < 0 or counts.sum() == 0:
+        raise ValueError(f"need labels and a total >= 0, got {counts.sum()} labels and total {total!r}")
+    exact = counts / counts.sum() * total
+    whole = np.floor(exact).astype(np.int64)
+    largest_remainders = np.argsort(-(exact - whole), kind="stable")[:total - int(whole.sum())]
+    whole[largest_remainders] += 1
+    return np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), whole)
+
+
 def coverage(probabilities: np.ndarray) -> list[float]:
     """The share of images read as each digit 0..9 (argmax of the judge)."""
     counts = np.bincount(probabilities.argmax(axis=1), minlength=NUM_CLASSES)

@@ -6,8 +6,9 @@ Every source is read through the public signatures, so what is judged is what a 
   temporary SavedModel and judged through it;
 - a served model over gRPC (`evaluate_server`), with the standard TF Serving `Predict` calls.
 
-Conditional models are asked for `per_digit` images of every digit through `sample` (seeds
-seed + digit * per_digit + i); every model gives `default_samples` images through
+Conditional models are asked for `per_digit` x 10 images through `sample`, each digit in its share
+of the real test split (`judge.digits_in_proportion`: compared like with like), with seeds seed,
+seed + 1, ...; every model gives `default_samples` images through
 `serving_default` from numpy normal noise (seed `seed`), which is where coverage is measured.
 
 Every evaluation is made under each judge (both shipped judges unless others are named) and gives,
@@ -32,7 +33,8 @@ class EvaluateConfig:
     """How many images to judge and how they are drawn.
 
     Attributes:
-        per_digit: `sample` images per digit for conditional models (1,000 by default).
+        per_digit: `sample` images per digit on average for conditional models (1,000 by default):
+            per_digit x 10 in all, each digit in its share of the real test split.
         default_samples: `serving_default` images (noise only) for coverage, and for the score and
             Fréchet distance of unconditional models.
         seed: first sample seed, and the seed of the numpy noise.
@@ -140,12 +142,14 @@ class Samples:
     seeds: np.ndarray | None = None
 
 
-def draw_samples(sampler: Sampler, config: EvaluateConfig, progress: Callable[[int], None] = lambda count: None) -> Samples:
-    """Asks `sampler` for the images `config` describes, `config.batch_size` per call."""
+def draw_samples(sampler: Sampler, config: EvaluateConfig, test_labels: np.ndarray,
+                 progress: Callable[[int], None] = lambda count: None) -> Samples:
+    """Asks `sampler` for the images `config` describes, `config.batch_size` per call; a conditional
+    model's digits come in their shares among `test_labels` (the real test split's labels)."""
     conditional = requested = seeds = None
     if sampler.conditional:
-        requested = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), config.per_digit)
-        seeds = config.seed + np.tile(np.arange(config.per_digit, dtype=np.int64), NUM_CLASSES) + requested * config.per_digit
+        requested = judge_lib.digits_in_proportion(test_labels, config.per_digit * NUM_CLASSES)
+        seeds = config.seed + np.arange(len(requested), dtype=np.int64)
         conditional = _in_batches(lambda start, stop: sampler.sample(requested[start:stop], seeds[start:stop]),
                                   len(requested), config.batch_size, progress)
     noise = np.random.default_rng(config.seed).standard_normal((config.default_samples, sampler.latent_dim)).astype(np.float32)
@@ -222,7 +226,7 @@ def evaluate(sampler: Sampler, source: str, config: EvaluateConfig,
     judges = judge_lib.load_judges(config.judge_dirs)  # a missing or changed judge is refused before any work
     mnist = acquire.load_mnist(config.data_dir, report=report)
     references = [_reference(judge, mnist, config.data_dir) for judge in judges]
-    samples = _draw_with_progress(sampler, config, progress)
+    samples = _draw_with_progress(sampler, config, mnist.test_labels, progress)
     judged = [judge_lib.judge_samples(judge, reference, source, samples.conditional, samples.requested, samples.default)
               for judge, reference in zip(judges, references)]
     sheet = None
@@ -286,12 +290,12 @@ def write_least_real_sheet(path: str, samples: Samples, realism: np.ndarray, jud
     return Sheet(str(path), tuple(labels), tuple(float(realism[index]) for index in chosen))
 
 
-def _draw_with_progress(sampler: Sampler, config: EvaluateConfig, progress: bool) -> Samples:
+def _draw_with_progress(sampler: Sampler, config: EvaluateConfig, test_labels: np.ndarray, progress: bool) -> Samples:
     from tqdm import tqdm
 
     total = config.default_samples + (config.per_digit * NUM_CLASSES if sampler.conditional else 0)
     with tqdm(total=total, unit="img", desc="generating", disable=not progress, leave=False) as bar:
-        return draw_samples(sampler, config, progress=bar.update)
+        return draw_samples(sampler, config, test_labels, progress=bar.update)
 
 
 def evaluate_bundle(path: str, config: EvaluateConfig, report: Callable[[str], None] = print,

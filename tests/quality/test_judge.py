@@ -189,3 +189,33 @@ def test_a_manifest_without_an_architecture_is_the_small_judge(tmp_path):
     (copy / judge_lib.MANIFEST_FILE).write_text(json.dumps(dict(manifest, architecture="huge")))
     with pytest.raises(judge_lib.EvaluationError, match="architecture 'huge'"):
         judge_lib.load_judge(copy)
+
+
+def test_digits_in_proportion_keeps_the_shares_of_the_labels(mnist):
+    digits = judge_lib.digits_in_proportion(np.array([0, 0, 0, 1, 7, 7, 7, 7]), 16)
+    assert digits.dtype == np.int32 and digits.tolist() == [0] * 6 + [1] * 2 + [7] * 8
+    thirds = judge_lib.digits_in_proportion(np.array([2, 5, 9]), 10)  # 3.33 each: the remainder goes to the first
+    assert np.bincount(thirds, minlength=10).tolist() == [0, 0, 4, 0, 0, 3, 0, 0, 0, 3]
+    test_split = judge_lib.digits_in_proportion(mnist.test_labels, 10_000)
+    assert np.bincount(test_split).tolist() == np.bincount(mnist.test_labels).tolist()
+    assert len(judge_lib.digits_in_proportion(mnist.test_labels, 1000)) == 1000
+    for labels, total in ((np.array([], np.int64), 10), (np.array([1, 2]), -1)):
+        with pytest.raises(ValueError, match="total"):
+            judge_lib.digits_in_proportion(labels, total)
+
+
+def test_real_digits_in_equal_shares_read_further_from_the_test_split(judge_and_reference, mnist):
+    # Why evaluate asks for digits in the test split's shares: the class mix alone moves the distance.
+    judge, reference = judge_and_reference
+    pool_labels = np.asarray(mnist.train_labels[20_000:])  # not among the reference's train images
+    rng = np.random.default_rng(0)
+
+    def ratio(counts):
+        chosen = np.concatenate([rng.choice(np.flatnonzero(pool_labels == digit), count, replace=False)
+                                 for digit, count in enumerate(counts)])
+        features, _ = judge.read(judge_lib.real_images(mnist.train_images[20_000:][chosen]))
+        return judge_lib.frechet_between(judge_lib.moments(features), reference.test_moments) / reference.real_vs_real_frechet
+
+    in_test_shares = ratio(np.bincount(judge_lib.digits_in_proportion(mnist.test_labels, 10_000)))
+    in_equal_shares = ratio([1000] * 10)
+    assert in_equal_shares > 1.1 * in_test_shares, (in_equal_shares, in_test_shares)

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from common import images as image_grids
-from quality import sources
+from mnist_data import acquire
+from quality import judge as judge_lib, sources
 
 
 @pytest.mark.slow
@@ -30,9 +31,10 @@ def test_the_sheet_shows_the_least_real_images_with_their_digit_and_seed(tiny_ru
     header = 2 * image_grids.HEADER_HEIGHT  # a two-line caption
     assert picture.shape == (header + 8 * (cell + padding) + padding, columns * (size + padding) + padding)
     sampler = sources.SignatureSampler(exported.path)
+    asked = judge_lib.digits_in_proportion(acquire.load_mnist(mnist_data_dir).test_labels, config.per_digit * 10)
     for index, label in enumerate(sheet.labels):
         digit, seed = (int(part) for part in re.fullmatch(r"(\d) s(\d+)", label).groups())
-        assert seed == digit * config.per_digit + seed % config.per_digit  # the seeds evaluate asked for
+        assert asked[seed - config.seed] == digit  # the digit evaluate asked for with that seed
         expected = image_grids.to_uint8(sampler.sample(np.array([digit]), np.array([seed])))[0]
         row, column = divmod(index, columns)
         top, left = header + padding + row * (cell + padding), padding + column * (size + padding)
@@ -61,3 +63,31 @@ def test_the_gate_figures_are_the_worse_judges():
     assert worst["worst_digit_accuracy"] == pytest.approx((0.988, "small"))
     line = sources.format_worst([row("small", 2.2, 0.998, 0.91, 0.85, 3.0), row("wide", 2.6, 0.999, 0.83, 0.90, 2.5)])
     assert "Fréchet ratio 2.60 (wide)" in line and "recall 0.850 (small)" in line
+
+
+class _CountingSampler:
+    """A conditional model stand-in that records what it was asked (draw_samples' side only)."""
+
+    conditional, latent_dim = True, 3
+
+    def __init__(self):
+        self.asked = []
+
+    def sample(self, digits, seeds):
+        self.asked.append((digits.copy(), seeds.copy()))
+        return np.zeros((len(digits), 28, 28, 1), np.float32)
+
+    def default(self, noise):
+        return np.zeros((len(noise), 28, 28, 1), np.float32)
+
+
+def test_digits_are_asked_for_in_the_test_splits_shares_with_consecutive_seeds():
+    test_labels = np.repeat(np.arange(10), [1, 2, 1, 1, 1, 1, 1, 1, 1, 10])  # 9s make half the split
+    sampler = _CountingSampler()
+    config = sources.EvaluateConfig(per_digit=4, default_samples=6, seed=7, batch_size=15)
+    samples = sources.draw_samples(sampler, config, test_labels)
+    assert np.bincount(samples.requested).tolist() == [2, 4, 2, 2, 2, 2, 2, 2, 2, 20]
+    assert samples.seeds.tolist() == list(range(7, 47)) and samples.conditional.shape == (40, 28, 28, 1)
+    assert [len(digits) for digits, _ in sampler.asked] == [15, 15, 10]  # in batches of batch_size
+    assert np.concatenate([digits for digits, _ in sampler.asked]).tolist() == samples.requested.tolist()
+    assert samples.default.shape == (6, 28, 28, 1)
