@@ -1,10 +1,10 @@
 """The pretrained bundle that ships in `pretrained/digitgan/`: trained by the default recipe, and as
 good over real gRPC, under the shipped judge, as the quality targets ask.
 
-It is judged exactly as `python cli.py evaluate --server` judges (1,000 `sample` images per digit,
-10,000 `serving_default` images): with fewer samples the Fréchet distance is biased upwards (at 100
-per digit by about +0.3 in the ratio here), which would blur a check against a 2.5 line, and the
-full count costs well under a minute of a CI run.
+It is judged exactly as `python cli.py evaluate --server` judges (10,000 `sample` images, each digit
+in its share of the real test split, and 10,000 `serving_default` images): with fewer samples the
+Fréchet distance is biased upwards (at 100 per digit by about +0.3 in the ratio here), which would
+blur a check against a 2.5 line, and the full count costs well under a minute of a CI run.
 """
 from __future__ import annotations
 

@@ -104,8 +104,9 @@ class TrainConfig:
     """0 = the average's decay warms up as (1 + step) / (10 + step); > 0 = its half-life is instead this share of
     the steps so far, capped at `generator_average_decay`'s half-life (StyleGAN2's ramp-up)."""
     evaluate_every_epoch: bool = True
-    """At each epoch end, judge a fixed sample (100 per digit) with the shipped MNIST judges and log the
-    figures to TensorBoard (`quality/...`), when the caller plugs the judges in."""
+    """At each epoch end, judge a fixed sample (1,000 digits, each in its real test share) with the
+    shipped MNIST judges and log the figures to TensorBoard (`quality/...`), when the caller plugs the
+    judges in."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "epochs", self.epochs, "at least 1")
