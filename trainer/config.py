@@ -10,7 +10,8 @@ from common import files
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 LEARNING_RATE_SCHEDULES = ("constant", "linear_decay")
 LOSSES = ("bce", "hinge", "relativistic")
-ARCHITECTURES = ("tutorial", "compact", "tutorial_cbn", "tutorial_cbn_3x3", "tutorial_cbn_3x3_wide_d")  # the keys of trainer.models.ARCHITECTURES
+ARCHITECTURES = ("tutorial", "compact", "tutorial_cbn", "tutorial_cbn_3x3", "tutorial_cbn_3x3_wide_d",
+                 "tutorial_cbn_3x3_5x5_pixels")  # the keys of trainer.models.ARCHITECTURES
 CONFIG_FILE = "config.json"
 # Fields that say where and how a run ran, not what it learns: two runs that differ only in these
 # follow the same recipe (precision is recorded resolved, so "auto" and what it chose compare equal).
@@ -57,8 +58,9 @@ class TrainConfig:
     why the default has none: docs/experiments.md)."""
     architecture: str = "tutorial_cbn_3x3"
     """G and D's layers (trainer/models.py): "tutorial" (the DCGAN tutorial's), "compact", "tutorial_cbn"
-    (the digit also conditions G's BatchNorm), "tutorial_cbn_3x3" (tutorial_cbn with 3x3 kernels) or
-    "tutorial_cbn_3x3_wide_d" (the same with D twice as wide)."""
+    (the digit also conditions G's BatchNorm), "tutorial_cbn_3x3" (tutorial_cbn with 3x3 kernels),
+    "tutorial_cbn_3x3_wide_d" (the same with D twice as wide) or "tutorial_cbn_3x3_5x5_pixels" (5x5
+    kernels in G's image layer and D's first convolution)."""
     loss: str = "bce"
     """D and G's adversarial loss: "bce" (the non-saturating DCGAN loss), "hinge" (Lim & Ye 2017; the loss
     projection discriminators were published with) or "relativistic" (RpGAN: D compares each real image with

@@ -185,6 +185,11 @@ class Architecture:
     downsampling: tuple[int, ...]  # D: filters of each stride-2 Conv2D
     kernel_size: int
     digit_batch_norm: bool = False  # conditional G: each upsampling BatchNorm's scale and shift depend on the digit
+    pixel_kernel_size: int | None = None  # G's image layer and D's first convolution (None: kernel_size)
+
+    @property
+    def pixel_kernel(self) -> int:
+        return self.pixel_kernel_size or self.kernel_size
 
 
 ARCHITECTURES = {
@@ -203,6 +208,10 @@ ARCHITECTURES = {
     # tutorial_cbn_3x3 with D twice as wide (128, 256): a stronger critic, at about four times D's
     # multiply-adds, which D spends on both batches and on G's backward pass (slower per step).
     "tutorial_cbn_3x3_wide_d": Architecture(256, ((128, 1), (64, 2)), (128, 256), 3, digit_batch_norm=True),
+    # tutorial_cbn_3x3 with 5x5 kernels in the two layers that touch pixels, G's image layer and D's
+    # first convolution: each has one image channel, so together they add a few percent of the work.
+    "tutorial_cbn_3x3_5x5_pixels": Architecture(256, ((128, 1), (64, 2)), (64, 128), 3, digit_batch_norm=True,
+                                                pixel_kernel_size=5),
 }
 
 
@@ -234,7 +243,7 @@ def build_generator(latent_dim: int = 100, conditional: bool = True, synchronize
         hidden = keras.layers.Conv2DTranspose(filters, spec.kernel_size, strides=strides, padding="same",
                                               use_bias=False, name=f"up{index}")(hidden)
         hidden = _normalize_and_activate(hidden, f"up{index}", synchronized_batch_norm, norm_digit)
-    logits = keras.layers.Conv2DTranspose(1, spec.kernel_size, strides=2, padding="same", use_bias=False,
+    logits = keras.layers.Conv2DTranspose(1, spec.pixel_kernel, strides=2, padding="same", use_bias=False,
                                           name="to_image")(hidden)
     # tanh in float32 so mixed-precision runs still produce float32 images.
     images = keras.layers.Activation("tanh", dtype="float32", name="images")(logits)
@@ -269,7 +278,8 @@ def build_discriminator(conditional: bool = True, per_replica_dropout: bool = Fa
     hidden = image
     for index, filters in enumerate(spec.downsampling, start=1):
         name = f"down{index}"
-        hidden = convolution(filters, spec.kernel_size, strides=2, padding="same", name=name)(hidden)
+        kernel_size = spec.pixel_kernel if index == 1 else spec.kernel_size
+        hidden = convolution(filters, kernel_size, strides=2, padding="same", name=name)(hidden)
         hidden = keras.layers.LeakyReLU(negative_slope=0.2, name=f"{name}_relu")(hidden)
         if dropout:
             dropout_layer = ReplicaDropout if per_replica_dropout else keras.layers.Dropout

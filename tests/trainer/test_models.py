@@ -79,3 +79,14 @@ def test_a_config_json_from_before_the_dropout_field_reads_as_the_tutorials_drop
     del values["discriminator_dropout"]  # as config.json was written before the field existed
     path.write_text(json.dumps(values))
     assert config_lib.TrainConfig.load(str(tmp_path)).discriminator_dropout == 0.3
+
+
+def test_the_pixel_layers_take_their_own_kernel_size():
+    generator = models.build_generator(16, conditional=True, architecture="tutorial_cbn_3x3_5x5_pixels")
+    discriminator = models.build_discriminator(architecture="tutorial_cbn_3x3_5x5_pixels", classifier_head=True)
+    assert generator.get_layer("to_image").kernel.shape == (5, 5, 1, 64)  # Conv2DTranspose: [h, w, out, in]
+    assert generator.get_layer("up2").kernel.shape[:2] == (3, 3)
+    assert discriminator.get_layer("down1").kernel.shape == (5, 5, 1, 64)
+    assert discriminator.get_layer("down2").kernel.shape[:2] == (3, 3)
+    plain = models.build_generator(16, conditional=True, architecture="tutorial_cbn_3x3")
+    assert plain.get_layer("to_image").kernel.shape[:2] == (3, 3)
