@@ -12,8 +12,6 @@ import numpy as np
 
 from quality import judge as judge_lib, measures
 
-NUM_CLASSES = judge_lib.NUM_CLASSES
-
 
 class EpochQuality:
     """Figures from 1,000 samples under each shipped judge, logged as `quality/<figure>_<judge>`.
@@ -31,12 +29,12 @@ class EpochQuality:
     never overlaps the sample grid's noise. KID's real subsets are the same in every run and epoch.
     """
 
-    PER_DIGIT = 100  # on average: digits come in their shares of the real test split
+    SAMPLES = 1000  # each digit in its share of the real test split
     KID_SUBSETS = 10
 
     def __init__(self, mnist, seed: int, latent_dim: int, conditional: bool):
         self.judges = judge_lib.load_judges()  # the shipped judges: figures compare across machines and runs
-        count = NUM_CLASSES * self.PER_DIGIT
+        count = self.SAMPLES
         # Only the real test split is read here (before the training clock starts): the Fréchet ratio's
         # denominator, real train against real test, is the judge's manifest's calibration figure.
         # Precision and recall are left out: at 1,000 samples recall means little.
