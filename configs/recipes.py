@@ -25,7 +25,7 @@ RECIPES: dict[str, dict] = {
         latent_dim=100, conditional=True, classifier_weight=0.15, discriminator_dropout=0.3,
         architecture="tutorial_cbn", generator_average_decay=0.999, max_steps=None, seed=0, loss="bce",
         spectral_norm=False, r1_gamma=0.0, r1_interval=16, minibatch_std=False, generator_average_rampup=0.0,
-        twin_classifier=0.0),
+        twin_classifier=0.0, image_activation="tanh"),
     # TensorFlow's DCGAN tutorial: unconditional, batch 256, Adam(1e-4) with beta_1 0.9, 50 epochs,
     # float32, no schedule and no moving average.
     "tutorial": dict(

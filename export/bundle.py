@@ -171,7 +171,8 @@ def restore_generator(checkpoint_path: str, train_config: TrainConfig):
     """
     with precision.float32_policy():  # a bundle computes in float32, even written by a process that trained in bf16
         generator = models.build_generator(train_config.latent_dim, train_config.conditional,
-                                           architecture=train_config.architecture)
+                                           architecture=train_config.architecture,
+                                           image_activation=train_config.image_activation)
     step = tf.Variable(0, dtype=tf.int64)
     try:
         key = _generator_key(checkpoint_path)

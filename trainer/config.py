@@ -10,6 +10,7 @@ from common import files
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 LEARNING_RATE_SCHEDULES = ("constant", "linear_decay")
 LOSSES = ("bce", "hinge", "relativistic")
+IMAGE_ACTIVATIONS = ("tanh", "hard_tanh")
 ARCHITECTURES = ("tutorial", "compact", "tutorial_cbn", "tutorial_cbn_3x3", "tutorial_cbn_3x3_wide_d",
                  "tutorial_cbn_3x3_5x5_pixels")  # the keys of trainer.models.ARCHITECTURES
 CONFIG_FILE = "config.json"
@@ -61,6 +62,9 @@ class TrainConfig:
     (the digit also conditions G's BatchNorm), "tutorial_cbn_3x3" (tutorial_cbn with 3x3 kernels),
     "tutorial_cbn_3x3_wide_d" (the same with D twice as wide) or "tutorial_cbn_3x3_5x5_pixels" (5x5
     kernels in G's image layer and D's first convolution)."""
+    image_activation: str = "tanh"
+    """G's last activation, from its image layer to pixels in [-1, 1]: "tanh", or "hard_tanh" (clip to [-1, 1]),
+    which reaches the real digits' blank background (-1) and full ink (1) exactly, where tanh only nears them."""
     loss: str = "bce"
     """D and G's adversarial loss: "bce" (the non-saturating DCGAN loss), "hinge" (Lim & Ye 2017; the loss
     projection discriminators were published with) or "relativistic" (RpGAN: D compares each real image with
@@ -133,6 +137,8 @@ class TrainConfig:
         _require(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "at least 1")
         _require(self.architecture in ARCHITECTURES, "architecture", self.architecture,
                  f"one of {', '.join(ARCHITECTURES)}")
+        _require(self.image_activation in IMAGE_ACTIVATIONS, "image_activation", self.image_activation,
+                 f"one of {', '.join(IMAGE_ACTIVATIONS)}")
         _require(self.precision in PRECISIONS, "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         _require(self.gpus is None or self.gpus >= 0, "gpus", self.gpus, "0 or more")
         _require(self.cpu_replicas is None or self.cpu_replicas >= 1, "cpu_replicas", self.cpu_replicas, "at least 1")

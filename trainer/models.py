@@ -192,6 +192,8 @@ class Architecture:
         return self.pixel_kernel_size or self.kernel_size
 
 
+IMAGE_ACTIVATIONS = ("tanh", "hard_tanh")  # Keras activations that end in [-1, 1]
+
 ARCHITECTURES = {
     # The TensorFlow DCGAN tutorial's models (5x5 kernels, 7x7x256 projection): ~51M multiply-adds per G call.
     "tutorial": Architecture(256, ((128, 1), (64, 2)), (64, 128), 5),
@@ -216,16 +218,19 @@ ARCHITECTURES = {
 
 
 def build_generator(latent_dim: int = 100, conditional: bool = True, synchronized_batch_norm: bool = False,
-                    architecture: str = "tutorial") -> keras.Model:
+                    architecture: str = "tutorial", image_activation: str = "tanh") -> keras.Model:
     """DCGAN generator: Dense 7x7xC → Conv2DTranspose blocks → 1 channel at 28x28, BatchNorm, LeakyReLU, tanh.
 
     Inputs noise float32 [B, latent_dim] (and digit int32 [B] in 0..9 when conditional); output
     images float32 [B, 28, 28, 1] in [-1, 1]. The conditional generator concatenates a one-hot digit
     to the noise (and, for architectures with `digit_batch_norm`, also conditions each upsampling
     block's BatchNorm on it: `DigitScaleShift`). Pass `synchronized_batch_norm=True` when training
-    over several replicas (see `_normalize_and_activate`). `architecture` names an entry of ARCHITECTURES.
+    over several replicas (see `_normalize_and_activate`). `architecture` names an entry of ARCHITECTURES;
+    `image_activation` is "tanh" or "hard_tanh" (clip to [-1, 1]: exact blank and full-ink pixels).
     """
     spec = _architecture(architecture)
+    if image_activation not in IMAGE_ACTIVATIONS:
+        raise ValueError(f"image_activation must be one of {', '.join(IMAGE_ACTIVATIONS)}, got {image_activation!r}")
     noise = keras.Input((latent_dim,), name="noise")
     inputs = [noise]
     hidden = noise
@@ -245,8 +250,8 @@ def build_generator(latent_dim: int = 100, conditional: bool = True, synchronize
         hidden = _normalize_and_activate(hidden, f"up{index}", synchronized_batch_norm, norm_digit)
     logits = keras.layers.Conv2DTranspose(1, spec.pixel_kernel, strides=2, padding="same", use_bias=False,
                                           name="to_image")(hidden)
-    # tanh in float32 so mixed-precision runs still produce float32 images.
-    images = keras.layers.Activation("tanh", dtype="float32", name="images")(logits)
+    # In float32 so mixed-precision runs still produce float32 images.
+    images = keras.layers.Activation(image_activation, dtype="float32", name="images")(logits)
     return keras.Model(inputs, images, name="generator")
 
 

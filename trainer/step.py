@@ -78,7 +78,7 @@ def set_globals_and_build_state(config: TrainConfig, strategy: tf.distribute.Str
     with strategy.scope():
         several_replicas = strategy.num_replicas_in_sync > 1
         generator = models.build_generator(config.latent_dim, config.conditional, synchronized_batch_norm=several_replicas,
-                                           architecture=config.architecture)
+                                           architecture=config.architecture, image_activation=config.image_activation)
         discriminator = models.build_discriminator(config.conditional, per_replica_dropout=several_replicas,
                                                    architecture=config.architecture,
                                                    classifier_head=config.classifier_weight > 0,
@@ -99,7 +99,8 @@ def set_globals_and_build_state(config: TrainConfig, strategy: tf.distribute.Str
         generator_average = None
         if config.generator_average_decay > 0:
             generator_average = models.build_generator(config.latent_dim, config.conditional,
-                                                       architecture=config.architecture)
+                                                       architecture=config.architecture,
+                                                       image_activation=config.image_activation)
             generator_average.set_weights(generator.get_weights())
     return GanState(generator, discriminator, generator_optimizer, discriminator_optimizer, step, noise_generator,
                     generator_average)

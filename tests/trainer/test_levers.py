@@ -1,6 +1,6 @@
 """The training levers of issue 22, each off by default: hinge and relativistic losses, spectral
-normalisation in D, lazy R1, minibatch standard deviation, the moving average's ramp-up and the
-twin auxiliary classifier.
+normalisation in D, lazy R1, minibatch standard deviation, the moving average's ramp-up, the
+twin auxiliary classifier and G's hard_tanh image activation.
 
 Each is checked for its arithmetic, its config validation, and on 2 logical CPU replicas for
 training with replicas kept identical and for resuming exactly.
@@ -29,6 +29,7 @@ LEVERS = {
     "minibatch_std": dict(minibatch_std=True),
     "average_rampup": dict(generator_average_rampup=0.05),
     "twin_classifier": dict(twin_classifier=1.0),
+    "hard_tanh": dict(image_activation="hard_tanh"),
 }
 ALL_LEVERS = {key: value for lever in LEVERS.values() for key, value in lever.items()}  # the last loss wins
 
@@ -40,7 +41,8 @@ def test_config_names_every_loss_the_step_knows():
 def test_levers_are_off_by_default():
     config = TrainConfig()
     assert (config.loss, config.spectral_norm, config.r1_gamma, config.minibatch_std,
-            config.generator_average_rampup, config.twin_classifier) == ("bce", False, 0.0, False, 0.0, 0.0)
+            config.generator_average_rampup, config.twin_classifier, config.image_activation) == (
+        "bce", False, 0.0, False, 0.0, 0.0, "tanh")
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -49,6 +51,7 @@ def test_levers_are_off_by_default():
     ("r1_interval", 0, "r1_interval must be at least 1, got 0"),
     ("generator_average_rampup", 1.5, "generator_average_rampup must be in [0, 1], got 1.5"),
     ("twin_classifier", 1.5, "twin_classifier must be in [0, 1], got 1.5"),
+    ("image_activation", "sigmoid", "image_activation must be one of tanh, hard_tanh, got 'sigmoid'"),
 ])
 def test_bad_lever_values_are_refused_with_the_value(field, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -64,9 +67,9 @@ def test_twin_classifier_needs_the_auxiliary_classifier(settings):
 def test_levers_are_settable_with_set():
     assert recipes.parse_settings(["loss=hinge", "spectral_norm=true", "r1_gamma=0.5", "r1_interval=8",
                                    "minibatch_std=yes", "generator_average_rampup=0.05",
-                                   "twin_classifier=0.5"]) == {
+                                   "twin_classifier=0.5", "image_activation=hard_tanh"]) == {
         "loss": "hinge", "spectral_norm": True, "r1_gamma": 0.5, "r1_interval": 8, "minibatch_std": True,
-        "generator_average_rampup": 0.05, "twin_classifier": 0.5}
+        "generator_average_rampup": 0.05, "twin_classifier": 0.5, "image_activation": "hard_tanh"}
 
 
 def test_hinge_losses_follow_their_formulas_over_the_global_batch():

@@ -12,8 +12,9 @@ from common import precision
 from trainer import config as config_lib, models
 
 
-def test_config_lists_every_architecture():
+def test_config_lists_every_architecture_and_image_activation():
     assert set(config_lib.ARCHITECTURES) == set(models.ARCHITECTURES)
+    assert config_lib.IMAGE_ACTIVATIONS == models.IMAGE_ACTIVATIONS
 
 
 @pytest.mark.parametrize("architecture", sorted(models.ARCHITECTURES))
@@ -90,3 +91,21 @@ def test_the_pixel_layers_take_their_own_kernel_size():
     assert discriminator.get_layer("down2").kernel.shape[:2] == (3, 3)
     plain = models.build_generator(16, conditional=True, architecture="tutorial_cbn_3x3")
     assert plain.get_layer("to_image").kernel.shape[:2] == (3, 3)
+
+
+def test_hard_tanh_passes_logits_inside_minus_one_to_one_and_clips_the_rest_to_exactly_one():
+    generator = models.build_generator(16, conditional=True, architecture="tutorial_cbn_3x3", image_activation="hard_tanh")
+    layer = generator.get_layer("to_image")
+    layer.kernel.assign(layer.kernel * 500.0)  # logits large enough that many pass ±1
+    inputs = [tf.random.normal([3, 16], seed=3), tf.constant([0, 4, 9])]
+    logits = keras.Model(generator.inputs, layer.output)(inputs, training=False).numpy()
+    images = generator(inputs, training=False).numpy()
+    inside = np.abs(logits) < 1
+    assert inside.any() and (logits > 1).any() and (logits < -1).any()
+    np.testing.assert_allclose(images[inside], logits[inside], rtol=1e-6)
+    assert (images[logits >= 1] == 1.0).all() and (images[logits <= -1] == -1.0).all()
+
+
+def test_an_unknown_image_activation_is_a_value_error():
+    with pytest.raises(ValueError, match="image_activation must be one of tanh, hard_tanh, got 'relu'"):
+        models.build_generator(16, image_activation="relu")
