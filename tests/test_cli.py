@@ -94,7 +94,7 @@ def test_xla_on_two_replicas_exits_2_before_writing_anything(tmp_path):
     (["train", "--set", "epochs"], "--set takes FIELD=VALUE"),
     (["train", "--set", "conditional=maybe"], "conditional takes true or false"),
     (["train", "--set", "run_dir=elsewhere"], "give it as --run-dir"),
-    (["train", "--config", "fastest"], "unknown recipe 'fastest'; choose from default, previous_default, tutorial"),
+    (["train", "--config", "fastest"], "unknown recipe 'fastest'; choose from default, previous_default, tanh_default, tutorial"),
     (["export", "--run-dir", "/nonexistent-run"], "no checkpoint in run dir"),
     (["generate", "--digit", "x7"], "--digit takes digits 0-9"),
     (["generate", "--server", "127.0.0.1:1", "--timeout", "2"], "cannot reach digitgan server"),

@@ -17,11 +17,16 @@ def test_every_named_recipe_builds_a_valid_config():
     assert recipes.build("default") == TrainConfig()  # the default recipe is TrainConfig's defaults, nothing else
 
 
-def test_previous_default_spells_out_every_recipe_field():
+@pytest.mark.parametrize("name", ["previous_default", "tanh_default"])
+def test_former_defaults_spell_out_every_recipe_field(name):
     """A field left out would follow today's default, so the old recipe would change with it."""
     learned = set(recipe(TrainConfig()))
-    assert learned <= set(recipes.overrides("previous_default")), learned - set(recipes.overrides("previous_default"))
-    assert recipes.build("previous_default") != TrainConfig()  # a different recipe, not today's twice
+    assert learned <= set(recipes.overrides(name)), learned - set(recipes.overrides(name))
+    assert recipes.build(name) != TrainConfig()  # a different recipe, not today's twice
+
+
+def test_tanh_default_is_todays_default_with_tanh():
+    assert recipes.build("tanh_default") == TrainConfig(image_activation="tanh")
 
 
 def test_tutorial_is_the_tensorflow_tutorials_recipe():
@@ -55,7 +60,7 @@ def test_a_bad_setting_is_a_value_error_that_quotes_it(pair, message):
 
 
 def test_an_unknown_recipe_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown recipe 'fast'; choose from default, previous_default, tutorial"):
+    with pytest.raises(ValueError, match="unknown recipe 'fast'; choose from default, previous_default, tanh_default, tutorial"):
         recipes.build("fast")
 
 

@@ -62,7 +62,7 @@ class TrainConfig:
     (the digit also conditions G's BatchNorm), "tutorial_cbn_3x3" (tutorial_cbn with 3x3 kernels),
     "tutorial_cbn_3x3_wide_d" (the same with D twice as wide) or "tutorial_cbn_3x3_5x5_pixels" (5x5
     kernels in G's image layer and D's first convolution)."""
-    image_activation: str = "tanh"
+    image_activation: str = "hard_tanh"
     """G's last activation, from its image layer to pixels in [-1, 1]: "tanh", or "hard_tanh" (clip to [-1, 1]),
     which reaches the real digits' blank background (-1) and full ink (1) exactly, where tanh only nears them."""
     loss: str = "bce"
@@ -176,6 +176,7 @@ class TrainConfig:
             raise ValueError(f"'{path}' is not valid JSON: {error}") from None
         known = {field.name for field in dataclasses.fields(cls)}
         values.setdefault("discriminator_dropout", 0.3)  # run dirs from before the field all had the tutorial's 0.3
+        values.setdefault("image_activation", "tanh")  # and those from before this field, tanh
         return cls(**{key: value for key, value in values.items() if key in known})
 
 

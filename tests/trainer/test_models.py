@@ -82,6 +82,15 @@ def test_a_config_json_from_before_the_dropout_field_reads_as_the_tutorials_drop
     assert config_lib.TrainConfig.load(str(tmp_path)).discriminator_dropout == 0.3
 
 
+def test_a_config_json_from_before_the_image_activation_field_reads_as_tanh(tmp_path):
+    path = config_lib.TrainConfig(run_dir=str(tmp_path)).save()
+    assert config_lib.TrainConfig.load(str(tmp_path)).image_activation == "hard_tanh"  # recorded: kept
+    values = json.loads(path.read_text())
+    del values["image_activation"]  # as config.json was written before the field existed
+    path.write_text(json.dumps(values))
+    assert config_lib.TrainConfig.load(str(tmp_path)).image_activation == "tanh"
+
+
 def test_the_pixel_layers_take_their_own_kernel_size():
     generator = models.build_generator(16, conditional=True, architecture="tutorial_cbn_3x3_5x5_pixels")
     discriminator = models.build_discriminator(architecture="tutorial_cbn_3x3_5x5_pixels", classifier_head=True)
