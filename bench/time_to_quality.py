@@ -24,9 +24,9 @@ in the process (threads, allocator, compiled functions; docs/experiments.md has 
 
 Usage:
     python -m bench.time_to_quality                       # 600 s of training each, judged every 150 s
-    python -m bench.time_to_quality --recipes previous_default,default --budget 3600 --leg-seconds 3600
+    python -m bench.time_to_quality --recipes tanh_default,default --budget 3600 --leg-seconds 3600
                                   # both to their last epoch, judged once at the end: the time ratio
-                                  # (add previous_default_auto for the recipe's share alone)
+                                  # (also previous_default, and previous_default_auto for its recipe's share alone)
     python -m bench.time_to_quality --recipes default --set classifier_weight=1 --set epochs=8  # a variant
     python -m bench.time_to_quality --budget 60 --leg-seconds 30 --per-digit 50 --default-samples 500  # smoke
 Rounds run one recipe after the other; keep the machine otherwise idle, or the times mean little.
@@ -224,10 +224,10 @@ def print_side_by_side(calibrations: list[judge_lib.QualityReport], results: dic
     print(judge_lib.format_reports(calibrations + [row for rows in last.values() for row in rows]))
     for name, rows in last.items():
         print(f"{name}, {sources.format_worst(rows)}")
-    for previous in ("previous_default", "previous_default_auto"):
-        if "default" in results and previous in results:
-            new, old = results["default"][-1][0], results[previous][-1][0]
-            print(f"training seconds: default {new:.0f} s, {previous} {old:.0f} s: {new / old:.2f}x")
+    for former in results:  # every recipe that trains its own epochs (the tutorial's fill the budget)
+        if "default" in results and former not in ("default", "tutorial"):
+            new, old = results["default"][-1][0], results[former][-1][0]
+            print(f"training seconds: default {new:.0f} s, {former} {old:.0f} s: {new / old:.2f}x")
 
 
 def print_json(arguments, calibrations: list[judge_lib.QualityReport], results: dict) -> None:

@@ -130,3 +130,19 @@ def test_ctrl_c_saves_the_recipe_checkpoint_and_ends_with_one_line(mnist_data_di
     # and the recipe is not judged or continued after it.
     assert saved and max(saved) >= 200, saved
     assert "default after" not in stdout, stdout[-2000:]
+
+
+def test_the_default_is_timed_against_each_former_default_but_not_the_tutorial(time_to_quality, capsys):
+    from quality import judge as judge_lib
+
+    def rows(seconds):
+        return [(seconds, judge_lib.QualityReport(source="a recipe", samples=10, mnist_score=9.0,
+                                                  frechet_distance=1.0, frechet_ratio=2.0, judge="small"))]
+
+    calibration = judge_lib.QualityReport(source="real test split vs real train", samples=10, mnist_score=9.7,
+                                          frechet_distance=0.5, frechet_ratio=1.0, judge="small")
+    time_to_quality.print_side_by_side([calibration], {"tanh_default": rows(310.0), "default": rows(300.0),
+                                                       "previous_default": rows(600.0), "tutorial": rows(600.0)})
+    ratios = [line for line in capsys.readouterr().out.splitlines() if line.startswith("training seconds")]
+    assert ratios == ["training seconds: default 300 s, tanh_default 310 s: 0.97x",
+                      "training seconds: default 300 s, previous_default 600 s: 0.50x"]
