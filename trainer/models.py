@@ -5,7 +5,7 @@ mixed-precision policy in force when they are called picks the compute dtype; ou
 
 Shapes and ranges:
 - generator: `noise` float32 [B, latent_dim] (standard normal) and, when conditional, `digit`
-  int32 [B] in 0..9 → images float32 [B, 28, 28, 1] in [-1, 1] (tanh).
+  int32 [B] in 0..9 → images float32 [B, 28, 28, 1] in [-1, 1] (tanh, or hard_tanh: a clip).
 - discriminator: `image` float32 [B, 28, 28, 1] in [-1, 1] and, when conditional, `digit` int32 [B]
   → one logit float32 [B, 1] (real > 0 > fake); with the auxiliary classifier head also the
   digit's logits float32 [B, 10] (a list [logit, class_logits]).
@@ -219,7 +219,7 @@ ARCHITECTURES = {
 
 def build_generator(latent_dim: int = 100, conditional: bool = True, synchronized_batch_norm: bool = False,
                     architecture: str = "tutorial", image_activation: str = "tanh") -> keras.Model:
-    """DCGAN generator: Dense 7x7xC → Conv2DTranspose blocks → 1 channel at 28x28, BatchNorm, LeakyReLU, tanh.
+    """DCGAN generator: Dense 7x7xC → Conv2DTranspose blocks → 1 channel at 28x28, BatchNorm, LeakyReLU, tanh or a clip.
 
     Inputs noise float32 [B, latent_dim] (and digit int32 [B] in 0..9 when conditional); output
     images float32 [B, 28, 28, 1] in [-1, 1]. The conditional generator concatenates a one-hot digit

@@ -228,7 +228,7 @@ def r1_penalty(state: GanState, images, digits, global_batch_size: int, conditio
 
 
 def scale_images(images):
-    """uint8 pixels 0..255 → float32 in [-1, 1] (the generator's tanh range)."""
+    """uint8 pixels 0..255 → float32 in [-1, 1] (the generator's output range)."""
     return tf.cast(images, tf.float32) / 127.5 - 1.0
 
 
