@@ -28,7 +28,7 @@ def _metadata() -> dict:
 
 def test_the_pretrained_bundle_was_trained_by_todays_default_recipe():
     """Fails when the default recipe changes and the pretrained bundle was not regenerated with it."""
-    recorded = train_config_lib.TrainConfig(**_metadata()["train_config"])
+    recorded = train_config_lib.TrainConfig.from_dict(_metadata()["train_config"])
     assert train_config_lib.recipe(recorded) == train_config_lib.recipe(train_config_lib.TrainConfig()), (
         "pretrained/digitgan/1 was trained with another recipe than TrainConfig's defaults: regenerate it "
         "with the commands in pretrained/README.md")
@@ -51,11 +51,12 @@ def test_the_pretrained_bundle_stores_each_weight_once():
     stored = sum(math.prod(shape) for name, shape in
                  tf.train.list_variables(str(PRETRAINED / "1" / "variables" / "variables"))
                  if not name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH"))
-    generator_config = train_config_lib.TrainConfig(**_metadata()["train_config"])
+    generator_config = train_config_lib.TrainConfig.from_dict(_metadata()["train_config"])
     from trainer import models
 
     generator = models.build_generator(generator_config.latent_dim, generator_config.conditional,
-                                       architecture=generator_config.architecture)
+                                       architecture=generator_config.architecture,
+                                       image_activation=generator_config.image_activation)
     assert generator.count_params() <= stored <= generator.count_params() + 8  # + a seed, not a second copy
 
 

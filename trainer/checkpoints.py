@@ -17,7 +17,7 @@ from typing import Callable
 import tensorflow as tf
 
 from trainer import step as step_lib, strategy as strategy_lib
-from trainer.config import TrainConfig
+from trainer.config import CONFIG_FILE, TrainConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,6 +57,7 @@ def restore_newest(manager: tf.train.CheckpointManager, checkpoint: tf.train.Che
     if not config.resume:
         raise ValueError(f"run dir '{config.run_dir}' already holds checkpoints ({candidates[0]}); "
                          "pass --resume to continue it, or choose a new --run-dir")
+    _check_same_image_activation(config)
     problems = []
     for path in candidates:
         problem = _restore_one(checkpoint, state, path)
@@ -68,6 +69,19 @@ def restore_newest(manager: tf.train.CheckpointManager, checkpoint: tf.train.Che
         problems.append(f"{Path(path).name}: {problem}")
     raise ValueError(f"none of the {len(candidates)} checkpoint(s) in '{Path(candidates[0]).parent}' can be restored "
                      f"({'; '.join(problems)}); move that folder away to train from scratch, or use a new --run-dir")
+
+
+def _check_same_image_activation(config: TrainConfig) -> None:
+    """Refuses to resume a run under another image activation than it trained with: the weights
+    restore all the same (the activation has none), but they would draw other pixels."""
+    saved_file = Path(config.run_dir) / CONFIG_FILE
+    if not saved_file.exists():
+        return
+    saved = TrainConfig.load(config.run_dir).image_activation  # a config.json from before the field: tanh
+    if saved != config.image_activation:
+        raise ValueError(f"run dir '{config.run_dir}' was trained with image_activation={saved} (its config.json), "
+                         f"not {config.image_activation}; --set image_activation={saved} to resume it, "
+                         "or use a new --run-dir")
 
 
 def _restore_one(checkpoint: tf.train.Checkpoint, state: step_lib.GanState, path: str) -> str | None:

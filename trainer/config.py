@@ -64,7 +64,7 @@ class TrainConfig:
     kernels in G's image layer and D's first convolution)."""
     image_activation: str = "hard_tanh"
     """G's last activation, from its image layer to pixels in [-1, 1]: "tanh", or "hard_tanh" (clip to [-1, 1]),
-    which reaches the real digits' blank background (-1) and full ink (1) exactly, where tanh only nears them."""
+    which reaches -1 and 1 exactly, where tanh only nears them: the real digits' background is exactly -1."""
     loss: str = "bce"
     """D and G's adversarial loss: "bce" (the non-saturating DCGAN loss), "hinge" (Lim & Ye 2017; the loss
     projection discriminators were published with) or "relativistic" (RpGAN: D compares each real image with
@@ -174,9 +174,16 @@ class TrainConfig:
             raise ValueError(f"no {CONFIG_FILE} in run dir '{run_dir}': is it a digitgan run?") from None
         except json.JSONDecodeError as error:
             raise ValueError(f"'{path}' is not valid JSON: {error}") from None
-        known = {field.name for field in dataclasses.fields(cls)}
-        values.setdefault("discriminator_dropout", 0.3)  # run dirs from before the field all had the tutorial's 0.3
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """A TrainConfig from a recorded one (config.json, a bundle's metadata); fields recorded before
+        they existed take the value every run had then, and unknown keys are ignored."""
+        values = dict(values)
+        values.setdefault("discriminator_dropout", 0.3)  # runs from before the field all had the tutorial's 0.3
         values.setdefault("image_activation", "tanh")  # and those from before this field, tanh
+        known = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
 
 
