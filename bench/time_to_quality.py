@@ -224,10 +224,12 @@ def print_side_by_side(calibrations: list[judge_lib.QualityReport], results: dic
     print(judge_lib.format_reports(calibrations + [row for rows in last.values() for row in rows]))
     for name, rows in last.items():
         print(f"{name}, {sources.format_worst(rows)}")
-    for former in results:  # every recipe that trains its own epochs (the tutorial's fill the budget)
-        if "default" in results and former not in ("default", "tutorial"):
-            new, old = results["default"][-1][0], results[former][-1][0]
-            print(f"training seconds: default {new:.0f} s, {former} {old:.0f} s: {new / old:.2f}x")
+    if "default" not in results:
+        return
+    new = results["default"][-1][0]
+    for former, rows in results.items():  # every recipe that trains its own epochs (the tutorial's fill the budget)
+        if former not in ("default", "tutorial"):
+            print(f"training seconds: default {new:.0f} s, {former} {rows[-1][0]:.0f} s: {new / rows[-1][0]:.2f}x")
 
 
 def print_json(arguments, calibrations: list[judge_lib.QualityReport], results: dict) -> None:
