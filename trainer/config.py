@@ -79,6 +79,9 @@ class TrainConfig:
     minibatch_std: bool = False
     """D gets one more feature map: the standard deviation of its last features over groups of 4 images of the
     batch (ProGAN), so it can see a batch that lacks variety."""
+    mode_seeking: float = 0.0
+    """Weight of MSGAN's mode-seeking term in G's loss (Mao et al. 2019); 0 = none. G's fakes come in pairs
+    asked for the same digit, and G is pushed to draw them as far apart as their noise vectors are."""
     max_steps: int | None = None
     """Stop after this many steps in total (smoke runs); None trains all epochs."""
     seed: int = 0
@@ -152,6 +155,7 @@ class TrainConfig:
                  "in [0, 1]")
         _require(self.loss in LOSSES, "loss", self.loss, f"one of {', '.join(LOSSES)}")
         _require(self.r1_gamma >= 0, "r1_gamma", self.r1_gamma, "0 or more")
+        _require(self.mode_seeking >= 0, "mode_seeking", self.mode_seeking, "0 or more")
         _require(self.r1_interval >= 1, "r1_interval", self.r1_interval, "at least 1")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "at least 1")
         _require(bool(self.run_dir), "run_dir", self.run_dir, "a directory path")

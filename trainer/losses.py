@@ -76,6 +76,29 @@ def adversarial_losses(loss: str):
     return ADVERSARIAL_LOSSES[loss]
 
 
+def paired_halves(batch):
+    """(first, second) rows of a batch of b paired as MSGAN pairs them: row i with row ceil(b/2) + i, i < b // 2."""
+    pairs = tf.shape(batch)[0] // 2
+    offset = tf.shape(batch)[0] - pairs
+    return batch[:pairs], batch[offset:offset + pairs]
+
+
+def mode_seeking_loss(images, noise, global_batch_size: int):
+    """MSGAN's mode-seeking term (Mao et al. 2019) for G: 1 / (ratio + 1e-5) per pair, averaged over the global pairs.
+
+    images float [b, 28, 28, 1] (G's fakes) and noise float32 [b, latent]; each pair (`paired_halves`) was
+    drawn for the same digit from two noise vectors, and ratio = mean |image difference| / mean |noise
+    difference|. G lowers the term by drawing distinct images from distinct noise, which works
+    against collapsing many noise vectors onto one style.
+    """
+    first_images, second_images = paired_halves(tf.cast(images, tf.float32))
+    first_noise, second_noise = paired_halves(tf.cast(noise, tf.float32))
+    image_distance = tf.reduce_mean(tf.abs(first_images - second_images), axis=[1, 2, 3])
+    noise_distance = tf.reduce_mean(tf.abs(first_noise - second_noise), axis=1)
+    per_pair = 1.0 / (image_distance / noise_distance + 1e-5)
+    return tf.nn.compute_average_loss(per_pair, global_batch_size=max(global_batch_size // 2, 1))
+
+
 def r1_penalty(input_gradients, global_batch_size: int):
     """Σ over the batch of |∇ₓD(x)|² / global batch: E[|∇D|²] of R1 (Mescheder et al. 2018), before its γ/2.
 

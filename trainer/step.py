@@ -163,19 +163,21 @@ class HoldThenLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
         return {"initial": self.initial, "hold_steps": self.hold_steps, "total_steps": self.total_steps}
 
 
-def replica_step(state: GanState, images, digits, latent_dim: int, gradients_function, r1_interval: int = 1):
+def replica_step(state: GanState, images, digits, latent_dim: int, gradients_function, r1_interval: int = 1,
+                 paired_digits: bool = False):
     """One D and G update on this replica's batch. Returns (generator_loss, discriminator_loss).
 
     images uint8 [b, 28, 28, 1] (MNIST pixels); digits int32 [b]; b = this replica's share of the batch.
     `gradients_function(images, digits, noise, fake_digits, regularize)` is `losses_and_gradients` with
     the run's settings bound (make_train_function builds it, XLA-compiled when `config.xla`);
     `regularize` says whether this step adds the lazy R1 penalty (every `r1_interval` steps).
+    With `paired_digits` the fakes' second half asks for the first half's digits (`losses.paired_halves`).
     """
     images = scale_images(images)
     batch = tf.shape(images)[0]  # the per-replica batch, not the global one
     # Drawn from the in-scope Generator, outside any XLA cluster: every replica gets its own noise.
     noise = state.noise_generator.normal([batch, latent_dim])
-    fake_digits = state.noise_generator.uniform([batch], 0, models.NUM_CLASSES, dtype=tf.int32)
+    fake_digits = draw_fake_digits(state.noise_generator, batch, paired_digits)
     regularize = state.step % r1_interval == 0
     generator_loss, discriminator_loss, generator_gradients, discriminator_gradients = gradients_function(
         images, digits, noise, fake_digits, regularize)
@@ -184,9 +186,18 @@ def replica_step(state: GanState, images, digits, latent_dim: int, gradients_fun
     return generator_loss, discriminator_loss
 
 
+def draw_fake_digits(noise_generator: tf.random.Generator, batch, paired: bool = False):
+    """int32 [batch] digits for G to draw, uniform over 0-9; `paired`: row ceil(batch/2) + i repeats row i."""
+    if not paired:
+        return noise_generator.uniform([batch], 0, models.NUM_CLASSES, dtype=tf.int32)
+    first_half = noise_generator.uniform([batch - batch // 2], 0, models.NUM_CLASSES, dtype=tf.int32)
+    return tf.concat([first_half, first_half[:batch // 2]], axis=0)
+
+
 def losses_and_gradients(state: GanState, images, digits, noise, fake_digits, regularize=False, *,
                          global_batch_size: int, conditional: bool, classifier_weight: float = 0.0,
-                         loss: str = "bce", r1_weight: float = 0.0, twin_classifier: float = 0.0):
+                         loss: str = "bce", r1_weight: float = 0.0, twin_classifier: float = 0.0,
+                         mode_seeking: float = 0.0):
     """(generator_loss, discriminator_loss, G's gradients, D's gradients) of one forward and backward pass.
 
     images float32 [b, 28, 28, 1] in [-1, 1]; digits and fake_digits int32 [b]; noise float32 [b, latent].
@@ -198,7 +209,8 @@ def losses_and_gradients(state: GanState, images, digits, noise, fake_digits, re
         generator_loss, discriminator_loss = compute_losses(state, images, digits, noise, fake_digits,
                                                             global_batch_size, conditional, training=True,
                                                             classifier_weight=classifier_weight, loss=loss,
-                                                            twin_classifier=twin_classifier)
+                                                            twin_classifier=twin_classifier,
+                                                            mode_seeking=mode_seeking)
         optimized_discriminator_loss = discriminator_loss
         if r1_weight:
             penalty = tf.cond(regularize,
@@ -234,7 +246,7 @@ def scale_images(images):
 
 def compute_losses(state: GanState, images, digits, noise, fake_digits, global_batch_size: int, conditional: bool,
                    training: bool = True, classifier_weight: float = 0.0, loss: str = "bce",
-                   twin_classifier: float = 0.0):
+                   twin_classifier: float = 0.0, mode_seeking: float = 0.0):
     """(generator_loss, discriminator_loss) of one forward pass, each divided by the GLOBAL batch size.
 
     Summing the replicas' values (and the optimizer summing their gradients) gives the
@@ -244,7 +256,8 @@ def compute_losses(state: GanState, images, digits, noise, fake_digits, global_b
     classify from real images only, so it never learns the fakes' mistakes as a class). With
     `twin_classifier` > 0 (a discriminator with the twin head, TAC-GAN) D's loss also adds the twin's
     cross-entropy on the fakes, and G's subtracts that share of it. `loss` picks the adversarial
-    loss: "bce", "hinge" or "relativistic" (`losses.adversarial_losses`).
+    loss: "bce", "hinge" or "relativistic" (`losses.adversarial_losses`). With `mode_seeking` > 0, G's
+    loss adds that weight of `losses.mode_seeking_loss` (the fakes' digits must come paired).
     """
     generator_loss, discriminator_loss = losses.adversarial_losses(loss)
     fakes = state.generator(models.generator_inputs(noise, fake_digits, conditional), training=training)
@@ -255,6 +268,8 @@ def compute_losses(state: GanState, images, digits, noise, fake_digits, global_b
     fake_logits, *fake_heads = fake_outputs if classifier_weight else [fake_outputs]
     adversarial_generator = generator_loss(real_logits, fake_logits, global_batch_size)
     adversarial_discriminator = discriminator_loss(real_logits, fake_logits, global_batch_size)
+    if mode_seeking:
+        adversarial_generator += mode_seeking * losses.mode_seeking_loss(fakes, noise, global_batch_size)
     if not classifier_weight:
         return adversarial_generator, adversarial_discriminator
     generator_classifier = losses.classifier_loss(fake_heads[0], fake_digits, global_batch_size)
@@ -297,6 +312,7 @@ def make_train_function(strategy: tf.distribute.Strategy, state: GanState, confi
     gradients_function = functools.partial(
         losses_and_gradients, state, global_batch_size=global_batch_size, conditional=config.conditional,
         classifier_weight=config.classifier_weight, loss=config.loss, twin_classifier=config.twin_classifier,
+        mode_seeking=config.mode_seeking,
         # Lazy R1 (StyleGAN2): (γ/2)·E|∇D|², every r1_interval steps, so γ is scaled by the interval.
         r1_weight=config.r1_gamma / 2.0 * config.r1_interval)
     if config.xla:
@@ -306,7 +322,7 @@ def make_train_function(strategy: tf.distribute.Strategy, state: GanState, confi
     def distributed_step(batch):
         images, digits = batch
         per_replica = strategy.run(replica_step, args=(state, images, digits, config.latent_dim, gradients_function,
-                                                       config.r1_interval))
+                                                       config.r1_interval, config.mode_seeking > 0))
         state.step.assign_add(1)
         if state.generator_average is not None:
             update_generator_average(state, config.generator_average_decay, config.generator_average_rampup)

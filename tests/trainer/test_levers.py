@@ -1,6 +1,6 @@
 """The training levers of issue 22: hinge and relativistic losses, spectral normalisation in D, lazy
-R1, minibatch standard deviation, the moving average's ramp-up and the twin auxiliary classifier,
-each off by default; and G's image activation, tanh (the former default) or hard_tanh (the default).
+R1, minibatch standard deviation, the moving average's ramp-up, the twin auxiliary classifier and
+the mode-seeking term, each off by default; and G's image activation, tanh (the former default) or hard_tanh (the default).
 
 Each is checked for its arithmetic, its config validation, and on 2 logical CPU replicas for
 training with replicas kept identical and for resuming exactly.
@@ -30,6 +30,7 @@ LEVERS = {
     "minibatch_std": dict(minibatch_std=True),
     "average_rampup": dict(generator_average_rampup=0.05),
     "twin_classifier": dict(twin_classifier=1.0),
+    "mode_seeking": dict(mode_seeking=1.0),
     "tanh": dict(image_activation="tanh"),  # the default is hard_tanh; the other must train as well
 }
 ALL_LEVERS = {key: value for lever in LEVERS.values() for key, value in lever.items()}  # the last loss wins
@@ -42,7 +43,8 @@ def test_config_names_every_loss_the_step_knows():
 def test_levers_are_off_by_default():
     config = TrainConfig()
     assert (config.loss, config.spectral_norm, config.r1_gamma, config.minibatch_std,
-            config.generator_average_rampup, config.twin_classifier) == ("bce", False, 0.0, False, 0.0, 0.0)
+            config.generator_average_rampup, config.twin_classifier, config.mode_seeking) == (
+        "bce", False, 0.0, False, 0.0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -51,6 +53,7 @@ def test_levers_are_off_by_default():
     ("r1_interval", 0, "r1_interval must be at least 1, got 0"),
     ("generator_average_rampup", 1.5, "generator_average_rampup must be in [0, 1], got 1.5"),
     ("twin_classifier", 1.5, "twin_classifier must be in [0, 1], got 1.5"),
+    ("mode_seeking", -0.5, "mode_seeking must be 0 or more, got -0.5"),
     ("image_activation", "sigmoid", "image_activation must be one of tanh, hard_tanh, got 'sigmoid'"),
 ])
 def test_bad_lever_values_are_refused_with_the_value(field, value, message):
@@ -67,9 +70,10 @@ def test_twin_classifier_needs_the_auxiliary_classifier(settings):
 def test_levers_are_settable_with_set():
     assert recipes.parse_settings(["loss=hinge", "spectral_norm=true", "r1_gamma=0.5", "r1_interval=8",
                                    "minibatch_std=yes", "generator_average_rampup=0.05",
-                                   "twin_classifier=0.5", "image_activation=hard_tanh"]) == {
+                                   "twin_classifier=0.5", "image_activation=hard_tanh", "mode_seeking=2"]) == {
         "loss": "hinge", "spectral_norm": True, "r1_gamma": 0.5, "r1_interval": 8, "minibatch_std": True,
-        "generator_average_rampup": 0.05, "twin_classifier": 0.5, "image_activation": "hard_tanh"}
+        "generator_average_rampup": 0.05, "twin_classifier": 0.5, "image_activation": "hard_tanh",
+        "mode_seeking": 2.0}
 
 
 def test_hinge_losses_follow_their_formulas_over_the_global_batch():
@@ -96,6 +100,53 @@ def test_r1_penalty_is_the_mean_squared_gradient_norm():
     gradients = tf.reshape(tf.range(2 * 28 * 28, dtype=tf.float32) / 1000.0, [2, 28, 28, 1])
     expected = np.mean(np.sum(gradients.numpy() ** 2, axis=(1, 2, 3)))
     np.testing.assert_allclose(float(losses.r1_penalty(gradients, 2)), expected, rtol=1e-6)
+
+
+def test_mode_seeking_loss_is_the_inverse_distance_ratio_of_each_pair_over_the_global_pairs():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (8, 28, 28, 1)).astype(np.float32)
+    noise = rng.standard_normal((8, 5)).astype(np.float32)
+
+    def inverse_ratio(first, second):
+        ratio = np.abs(images[first] - images[second]).mean() / np.abs(noise[first] - noise[second]).mean()
+        return 1 / (ratio + 1e-5)
+
+    # 5 rows on one device: pairs (0, 3) and (1, 4); row 2 has no partner.
+    np.testing.assert_allclose(float(losses.mode_seeking_loss(images[:5], noise[:5], 4)),
+                               np.mean([inverse_ratio(0, 3), inverse_ratio(1, 4)]), rtol=1e-5)
+    # Two replicas of 4 rows (global batch 8): each pairs its own rows, and the sum is the mean over all 4 pairs.
+    replicas = [float(losses.mode_seeking_loss(images[rows], noise[rows], 8)) for rows in (slice(0, 4), slice(4, 8))]
+    np.testing.assert_allclose(sum(replicas), np.mean([inverse_ratio(0, 2), inverse_ratio(1, 3),
+                                                       inverse_ratio(4, 6), inverse_ratio(5, 7)]), rtol=1e-5)
+
+
+def test_mode_seeking_lowers_as_the_pairs_draw_further_apart():
+    noise = tf.constant([[0.0, 0.0], [1.0, 1.0]])
+    near = tf.constant(np.stack([np.zeros((28, 28, 1)), np.full((28, 28, 1), 0.1)]), tf.float32)
+    far = tf.constant(np.stack([np.zeros((28, 28, 1)), np.full((28, 28, 1), 0.9)]), tf.float32)
+    assert float(losses.mode_seeking_loss(far, noise, 2)) < float(losses.mode_seeking_loss(near, noise, 2))
+
+
+@pytest.mark.parametrize("batch", [4, 5])
+def test_paired_fake_digits_repeat_the_first_half(batch):
+    digits = step_lib.draw_fake_digits(tf.random.Generator.from_seed(0), batch, paired=True).numpy()
+    assert digits.shape == (batch,) and digits.dtype == np.int32 and set(digits) <= set(range(10))
+    first, second = losses.paired_halves(tf.constant(digits))
+    np.testing.assert_array_equal(first.numpy(), second.numpy())
+    unpaired = step_lib.draw_fake_digits(tf.random.Generator.from_seed(0), 64).numpy()
+    assert (unpaired[:32] != unpaired[32:]).any()
+
+
+def test_mode_seeking_adds_its_weighted_term_to_gs_loss_only(mnist_data_dir):
+    config = TrainConfig(batch_size=4, precision="float32")
+    state, images, digits, noise, fake_digits = _state_and_batch(config, mnist_data_dir)
+    kwargs = dict(training=False, classifier_weight=config.classifier_weight)
+    plain = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True, **kwargs)
+    seeking = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True, mode_seeking=2.0, **kwargs)
+    fakes = state.generator([noise, fake_digits], training=False)
+    term = float(losses.mode_seeking_loss(fakes, noise, 4))
+    np.testing.assert_allclose(float(seeking[0]), float(plain[0]) + 2.0 * term, rtol=1e-5)
+    np.testing.assert_allclose(float(seeking[1]), float(plain[1]), rtol=1e-6)
 
 
 def test_minibatch_std_appends_the_std_over_groups_of_four():
