@@ -109,6 +109,9 @@ class TrainConfig:
     generator_average_decay: float = 0.999
     """Decay of a moving average of G's weights (0 = none); the average draws the sample grids and is
     what `export` writes, as it gives cleaner digits than G itself."""
+    generator_average_interval: int = 1
+    """Update the moving average on every this many steps only, with the decay raised to that power, so it
+    follows G as closely for a fraction of the cost (each update reads and writes all of G's weights)."""
     generator_average_rampup: float = 0.0
     """0 = the average's decay warms up as (1 + step) / (10 + step); > 0 = its half-life is instead this share of
     the steps so far, capped at `generator_average_decay`'s half-life (StyleGAN2's ramp-up)."""
@@ -151,6 +154,8 @@ class TrainConfig:
         _require(self.checkpoint_every_steps >= 1, "checkpoint_every_steps", self.checkpoint_every_steps, "at least 1")
         _require(0 <= self.generator_average_decay < 1, "generator_average_decay", self.generator_average_decay,
                  "in [0, 1)")
+        _require(self.generator_average_interval >= 1, "generator_average_interval",
+                 self.generator_average_interval, "at least 1")
         _require(0 <= self.generator_average_rampup <= 1, "generator_average_rampup", self.generator_average_rampup,
                  "in [0, 1]")
         _require(self.loss in LOSSES, "loss", self.loss, f"one of {', '.join(LOSSES)}")

@@ -106,20 +106,21 @@ def set_globals_and_build_state(config: TrainConfig, strategy: tf.distribute.Str
                     generator_average)
 
 
-def update_generator_average(state: GanState, decay: float, rampup: float = 0.0) -> None:
+def update_generator_average(state: GanState, decay: float, rampup: float = 0.0, interval: int = 1) -> None:
     """average <- d * average + (1 - d) * G over all of G's weights (BatchNorm statistics included).
 
-    Runs in cross-replica context after each step: G's copies are identical on every replica, so
+    Runs in cross-replica context after a step: G's copies are identical on every replica, so
     one update written to every copy keeps the average mirrored. The decay ramps up towards `decay`,
     so the early average does not cling to the random initial weights: as (1 + step) / (10 + step),
     or with `rampup` > 0 as a half-life of `rampup` x step steps, d = 0.5 ** (1 / (rampup x step)).
+    Called every `interval` steps instead of every step, d is raised to the power `interval`.
     """
     step = tf.cast(state.step, tf.float32)
     if rampup > 0:
         ramp = tf.pow(0.5, 1.0 / tf.maximum(rampup * step, 1e-3))
     else:
         ramp = (1.0 + step) / (10.0 + step)
-    effective = tf.minimum(decay, ramp)
+    effective = tf.pow(tf.minimum(decay, ramp), float(interval))
     for average, current in zip(state.generator_average.weights, state.generator.weights):
         average.assign(effective * average + (1.0 - effective) * tf.cast(current, average.dtype))
 
@@ -325,7 +326,11 @@ def make_train_function(strategy: tf.distribute.Strategy, state: GanState, confi
                                                        config.r1_interval, config.mode_seeking > 0))
         state.step.assign_add(1)
         if state.generator_average is not None:
-            update_generator_average(state, config.generator_average_decay, config.generator_average_rampup)
+            tf.cond(state.step % config.generator_average_interval == 0,
+                    lambda: update_generator_average(state, config.generator_average_decay,
+                                                     config.generator_average_rampup,
+                                                     config.generator_average_interval),
+                    lambda: None)
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in per_replica]
 
     @tf.function

@@ -1,5 +1,5 @@
 """The training levers of issue 22: hinge and relativistic losses, spectral normalisation in D, lazy
-R1, minibatch standard deviation, the moving average's ramp-up, the twin auxiliary classifier and
+R1, minibatch standard deviation, the moving average's ramp-up and interval, the twin auxiliary classifier and
 the mode-seeking term, each off by default; and G's image activation, tanh (the former default) or hard_tanh (the default).
 
 Each is checked for its arithmetic, its config validation, and on 2 logical CPU replicas for
@@ -31,6 +31,7 @@ LEVERS = {
     "average_rampup": dict(generator_average_rampup=0.05),
     "twin_classifier": dict(twin_classifier=1.0),
     "mode_seeking": dict(mode_seeking=1.0),
+    "average_interval": dict(generator_average_interval=2),
     "tanh": dict(image_activation="tanh"),  # the default is hard_tanh; the other must train as well
 }
 ALL_LEVERS = {key: value for lever in LEVERS.values() for key, value in lever.items()}  # the last loss wins
@@ -54,6 +55,7 @@ def test_levers_are_off_by_default():
     ("generator_average_rampup", 1.5, "generator_average_rampup must be in [0, 1], got 1.5"),
     ("twin_classifier", 1.5, "twin_classifier must be in [0, 1], got 1.5"),
     ("mode_seeking", -0.5, "mode_seeking must be 0 or more, got -0.5"),
+    ("generator_average_interval", 0, "generator_average_interval must be at least 1, got 0"),
     ("image_activation", "sigmoid", "image_activation must be one of tanh, hard_tanh, got 'sigmoid'"),
 ])
 def test_bad_lever_values_are_refused_with_the_value(field, value, message):
@@ -222,6 +224,34 @@ def test_average_rampup_sets_a_half_life_of_a_share_of_the_steps():
     decay = 0.5 ** (1 / 20)
     average = state.generator_average.trainable_weights[0].numpy()
     np.testing.assert_allclose(average, decay * start + (1 - decay) * (start + 1.0), rtol=1e-5, atol=1e-6)
+
+
+def test_an_average_updated_every_k_steps_decays_by_the_kth_power():
+    config = TrainConfig(batch_size=GLOBAL_BATCH, generator_average_decay=0.99)
+    state = step_lib.set_globals_and_build_state(config, tf.distribute.get_strategy())
+    weights = state.generator.trainable_weights[0]
+    start = weights.numpy().copy()
+    weights.assign(start + 1.0)
+    state.step.assign(10_000)  # past the warm-up
+    step_lib.update_generator_average(state, 0.99, interval=4)
+    average = state.generator_average.trainable_weights[0].numpy()
+    np.testing.assert_allclose(average, 0.99 ** 4 * start + (1 - 0.99 ** 4) * (start + 1.0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("interval, updated", [(1, True), (3, True), (4, False)])
+def test_the_average_is_updated_only_on_steps_that_are_multiples_of_the_interval(mnist_data_dir, interval, updated):
+    from mnist_data import acquire
+
+    config = TrainConfig(batch_size=GLOBAL_BATCH, generator_average_interval=interval)
+    strategy = tf.distribute.get_strategy()
+    state = step_lib.set_globals_and_build_state(config, strategy)
+    mnist = acquire.load_mnist(mnist_data_dir)
+    dataset_fn = data.epoch_dataset_fn(mnist.train_images[:64], mnist.train_labels[:64], GLOBAL_BATCH, seed=0, epoch=0)
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    before = [weight.numpy().copy() for weight in state.generator_average.trainable_weights]
+    step_lib.make_train_function(strategy, state, config, GLOBAL_BATCH)(iterator, tf.constant(3))  # steps 1-3
+    after = state.generator_average.trainable_weights
+    assert any(not np.array_equal(old, new.numpy()) for old, new in zip(before, after)) == updated
 
 
 @pytest.mark.slow
