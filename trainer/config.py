@@ -57,7 +57,7 @@ class TrainConfig:
     discriminator_dropout: float = 0.0
     """Dropout rate after each of D's convolutions; 0 = no dropout layers (the tutorial's D uses 0.3;
     why the default has none: docs/experiments.md)."""
-    architecture: str = "tutorial_cbn_3x3"
+    architecture: str = "tutorial_cbn_3x3_5x5_pixels"
     """G and D's layers (trainer/models.py): "tutorial" (the DCGAN tutorial's), "compact", "tutorial_cbn"
     (the digit also conditions G's BatchNorm), "tutorial_cbn_3x3" (tutorial_cbn with 3x3 kernels),
     "tutorial_cbn_3x3_wide_d" (the same with D twice as wide) or "tutorial_cbn_3x3_5x5_pixels" (5x5
@@ -79,7 +79,7 @@ class TrainConfig:
     minibatch_std: bool = False
     """D gets one more feature map: the standard deviation of its last features over groups of 4 images of the
     batch (ProGAN), so it can see a batch that lacks variety."""
-    mode_seeking: float = 0.0
+    mode_seeking: float = 0.1
     """Weight of MSGAN's mode-seeking term in G's loss (Mao et al. 2019); 0 = none. G's fakes come in pairs
     asked for the same digit, and G is pushed to draw them as far apart as their noise vectors are."""
     max_steps: int | None = None
@@ -109,7 +109,7 @@ class TrainConfig:
     generator_average_decay: float = 0.999
     """Decay of a moving average of G's weights (0 = none); the average draws the sample grids and is
     what `export` writes, as it gives cleaner digits than G itself."""
-    generator_average_interval: int = 1
+    generator_average_interval: int = 4
     """Update the moving average on every this many steps only, with the decay raised to that power, so it
     follows G as closely for a fraction of the cost (each update reads and writes all of G's weights)."""
     generator_average_rampup: float = 0.0

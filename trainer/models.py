@@ -205,13 +205,14 @@ ARCHITECTURES = {
     # one-hot at the input alone. Unconditional generators ignore it.
     "tutorial_cbn": Architecture(256, ((128, 1), (64, 2)), (64, 128), 5, digit_batch_norm=True),
     # tutorial_cbn with 3x3 kernels in G and D: G's transposed convolutions, most of the step's work,
-    # need about a third of the multiply-adds (the default; its speed: docs/experiments.md).
+    # need about a third of the multiply-adds (the recipe tanh_default; its speed: docs/experiments.md).
     "tutorial_cbn_3x3": Architecture(256, ((128, 1), (64, 2)), (64, 128), 3, digit_batch_norm=True),
     # tutorial_cbn_3x3 with D twice as wide (128, 256): a stronger critic, at about four times D's
     # multiply-adds, which D spends on both batches and on G's backward pass (slower per step).
     "tutorial_cbn_3x3_wide_d": Architecture(256, ((128, 1), (64, 2)), (128, 256), 3, digit_batch_norm=True),
     # tutorial_cbn_3x3 with 5x5 kernels in the two layers that touch pixels, G's image layer and D's
-    # first convolution: each has one image channel, so together they add a few percent of the work.
+    # first convolution: each has one image channel, so together they add a few percent of the work
+    # (the default).
     "tutorial_cbn_3x3_5x5_pixels": Architecture(256, ((128, 1), (64, 2)), (64, 128), 3, digit_batch_norm=True,
                                                 pixel_kernel_size=5),
 }
