@@ -91,4 +91,4 @@ def test_the_pretrained_model_meets_its_targets_under_both_judges_over_grpc(pret
     # Issue 22's lines that the bundle does not meet yet (ratio <= 2.0 under the second judge,
     # precision and recall >= 0.90): held where it stands, so that a regenerated bundle cannot slip.
     assert wide.frechet_ratio <= 3.0, wide
-    assert min(small.precision, wide.precision) >= 0.85 and min(small.recall, wide.recall) >= 0.82, (small, wide)
+    assert min(small.precision, wide.precision) >= 0.85 and min(small.recall, wide.recall) >= 0.86, (small, wide)

@@ -326,11 +326,12 @@ def make_train_function(strategy: tf.distribute.Strategy, state: GanState, confi
                                                        config.r1_interval, config.mode_seeking > 0))
         state.step.assign_add(1)
         if state.generator_average is not None:
-            tf.cond(state.step % config.generator_average_interval == 0,
-                    lambda: update_generator_average(state, config.generator_average_decay,
-                                                     config.generator_average_rampup,
-                                                     config.generator_average_interval),
-                    lambda: None)
+            update = functools.partial(update_generator_average, state, config.generator_average_decay,
+                                       config.generator_average_rampup, config.generator_average_interval)
+            if config.generator_average_interval == 1:
+                update()  # no conditional in the graph, so runs from before the field reproduce exactly
+            else:
+                tf.cond(state.step % config.generator_average_interval == 0, update, lambda: None)
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in per_replica]
 
     @tf.function
