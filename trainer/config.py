@@ -192,6 +192,8 @@ class TrainConfig:
         values = dict(values)
         values.setdefault("discriminator_dropout", 0.3)  # runs from before the field all had the tutorial's 0.3
         values.setdefault("image_activation", "tanh")  # and those from before this field, tanh
+        values.setdefault("mode_seeking", 0.0)  # and those from before these two, no mode seeking
+        values.setdefault("generator_average_interval", 1)  # and an average updated on every step
         known = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
 

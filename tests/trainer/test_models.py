@@ -91,6 +91,17 @@ def test_a_config_json_from_before_the_image_activation_field_reads_as_tanh(tmp_
     assert config_lib.TrainConfig.load(str(tmp_path)).image_activation == "tanh"
 
 
+def test_a_config_json_from_before_mode_seeking_reads_as_none_and_an_average_on_every_step(tmp_path):
+    path = config_lib.TrainConfig(run_dir=str(tmp_path)).save()
+    recorded = config_lib.TrainConfig.load(str(tmp_path))
+    assert (recorded.mode_seeking, recorded.generator_average_interval) == (0.1, 4)  # recorded: kept
+    values = json.loads(path.read_text())
+    del values["mode_seeking"], values["generator_average_interval"]  # as written before the fields existed
+    path.write_text(json.dumps(values))
+    old = config_lib.TrainConfig.load(str(tmp_path))
+    assert (old.mode_seeking, old.generator_average_interval) == (0.0, 1)
+
+
 def test_the_pixel_layers_take_their_own_kernel_size():
     generator = models.build_generator(16, conditional=True, architecture="tutorial_cbn_3x3_5x5_pixels")
     discriminator = models.build_discriminator(architecture="tutorial_cbn_3x3_5x5_pixels", classifier_head=True)
