@@ -186,7 +186,9 @@ def test_generator_average_follows_its_formula_on_every_replica(mnist_data_dir, 
     """average <- d * average + (1 - d) * G after each step, d = min(decay, (1 + step) / (10 + step)),
     written identically to both replicas' copies; the checkpoint holds it and export restores it."""
     strategy = _two_replicas()
-    config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2, generator_average_decay=0.999)
+    # Every step (the default updates on every 4th; test_levers checks the interval).
+    config = TrainConfig(batch_size=GLOBAL_BATCH, cpu_replicas=2, generator_average_decay=0.999,
+                         generator_average_interval=1)
     state = step_lib.set_globals_and_build_state(config, strategy)
     initial = [variable.numpy().copy() for variable in state.generator.weights]
     for average, weight in zip(state.generator_average.weights, initial):
