@@ -93,8 +93,7 @@ def build_bundle(target: Path) -> tuple[str, str, int]:
 
     defaults = recipes.build("default")  # the default recipe's generator, as `cli.py train` builds it
     latent = defaults.latent_dim
-    generator = models.build_generator(latent, conditional=True, architecture=defaults.architecture,
-                                       image_activation=defaults.image_activation)
+    generator = models.build_generator_of(defaults)
     module = signatures_lib.GeneratorSignatures(generator, latent, conditional=True)
     module.write(str(target))
     try:

@@ -139,8 +139,7 @@ def write_storage_bundles(workdir: Path) -> tuple[list[tuple[str, Path]], int, i
     from trainer import models
 
     defaults = recipes.build("default")
-    generator = models.build_generator(defaults.latent_dim, conditional=True, architecture=defaults.architecture,
-                                       image_activation=defaults.image_activation)
+    generator = models.build_generator_of(defaults)
     module = signatures_lib.GeneratorSignatures(generator, defaults.latent_dim, conditional=True)
     once, twice = workdir / "once" / "1", workdir / "twice" / "1"
     module.write(str(once))

@@ -170,9 +170,7 @@ def restore_generator(checkpoint_path: str, train_config: TrainConfig):
     what is restored: it draws cleaner digits than the last training step's weights.
     """
     with precision.float32_policy():  # a bundle computes in float32, even written by a process that trained in bf16
-        generator = models.build_generator(train_config.latent_dim, train_config.conditional,
-                                           architecture=train_config.architecture,
-                                           image_activation=train_config.image_activation)
+        generator = models.build_generator_of(train_config)
     step = tf.Variable(0, dtype=tf.int64)
     try:
         key = _generator_key(checkpoint_path)

@@ -54,9 +54,7 @@ def test_the_pretrained_bundle_stores_each_weight_once():
     generator_config = train_config_lib.TrainConfig.from_dict(_metadata()["train_config"])
     from trainer import models
 
-    generator = models.build_generator(generator_config.latent_dim, generator_config.conditional,
-                                       architecture=generator_config.architecture,
-                                       image_activation=generator_config.image_activation)
+    generator = models.build_generator_of(generator_config)
     assert generator.count_params() <= stored <= generator.count_params() + 8  # + a seed, not a second copy
 
 

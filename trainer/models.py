@@ -218,6 +218,13 @@ ARCHITECTURES = {
 }
 
 
+def build_generator_of(config, synchronized_batch_norm: bool = False) -> keras.Model:
+    """The generator a training config describes: `build_generator` with its latent_dim, conditional,
+    architecture and image_activation (`trainer.config.TrainConfig`, or anything with those fields)."""
+    return build_generator(config.latent_dim, config.conditional, synchronized_batch_norm=synchronized_batch_norm,
+                           architecture=config.architecture, image_activation=config.image_activation)
+
+
 def build_generator(latent_dim: int = 100, conditional: bool = True, synchronized_batch_norm: bool = False,
                     architecture: str = "tutorial", image_activation: str = "tanh") -> keras.Model:
     """DCGAN generator: Dense 7x7xC → Conv2DTranspose blocks → 1 channel at 28x28, BatchNorm, LeakyReLU, tanh or a clip.

@@ -77,8 +77,7 @@ def set_globals_and_build_state(config: TrainConfig, strategy: tf.distribute.Str
     keras.utils.set_random_seed(config.seed)  # the initial weights depend on the seed only
     with strategy.scope():
         several_replicas = strategy.num_replicas_in_sync > 1
-        generator = models.build_generator(config.latent_dim, config.conditional, synchronized_batch_norm=several_replicas,
-                                           architecture=config.architecture, image_activation=config.image_activation)
+        generator = models.build_generator_of(config, synchronized_batch_norm=several_replicas)
         discriminator = models.build_discriminator(config.conditional, per_replica_dropout=several_replicas,
                                                    architecture=config.architecture,
                                                    classifier_head=config.classifier_weight > 0,
@@ -98,9 +97,7 @@ def set_globals_and_build_state(config: TrainConfig, strategy: tf.distribute.Str
                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         generator_average = None
         if config.generator_average_decay > 0:
-            generator_average = models.build_generator(config.latent_dim, config.conditional,
-                                                       architecture=config.architecture,
-                                                       image_activation=config.image_activation)
+            generator_average = models.build_generator_of(config)
             generator_average.set_weights(generator.get_weights())
     return GanState(generator, discriminator, generator_optimizer, discriminator_optimizer, step, noise_generator,
                     generator_average)

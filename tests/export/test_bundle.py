@@ -340,8 +340,7 @@ def test_export_writes_the_generator_average(tiny_runs):
     exported, _ = bundle.restore_generator(checkpoint, train_config)
     by_name = {}
     for name in ("generator_average", "generator"):
-        by_name[name] = models.build_generator(train_config.latent_dim, train_config.conditional,
-                                               architecture=train_config.architecture)
+        by_name[name] = models.build_generator_of(train_config)
         tf.train.Checkpoint(**{name: by_name[name]}).restore(checkpoint).expect_partial()
     for mine, average, last in zip(exported.weights, by_name["generator_average"].weights, by_name["generator"].weights):
         np.testing.assert_array_equal(mine.numpy(), average.numpy())

@@ -11,8 +11,7 @@ from trainer.config import TrainConfig
 
 def test_generate_function_gives_the_judge_images_in_0_1_and_the_gif_is_made_from_epoch_grids(tmp_path):
     config = TrainConfig(run_dir=str(tmp_path))
-    generator = models.build_generator(config.latent_dim, config.conditional, architecture=config.architecture,
-                                       image_activation=config.image_activation)
+    generator = models.build_generator_of(config)
     noise = np.random.default_rng(0).standard_normal((4, config.latent_dim)).astype(np.float32)
     images = summaries.generate_function(generator, True)(noise, np.array([1, 2, 3, 4], np.int32))
     assert images.shape == (4, 28, 28, 1) and images.dtype == np.float32
@@ -50,8 +49,7 @@ def test_the_epoch_judge_is_built_from_the_run_and_turns_itself_off_on_errors():
     lines = []
     judge = summaries.start_epoch_judge(factory, config, "mnist", lines.append)
     assert built == [("mnist", 5, 100, True)]
-    generator = models.build_generator(100, True, architecture=config.architecture,
-                                       image_activation=config.image_activation)
+    generator = models.build_generator_of(config)
     assert summaries.log_epoch_judge(judge, generator, True, 42, lines.append) is judge
     assert judge.steps == [(42, (2, 28, 28, 1))] and lines == ["judged step 42"]
 
