@@ -422,6 +422,8 @@ def train_judge(
     seed: Optional[int] = typer.Option(None, help="Seed of the initial weights and dropout (default: 0 for small, 1 for wide, "
                                                   "as the shipped judges were trained)."),
     data_dir: Optional[str] = typer.Option(None, help="TFDS data dir for MNIST (default: ~/tensorflow_datasets)."),
+    recalibrate: bool = typer.Option(False, "--recalibrate", help="Keep the judge already in --out and recompute only "
+                                     "its manifest's calibration figures (after a change to how they are computed)."),
 ) -> None:
     """Train an MNIST judge (minutes on 2 CPU cores) and write it with its manifest.
 
@@ -435,11 +437,18 @@ def train_judge(
         if architecture not in judge.ARCHITECTURES:
             raise ValueError(f"--architecture must be one of {', '.join(judge.ARCHITECTURES)}, got {architecture!r}")
         seed = judge.DEFAULT_SEEDS[architecture] if seed is None else seed
+        if recalibrate:
+            judge.load_judge(out)  # refuses a folder without a judge before MNIST is read
         mnist = acquire.load_mnist(data_dir, report=typer.echo)
-        command = own_command_line() or [f"python cli.py train-judge --out {out} --architecture {architecture}"]
-        manifest = judge.train_judge(mnist, out, command[0], report=typer.echo, architecture=architecture, seed=seed)
+        command = own_command_line() or [f"python cli.py train-judge --out {out} --architecture {architecture}"
+                                               + (" --recalibrate" if recalibrate else "")]
+        if recalibrate:
+            manifest = judge.recalibrate(out, mnist, command[0])
+        else:
+            manifest = judge.train_judge(mnist, out, command[0], report=typer.echo, architecture=architecture, seed=seed)
     calibration = manifest["calibration"]
-    typer.echo(f"Wrote {out / manifest['weights']} ({manifest['bytes']:,} bytes, sha256 {manifest['sha256'][:12]}...): "
+    typer.echo(f"{'Recalibrated' if recalibrate else 'Wrote'} {out / manifest['weights']} ({manifest['bytes']:,} bytes, "
+               f"sha256 {manifest['sha256'][:12]}...): "
                f"{manifest['test_accuracy']:.2%} on the real test split; calibration: MNIST score "
                f"{calibration['mnist_score']:.3f}, real train vs real test Fréchet distance "
                f"{calibration['real_train_vs_real_test_frechet']:.3f}, precision {calibration['precision']:.3f}, "

@@ -48,9 +48,10 @@ def test_each_shipped_judge_is_the_one_its_manifest_describes(which, request, mn
     calibration = manifest["calibration"]
     assert reference.calibration.mnist_score == pytest.approx(calibration["mnist_score"], abs=1e-3)
     assert reference.real_vs_real_frechet == pytest.approx(calibration["real_train_vs_real_test_frechet"], rel=1e-3)
-    if "precision" in calibration:  # the first judge's manifest predates precision and recall
-        assert reference.calibration.precision == pytest.approx(calibration["precision"], abs=2e-3)
-        assert reference.calibration.recall == pytest.approx(calibration["recall"], abs=2e-3)
+    assert reference.calibration.precision == pytest.approx(calibration["precision"], abs=2e-3)
+    assert reference.calibration.recall == pytest.approx(calibration["recall"], abs=2e-3)
+    assert (calibration["reference_draws"], calibration["reference_train_images"]) == (
+        judge_lib.REFERENCE_DRAWS, judge_lib.REFERENCE_SIZE)
 
 
 def test_the_two_shipped_judges_differ_in_design():
@@ -83,26 +84,74 @@ def test_judge_reads_the_real_test_split(which, request):
     assert all(0.085 <= share <= 0.115 for share in calibration.coverage), calibration.coverage
     assert 0.0 < reference.real_vs_real_frechet < 10.0
     assert 0.85 < calibration.precision < 1.0 and 0.85 < calibration.recall < 1.0, calibration
-    assert calibration.per_digit_frechet_ratio == [1.0] * 10 and calibration.judge == reference.calibration.judge
+    assert calibration.frechet_ratio == pytest.approx(1.0) and calibration.per_digit_frechet_ratio == pytest.approx([1.0] * 10)
+
+
+def test_the_reference_draws_are_disjoint_random_draws_of_the_train_split():
+    draws = judge_lib.reference_draws(60_000)
+    assert len(draws) == judge_lib.REFERENCE_DRAWS and all(len(draw) == judge_lib.REFERENCE_SIZE for draw in draws)
+    assert len(np.unique(np.concatenate(draws))) == judge_lib.REFERENCE_DRAWS * judge_lib.REFERENCE_SIZE
+    assert not np.array_equal(np.sort(draws[0]), np.arange(judge_lib.REFERENCE_SIZE))  # not the first images
+    assert all(np.array_equal(a, b) for a, b in zip(draws, judge_lib.reference_draws(60_000)))  # the same everywhere
+    small = judge_lib.reference_draws(150)
+    assert len(small) == 1 and sorted(small[0]) == list(range(150))  # a small split: one draw of all of it
 
 
 @pytest.mark.slow
-def test_the_reference_train_images_judged_as_a_model_read_as_the_calibration(judge_and_reference, mnist):
-    """The model path (`judge_images`) on the calibration's own real train images gives its figures:
-    Fréchet ratio 1 for all digits and for each digit, and the same precision and recall."""
+def test_the_reference_draws_judged_as_a_model_average_to_the_calibration(judge_and_reference, mnist):
+    """The model path (`judge_images`) on each of the calibration's real train draws: their Fréchet ratios
+    (all digits and each digit) average to 1 and their precision and recall to the calibration's. The
+    split's first images, which the calibration once used, read further from the test split than any draw."""
     judge, reference = judge_and_reference
-    size = judge_lib.REFERENCE_SIZE
-    images = judge_lib.real_images(mnist.train_images[:size])
-    row = judge_lib.judge_images(judge, reference, "real train", images, mnist.train_labels[:size], images)
-    assert row.frechet_ratio == pytest.approx(1.0, abs=1e-9)
-    assert row.per_digit_frechet_ratio == pytest.approx([1.0] * 10, abs=1e-9)
-    assert (row.precision, row.recall) == (reference.calibration.precision, reference.calibration.recall)
-    assert row.mean_digit_frechet_ratio == pytest.approx(1.0) and row.judge == "small"
+    rows = []
+    for draw in judge_lib.reference_draws(len(mnist.train_labels)):
+        images = judge_lib.real_images(mnist.train_images[draw])
+        rows.append(judge_lib.judge_images(judge, reference, "real train", images, mnist.train_labels[draw], images))
+    assert np.mean([row.frechet_ratio for row in rows]) == pytest.approx(1.0, abs=1e-9)
+    assert np.mean([row.per_digit_frechet_ratio for row in rows], axis=0) == pytest.approx([1.0] * 10, abs=1e-9)
+    assert np.mean([row.precision for row in rows]) == pytest.approx(reference.calibration.precision, abs=1e-9)
+    assert np.mean([row.recall for row in rows]) == pytest.approx(reference.calibration.recall, abs=1e-9)
+    first = judge_lib.real_images(mnist.train_images[:judge_lib.REFERENCE_SIZE])
+    in_order = judge_lib.judge_images(judge, reference, "first train images", first,
+                                      mnist.train_labels[:judge_lib.REFERENCE_SIZE], first)
+    assert in_order.frechet_ratio > max(row.frechet_ratio for row in rows), (in_order, rows)
+
+
+@pytest.mark.slow
+def test_recalibrate_rewrites_only_the_calibration(tmp_path, judge_and_reference, mnist_data_dir):
+    from typer.testing import CliRunner
+
+    import cli
+
+    _, reference = judge_and_reference
+    copy = tmp_path / "judge"
+    shutil.copytree(judge_lib.SHIPPED_JUDGE, copy)
+    manifest_path = copy / judge_lib.MANIFEST_FILE
+    before = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps(dict(before, calibration={"real_train_vs_real_test_frechet": 99.0})))
+    result = CliRunner().invoke(cli.app, ["train-judge", "--out", str(copy), "--recalibrate", "--data-dir", mnist_data_dir])
+    assert result.exit_code == 0, result.output
+    after = json.loads(manifest_path.read_text())
+    assert {key: value for key, value in after.items() if key != "calibration"} == \
+        {key: value for key, value in before.items() if key != "calibration"}
+    assert after["calibration"]["real_train_vs_real_test_frechet"] == pytest.approx(reference.real_vs_real_frechet)
+    assert after["calibration"]["precision"] == pytest.approx(reference.calibration.precision)
+    assert after["calibration"]["command"].endswith("--recalibrate")
+    assert judge_lib.load_judge(copy).manifest["sha256"] == before["sha256"]
+
+
+def test_recalibrate_refuses_a_folder_without_a_judge(tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+
+    result = CliRunner().invoke(cli.app, ["train-judge", "--out", str(tmp_path / "nothing"), "--recalibrate"])
+    assert result.exit_code == 2 and "no MNIST judge in" in result.output, result.output
 
 
 def test_real_images_score_as_real_and_noise_far(judge_and_reference, mnist):
     judge, reference = judge_and_reference
-    images = judge_lib.real_images(mnist.train_images[20_000:30_000])  # not among the reference's train images
+    images = judge_lib.real_images(mnist.train_images[20_000:30_000])  # 10,000 real digits, not a random draw
     real = judge_lib.judge_images(judge, reference, "real", images, mnist.train_labels[20_000:30_000], images)
     assert real.conditional_accuracy >= 0.99 and real.frechet_ratio < 1.5 and real.mnist_score > 9.0, real
     assert real.precision > 0.9 and real.recall > 0.9 and max(real.per_digit_frechet_ratio) < 2.0, real
