@@ -55,7 +55,7 @@ WEIGHTS_FILE = "mnist_judge.weights.h5"
 MANIFEST_FILE = "manifest.json"
 MIN_CLASSIFIER_ACCURACY = 0.99
 REFERENCE_SIZE = 10_000  # real train images in each draw compared with the real test split: a model's sample size
-REFERENCE_DRAWS = 6  # disjoint draws from the shuffled train split (all 60,000 images); the calibration averages them
+REFERENCE_DRAWS = 5  # disjoint draws from the shuffled train split (MNIST's ones allow five); the calibration averages them
 REFERENCE_SEED = 0  # seeds that shuffle, so every machine draws the same real digits
 NEAREST_NEIGHBOURS = 5  # k of precision and recall: a sample's ball reaches its k-th nearest neighbour
 
@@ -386,16 +386,22 @@ class Reference:
 CALIBRATION_SOURCE = "real test split vs real train"
 
 
-def reference_draws(train_size: int) -> list[np.ndarray]:
-    """Indices of REFERENCE_DRAWS disjoint random draws of REFERENCE_SIZE train images (fewer, or one
-    smaller draw, when the split holds fewer images).
+def reference_draws(train_labels: np.ndarray, test_labels: np.ndarray) -> list[np.ndarray]:
+    """Indices of up to REFERENCE_DRAWS disjoint random draws of REFERENCE_SIZE train images, each holding
+    every digit in its share of the test split, as a model's sample does (`digits_in_proportion`).
 
     Random, not the split's first images: MNIST comes in its original order, whose first 10,000
-    train digits sit further from the test split than a random 10,000 do (docs/quality.md).
+    train digits sit further from the test split than random draws do (docs/quality.md). A split too
+    small for one such draw gives one draw of what it has, up to each digit's share.
     """
-    order = np.random.default_rng(REFERENCE_SEED).permutation(train_size)
-    size = min(REFERENCE_SIZE, train_size)
-    return [order[start:start + size] for start in range(0, size * min(REFERENCE_DRAWS, train_size // size), size)]
+    train_labels = np.asarray(train_labels)
+    shares = np.bincount(digits_in_proportion(test_labels, min(REFERENCE_SIZE, len(train_labels))),
+                         minlength=NUM_CLASSES)
+    rng = np.random.default_rng(REFERENCE_SEED)
+    pools = [rng.permutation(np.flatnonzero(train_labels == digit)) for digit in range(NUM_CLASSES)]
+    count = min([REFERENCE_DRAWS] + [len(pool) // share for pool, share in zip(pools, shares) if share])
+    return [np.concatenate([pool[draw * share:(draw + 1) * share] for pool, share in zip(pools, shares)])
+            for draw in range(max(count, 1))]
 
 
 def reference(judge: Judge, mnist) -> Reference:
@@ -411,7 +417,7 @@ def reference(judge: Judge, mnist) -> Reference:
     test_labels = np.asarray(mnist.test_labels)
     test_moments = moments(test_features)
     per_digit_moments = [moments(test_features[test_labels == digit]) for digit in range(NUM_CLASSES)]
-    draws = reference_draws(len(mnist.train_labels))
+    draws = reference_draws(mnist.train_labels, test_labels)
     train_labels = [np.asarray(mnist.train_labels)[draw] for draw in draws]
     train_features = [judge.read(real_images(np.asarray(mnist.train_images)[draw]))[0] for draw in draws]
     distances = [frechet_between(moments(features), test_moments) for features in train_features]

@@ -87,14 +87,17 @@ def test_judge_reads_the_real_test_split(which, request):
     assert calibration.frechet_ratio == pytest.approx(1.0) and calibration.per_digit_frechet_ratio == pytest.approx([1.0] * 10)
 
 
-def test_the_reference_draws_are_disjoint_random_draws_of_the_train_split():
-    draws = judge_lib.reference_draws(60_000)
+def test_the_reference_draws_are_disjoint_random_draws_in_the_test_splits_shares(mnist):
+    draws = judge_lib.reference_draws(mnist.train_labels, mnist.test_labels)
     assert len(draws) == judge_lib.REFERENCE_DRAWS and all(len(draw) == judge_lib.REFERENCE_SIZE for draw in draws)
     assert len(np.unique(np.concatenate(draws))) == judge_lib.REFERENCE_DRAWS * judge_lib.REFERENCE_SIZE
+    shares = np.bincount(judge_lib.digits_in_proportion(mnist.test_labels, judge_lib.REFERENCE_SIZE))
+    assert all(np.array_equal(np.bincount(mnist.train_labels[draw], minlength=10), shares) for draw in draws)
     assert not np.array_equal(np.sort(draws[0]), np.arange(judge_lib.REFERENCE_SIZE))  # not the first images
-    assert all(np.array_equal(a, b) for a, b in zip(draws, judge_lib.reference_draws(60_000)))  # the same everywhere
-    small = judge_lib.reference_draws(150)
-    assert len(small) == 1 and sorted(small[0]) == list(range(150))  # a small split: one draw of all of it
+    again = judge_lib.reference_draws(mnist.train_labels, mnist.test_labels)
+    assert all(np.array_equal(a, b) for a, b in zip(draws, again))  # the same draws on every machine
+    small = judge_lib.reference_draws(mnist.train_labels[:150], mnist.test_labels)  # too few for a full draw
+    assert len(small) == 1 and len(set(small[0])) == len(small[0]) and set(small[0]) <= set(range(150))
 
 
 @pytest.mark.slow
@@ -104,7 +107,7 @@ def test_the_reference_draws_judged_as_a_model_average_to_the_calibration(judge_
     split's first images, which the calibration once used, read further from the test split than any draw."""
     judge, reference = judge_and_reference
     rows = []
-    for draw in judge_lib.reference_draws(len(mnist.train_labels)):
+    for draw in judge_lib.reference_draws(mnist.train_labels, mnist.test_labels):
         images = judge_lib.real_images(mnist.train_images[draw])
         rows.append(judge_lib.judge_images(judge, reference, "real train", images, mnist.train_labels[draw], images))
     assert np.mean([row.frechet_ratio for row in rows]) == pytest.approx(1.0, abs=1e-9)
