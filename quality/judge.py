@@ -16,7 +16,8 @@ Figures (all computed by `judge_samples`, per judge):
 - MNIST score = exp(E_x KL(p(y|x) || p(y))): up to 10; high when each image is confidently one
   digit and all digits occur. Real test data scores near 10.
 - Fréchet distance between the features of the samples and of the real test split (lower is
-  better), and its ratio to the real-train-vs-real-test distance (1.0 = as close as real data).
+  better), and its ratio to the real-train-vs-real-test distance (1.0 = as close as real data;
+  the mean over random draws of real train digits, `reference_draws`).
 - Per-digit Fréchet ratio (conditional models): digit d's samples against real test d, over real
   train d against real test d; its mean and its worst digit.
 - Precision and recall (k = 5 nearest neighbours, `measures.py`): the share of samples on the real
@@ -55,7 +56,7 @@ WEIGHTS_FILE = "mnist_judge.weights.h5"
 MANIFEST_FILE = "manifest.json"
 MIN_CLASSIFIER_ACCURACY = 0.99
 REFERENCE_SIZE = 10_000  # real train images in each draw compared with the real test split: a model's sample size
-REFERENCE_DRAWS = 5  # disjoint draws from the shuffled train split (MNIST's ones allow five); the calibration averages them
+REFERENCE_DRAWS = 5  # disjoint draws from the shuffled train split (MNIST's ones allow five), averaged
 REFERENCE_SEED = 0  # seeds that shuffle, so every machine draws the same real digits
 NEAREST_NEIGHBOURS = 5  # k of precision and recall: a sample's ball reaches its k-th nearest neighbour
 
@@ -424,26 +425,27 @@ def reference(judge: Judge, mnist) -> Reference:
     per_digit = [[frechet_between(moments(features[labels == digit]), per_digit_moments[digit])
                   for digit in range(NUM_CLASSES)] for features, labels in zip(train_features, train_labels)]
     radii = measures.nearest_neighbour_radii(test_features, NEAREST_NEIGHBOURS)
-    partial = Reference(test_features, test_labels, test_moments, per_digit_moments, radii,
-                        float(np.mean(distances)), [float(mean) for mean in np.mean(per_digit, axis=0)], calibration=None)
+    partial = Reference(test_features, test_labels, test_moments, per_digit_moments, radii, float(np.mean(distances)),
+                        [float(distance) for distance in np.mean(per_digit, axis=0)], calibration=None)
     accuracy, per_digit_accuracy = conditional_accuracy(test_probabilities, test_labels)
     judged = [_judge_features(judge.name, partial, CALIBRATION_SOURCE, features, None, labels).report
               for features, labels in zip(train_features, train_labels)]
     calibration = dataclasses.replace(
         _mean_report(judged), samples=len(test_features), mnist_score=mnist_score(test_probabilities),
-        conditional_accuracy=accuracy,
-        per_digit_accuracy=per_digit_accuracy, coverage=coverage(test_probabilities))
+        conditional_accuracy=accuracy, per_digit_accuracy=per_digit_accuracy, coverage=coverage(test_probabilities))
     return dataclasses.replace(partial, calibration=calibration)
 
 
 def _mean_report(reports: list["QualityReport"]) -> "QualityReport":
     """The real draws' rows as one: the mean of each Fréchet figure, of precision and of recall."""
-    mean = lambda name: float(np.mean([getattr(report, name) for report in reports]))
+    def average(name: str) -> float:
+        return float(np.mean([getattr(report, name) for report in reports]))
+
+    per_digit = np.mean([report.per_digit_frechet_ratio for report in reports], axis=0)
     return dataclasses.replace(
-        reports[0], frechet_distance=mean("frechet_distance"),
-        frechet_ratio=mean("frechet_ratio"), precision=mean("precision"), recall=mean("recall"),
-        per_digit_frechet_ratio=[float(mean) for mean in np.mean([report.per_digit_frechet_ratio for report in reports],
-                                                                  axis=0)])
+        reports[0], frechet_distance=average("frechet_distance"), frechet_ratio=average("frechet_ratio"),
+        precision=average("precision"), recall=average("recall"),
+        per_digit_frechet_ratio=[float(ratio) for ratio in per_digit])
 
 
 @dataclasses.dataclass(frozen=True)
