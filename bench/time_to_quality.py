@@ -96,11 +96,14 @@ def images_per_second_guess(config: TrainConfig) -> float:
     return 600.0 * (1.0 if config.conditional else 1.1)
 
 
+def evaluate_config(arguments) -> sources.EvaluateConfig:
+    return sources.EvaluateConfig(per_digit=arguments.per_digit, default_samples=arguments.default_samples,
+                                  data_dir=arguments.data_dir, judge_dirs=tuple(arguments.judge))
+
+
 def run_recipe(name: str, fields: dict, arguments, run_root: Path) -> list[tuple[float, judge_lib.QualityReport]]:
     """Trains `name` in legs until the budget is spent; returns (training seconds, figures) after each leg."""
     config = TrainConfig(run_dir=str(run_root / name), data_dir=arguments.data_dir, **fields)
-    evaluate_config = sources.EvaluateConfig(per_digit=arguments.per_digit, default_samples=arguments.default_samples,
-                                             data_dir=arguments.data_dir, judge_dirs=tuple(arguments.judge))
     rate, spent, step, rows = images_per_second_guess(config), 0.0, 0, []
     while spent < arguments.budget - 1:
         leg = min(arguments.leg_seconds, arguments.budget - spent)
@@ -115,7 +118,7 @@ def run_recipe(name: str, fields: dict, arguments, run_root: Path) -> list[tuple
         if result.seconds > 0:  # refine the step rate from what this leg measured
             rate = (result.step - step) * config.batch_size / result.seconds
         step = result.step
-        evaluation = sources.evaluate_run(config.run_dir, None, evaluate_config, report=lambda line: None,
+        evaluation = sources.evaluate_run(config.run_dir, None, evaluate_config(arguments), report=lambda line: None,
                                           progress=False)
         for row in evaluation.rows:  # one row per judge
             rows.append((spent, dataclasses.replace(row, source=f"{name} after {spent:.0f} s (step {result.step})")))
@@ -123,8 +126,10 @@ def run_recipe(name: str, fields: dict, arguments, run_root: Path) -> list[tuple
     return rows
 
 
-def recipe_in_own_process(name: str, run_root: Path) -> list[tuple[float, judge_lib.QualityReport]]:
-    """Runs this module again for recipe `name` alone; returns its rows (read back from a JSON file).
+def recipe_in_own_process(name: str, run_root: Path) -> tuple[list[tuple[float, judge_lib.QualityReport]],
+                                                             list[judge_lib.QualityReport]]:
+    """Runs this module again for recipe `name` alone; returns its rows and the judges' calibration rows
+    (read back from JSON files).
 
     The child runs in this process's folder, with the repository on its module path, so the
     user's relative paths (--data-dir, --judge) mean the same to it.
@@ -148,7 +153,14 @@ def recipe_in_own_process(name: str, run_root: Path) -> list[tuple[float, judge_
         raise SystemExit(INTERRUPTED) from None
     if returncode != 0:
         raise SystemExit(f"recipe {name} failed (exit code {returncode}); its output is above")
-    return [(seconds, judge_lib.QualityReport.from_dict(row)) for seconds, row in json.loads(rows_file.read_text())]
+    rows = [(seconds, judge_lib.QualityReport.from_dict(row)) for seconds, row in json.loads(rows_file.read_text())]
+    calibrations = json.loads(calibrations_file(rows_file).read_text())
+    return rows, [judge_lib.QualityReport.from_dict(row) for row in calibrations]
+
+
+def calibrations_file(rows_file: Path) -> Path:
+    """Where a recipe's process hands back the judges' calibration rows, beside its rows."""
+    return rows_file.with_name(rows_file.name.replace(".rows.json", ".calibrations.json"))
 
 
 def child_main(arguments) -> None:
@@ -156,6 +168,11 @@ def child_main(arguments) -> None:
     fields = recipe_fields(arguments.only_recipe, arguments.settings)
     rows = run_recipe(arguments.only_recipe, fields, arguments, Path(arguments.run_root))
     Path(arguments.rows_out).write_text(json.dumps([(seconds, row.to_dict()) for seconds, row in rows]))
+    # The calibration rows this process's judging already computed (after training: no judge is
+    # resident in the process while it trains); the parent prints them above the recipes' rows.
+    calibrations = sources.calibration_rows(evaluate_config(arguments),
+                                            acquire.load_mnist(arguments.data_dir, report=lambda line: None))
+    calibrations_file(Path(arguments.rows_out)).write_text(json.dumps([row.to_dict() for row in calibrations]))
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -208,12 +225,17 @@ def print_setup(arguments) -> None:
                                     for name, precision in chosen.items()), flush=True)
 
 
-def run_recipes(arguments) -> dict[str, list[tuple[float, judge_lib.QualityReport]]]:
-    """Each recipe in a process of its own, one after the other: name -> its rows."""
+def run_recipes(arguments) -> tuple[dict[str, list[tuple[float, judge_lib.QualityReport]]],
+                                    list[judge_lib.QualityReport]]:
+    """Each recipe in a process of its own, one after the other: (name -> its rows, the judges'
+    calibration rows, which every recipe's process computes alike; the last one's are kept)."""
+    results, calibrations = {}, []
     with tempfile.TemporaryDirectory(prefix="digitgan-time-to-quality-") as folder:
         run_root = Path(arguments.run_root) if arguments.run_root else Path(folder)
         run_root.mkdir(parents=True, exist_ok=True)
-        return {name: recipe_in_own_process(name, run_root) for name in arguments.recipes.split(",")}
+        for name in arguments.recipes.split(","):
+            results[name], calibrations = recipe_in_own_process(name, run_root)
+    return results, calibrations
 
 
 def print_side_by_side(calibrations: list[judge_lib.QualityReport], results: dict) -> None:
@@ -246,11 +268,8 @@ def main() -> None:
         return child_main(arguments)
     print_setup(arguments)
     # Prepared here, so no recipe's clock includes downloading or converting MNIST.
-    mnist = acquire.load_mnist(arguments.data_dir, report=print)
-    results = run_recipes(arguments)
-    # The judges' calibration rows, computed after the recipes, so that no judge's model is
-    # resident in this process while they train; the shipped judges give the same rows on every machine.
-    calibrations = [judge_lib.reference(judge, mnist).calibration for judge in judge_lib.load_judges(arguments.judge)]
+    acquire.load_mnist(arguments.data_dir, report=print)
+    results, calibrations = run_recipes(arguments)
     print_side_by_side(calibrations, results)
     print_json(arguments, calibrations, results)
 

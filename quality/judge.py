@@ -418,9 +418,10 @@ def reference(judge: Judge, mnist) -> Reference:
     test_labels = np.asarray(mnist.test_labels)
     test_moments = moments(test_features)
     per_digit_moments = [moments(test_features[test_labels == digit]) for digit in range(NUM_CLASSES)]
-    draws = reference_draws(mnist.train_labels, test_labels)
-    train_labels = [np.asarray(mnist.train_labels)[draw] for draw in draws]
-    train_features = [judge.read(real_images(np.asarray(mnist.train_images)[draw]))[0] for draw in draws]
+    all_train_labels, all_train_images = np.asarray(mnist.train_labels), np.asarray(mnist.train_images)
+    draws = reference_draws(all_train_labels, test_labels)
+    train_labels = [all_train_labels[draw] for draw in draws]
+    train_features = [judge.read(real_images(all_train_images[draw]))[0] for draw in draws]
     distances = [frechet_between(moments(features), test_moments) for features in train_features]
     per_digit = [[frechet_between(moments(features[labels == digit]), per_digit_moments[digit])
                   for digit in range(NUM_CLASSES)] for features, labels in zip(train_features, train_labels)]

@@ -237,6 +237,12 @@ def evaluate(sampler: Sampler, source: str, config: EvaluateConfig,
                       sheet)
 
 
+def calibration_rows(config: EvaluateConfig, mnist) -> list[judge_lib.QualityReport]:
+    """Each of `config`'s judges' calibration row (real digits against real digits), in order; free in a
+    process that has already evaluated with them (`_reference` keeps the real side)."""
+    return [_reference(judge, mnist, config.data_dir).calibration for judge in judge_lib.load_judges(config.judge_dirs)]
+
+
 # The real side of a judge's figures depends only on its weights and on MNIST, so a process that
 # evaluates again (the bench after each leg, the export gate) reads the real digits once per judge.
 _REFERENCES: dict[tuple[str, str | None], judge_lib.Reference] = {}
