@@ -25,15 +25,15 @@ RECIPES: dict[str, dict] = {
         latent_dim=100, conditional=True, classifier_weight=0.15, discriminator_dropout=0.3,
         architecture="tutorial_cbn", generator_average_decay=0.999, max_steps=None, seed=0, loss="bce",
         spectral_norm=False, r1_gamma=0.0, r1_interval=16, minibatch_std=False, generator_average_rampup=0.0,
-        twin_classifier=0.0, image_activation="tanh", mode_seeking=0.0,
+        twin_classifier=0.0, classifier_confidence=0.0, image_activation="tanh", mode_seeking=0.0,
         generator_average_interval=1),
     # The default before G's image activation became hard_tanh: the same recipe with tanh. Every
     # recipe field is spelled out, so a new default cannot shift it.
     "tanh_default": dict(
         epochs=6, batch_size=64, learning_rate=5e-4, discriminator_learning_rate=None,
         learning_rate_schedule="linear_decay", learning_rate_decay_start=0.5, beta_1=0.5, beta_2=0.999,
-        latent_dim=100, conditional=True, classifier_weight=0.6, twin_classifier=0.0, discriminator_dropout=0.0,
-        architecture="tutorial_cbn_3x3", image_activation="tanh", loss="bce", spectral_norm=False, r1_gamma=0.0,
+        latent_dim=100, conditional=True, classifier_weight=0.6, twin_classifier=0.0, classifier_confidence=0.0,
+        discriminator_dropout=0.0, architecture="tutorial_cbn_3x3", image_activation="tanh", loss="bce", spectral_norm=False, r1_gamma=0.0,
         r1_interval=16, minibatch_std=False, max_steps=None, seed=0, generator_average_decay=0.999,
         generator_average_rampup=0.0, mode_seeking=0.0, generator_average_interval=1),
     # TensorFlow's DCGAN tutorial: unconditional, batch 256, Adam(1e-4) with beta_1 0.9, 50 epochs,

@@ -55,6 +55,10 @@ class TrainConfig:
     """TAC-GAN (Gong et al. 2019), with `classifier_weight` > 0: D gets a second digit head that learns to name
     the fakes' digits, and G's classifier loss subtracts this share of that head's cross-entropy. 1 cancels
     AC-GAN's pull towards the digits easiest to name (a pull that costs variety); 0 = plain AC-GAN."""
+    classifier_confidence: float = 0.0
+    """With `classifier_weight` > 0: G's classifier loss stops counting for a fake once D's classifier gives
+    it the digit asked for with at least this probability, so a fake that already reads as its digit is
+    not pulled on towards the digits easiest to name (a pull that costs variety); 0 = always counts."""
     discriminator_dropout: float = 0.0
     """Dropout rate after each of D's convolutions; 0 = no dropout layers (the tutorial's D uses 0.3;
     why the default has none: docs/experiments.md)."""
@@ -138,6 +142,7 @@ class TrainConfig:
         _require(0 <= self.twin_classifier <= 1, "twin_classifier", self.twin_classifier, "in [0, 1]")
         _require(not self.twin_classifier or self.classifier_weight > 0, "twin_classifier", self.twin_classifier,
                  "0 when there is no auxiliary classifier (classifier_weight 0, or an unconditional run)")
+        _require(0 <= self.classifier_confidence < 1, "classifier_confidence", self.classifier_confidence, "in [0, 1)")
         _require(0 <= self.beta_1 < 1, "beta_1", self.beta_1, "in [0, 1)")
         _require(0 < self.beta_2 < 1, "beta_2", self.beta_2, "in (0, 1)")
         _require(self.latent_dim >= 2, "latent_dim", self.latent_dim, "at least 2")

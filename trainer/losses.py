@@ -9,6 +9,8 @@ scale the gradients by 1/N twice.
 """
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 
@@ -25,9 +27,15 @@ def generator_loss(fake_logits, global_batch_size: int):
     return tf.nn.compute_average_loss(tf.squeeze(fake, -1), global_batch_size=global_batch_size)
 
 
-def classifier_loss(class_logits, digits, global_batch_size: int):
-    """AC-GAN's auxiliary loss: cross-entropy of D's digit logits [B, 10] float32 against digits int32 [B]."""
+def classifier_loss(class_logits, digits, global_batch_size: int, confidence: float = 0.0):
+    """AC-GAN's auxiliary loss: cross-entropy of D's digit logits [B, 10] float32 against digits int32 [B].
+
+    With `confidence` in (0, 1) each example counts only by how far its cross-entropy exceeds
+    -log(confidence): max(0, CE + log(confidence)), zero once the digit's probability reaches it.
+    """
     per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=digits, logits=class_logits)
+    if confidence:
+        per_example = tf.nn.relu(per_example + math.log(confidence))
     return tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
 
 

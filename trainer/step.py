@@ -195,7 +195,7 @@ def draw_fake_digits(noise_generator: tf.random.Generator, batch, paired: bool =
 def losses_and_gradients(state: GanState, images, digits, noise, fake_digits, regularize=False, *,
                          global_batch_size: int, conditional: bool, classifier_weight: float = 0.0,
                          loss: str = "bce", r1_weight: float = 0.0, twin_classifier: float = 0.0,
-                         mode_seeking: float = 0.0):
+                         mode_seeking: float = 0.0, classifier_confidence: float = 0.0):
     """(generator_loss, discriminator_loss, G's gradients, D's gradients) of one forward and backward pass.
 
     images float32 [b, 28, 28, 1] in [-1, 1]; digits and fake_digits int32 [b]; noise float32 [b, latent].
@@ -208,7 +208,8 @@ def losses_and_gradients(state: GanState, images, digits, noise, fake_digits, re
                                                             global_batch_size, conditional, training=True,
                                                             classifier_weight=classifier_weight, loss=loss,
                                                             twin_classifier=twin_classifier,
-                                                            mode_seeking=mode_seeking)
+                                                            mode_seeking=mode_seeking,
+                                                            classifier_confidence=classifier_confidence)
         optimized_discriminator_loss = discriminator_loss
         if r1_weight:
             penalty = tf.cond(regularize,
@@ -244,14 +245,15 @@ def scale_images(images):
 
 def compute_losses(state: GanState, images, digits, noise, fake_digits, global_batch_size: int, conditional: bool,
                    training: bool = True, classifier_weight: float = 0.0, loss: str = "bce",
-                   twin_classifier: float = 0.0, mode_seeking: float = 0.0):
+                   twin_classifier: float = 0.0, mode_seeking: float = 0.0, classifier_confidence: float = 0.0):
     """(generator_loss, discriminator_loss) of one forward pass, each divided by the GLOBAL batch size.
 
     Summing the replicas' values (and the optimizer summing their gradients) gives the
     single-device mean over the whole global batch. With `classifier_weight` > 0 (a discriminator
     built with the classifier head), D's loss adds the cross-entropy of its digit guess on the real
     images and G's loss the same on the fakes against the digits asked for (AC-GAN; D learns to
-    classify from real images only, so it never learns the fakes' mistakes as a class). With
+    classify from real images only, so it never learns the fakes' mistakes as a class); with
+    `classifier_confidence` > 0, G's share stops at that probability (`losses.classifier_loss`). With
     `twin_classifier` > 0 (a discriminator with the twin head, TAC-GAN) D's loss also adds the twin's
     cross-entropy on the fakes, and G's subtracts that share of it. `loss` picks the adversarial
     loss: "bce", "hinge" or "relativistic" (`losses.adversarial_losses`). With `mode_seeking` > 0, G's
@@ -270,7 +272,8 @@ def compute_losses(state: GanState, images, digits, noise, fake_digits, global_b
         adversarial_generator += mode_seeking * losses.mode_seeking_loss(fakes, noise, global_batch_size)
     if not classifier_weight:
         return adversarial_generator, adversarial_discriminator
-    generator_classifier = losses.classifier_loss(fake_heads[0], fake_digits, global_batch_size)
+    generator_classifier = losses.classifier_loss(fake_heads[0], fake_digits, global_batch_size,
+                                                  confidence=classifier_confidence)
     discriminator_classifier = losses.classifier_loss(real_heads[0], digits, global_batch_size)
     if twin_classifier:
         # TAC-GAN: the twin head learns to name the fakes; G pushes its cross-entropy up, which cancels
@@ -310,7 +313,7 @@ def make_train_function(strategy: tf.distribute.Strategy, state: GanState, confi
     gradients_function = functools.partial(
         losses_and_gradients, state, global_batch_size=global_batch_size, conditional=config.conditional,
         classifier_weight=config.classifier_weight, loss=config.loss, twin_classifier=config.twin_classifier,
-        mode_seeking=config.mode_seeking,
+        mode_seeking=config.mode_seeking, classifier_confidence=config.classifier_confidence,
         # Lazy R1 (StyleGAN2): (γ/2)·E|∇D|², every r1_interval steps, so γ is scaled by the interval.
         r1_weight=config.r1_gamma / 2.0 * config.r1_interval)
     if config.xla:

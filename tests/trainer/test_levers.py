@@ -1,7 +1,8 @@
 """The training levers of issue 22: hinge and relativistic losses, spectral normalisation in D, lazy
 R1, minibatch standard deviation, the moving average's ramp-up and interval, the twin auxiliary
-classifier and the mode-seeking term, each off by default except a little mode seeking and the
-interval; and G's image activation, tanh (the former default) or hard_tanh (the default).
+classifier, the mode-seeking term and the classifier's confidence cap, each off by default except a
+little mode seeking and the interval; and G's image activation, tanh (the former default) or
+hard_tanh (the default).
 
 Each is checked for its arithmetic, its config validation, and on 2 logical CPU replicas for
 training with replicas kept identical and for resuming exactly.
@@ -32,6 +33,7 @@ LEVERS = {
     "average_rampup": dict(generator_average_rampup=0.05),
     "twin_classifier": dict(twin_classifier=1.0),
     "mode_seeking": dict(mode_seeking=1.0),
+    "classifier_confidence": dict(classifier_confidence=0.9),
     "average_interval": dict(generator_average_interval=2),
     "tanh": dict(image_activation="tanh"),  # the default is hard_tanh; the other must train as well
 }
@@ -45,7 +47,8 @@ def test_config_names_every_loss_the_step_knows():
 def test_levers_are_off_by_default_but_a_little_mode_seeking():
     config = TrainConfig()
     assert (config.loss, config.spectral_norm, config.r1_gamma, config.minibatch_std,
-            config.generator_average_rampup, config.twin_classifier) == ("bce", False, 0.0, False, 0.0, 0.0)
+            config.generator_average_rampup, config.twin_classifier, config.classifier_confidence) == (
+        "bce", False, 0.0, False, 0.0, 0.0, 0.0)
     assert (config.mode_seeking, config.generator_average_interval) == (0.1, 4)  # the default recipe's
 
 
@@ -56,6 +59,7 @@ def test_levers_are_off_by_default_but_a_little_mode_seeking():
     ("generator_average_rampup", 1.5, "generator_average_rampup must be in [0, 1], got 1.5"),
     ("twin_classifier", 1.5, "twin_classifier must be in [0, 1], got 1.5"),
     ("mode_seeking", -0.5, "mode_seeking must be 0 or more, got -0.5"),
+    ("classifier_confidence", 1.0, "classifier_confidence must be in [0, 1), got 1.0"),
     ("generator_average_interval", 0, "generator_average_interval must be at least 1, got 0"),
     ("image_activation", "sigmoid", "image_activation must be one of tanh, hard_tanh, got 'sigmoid'"),
 ])
@@ -150,6 +154,35 @@ def test_mode_seeking_adds_its_weighted_term_to_gs_loss_only(mnist_data_dir):
     term = float(losses.mode_seeking_loss(fakes, noise, 4))
     np.testing.assert_allclose(float(seeking[0]), float(plain[0]) + 2.0 * term, rtol=1e-5)
     np.testing.assert_allclose(float(seeking[1]), float(plain[1]), rtol=1e-6)
+
+
+def test_classifier_confidence_counts_each_fake_only_below_that_probability():
+    # Three fakes whose asked-for digit D reads with probability 0.95, 0.5 and 0.1.
+    probabilities = np.full((3, 10), 0.0, np.float32)
+    for row, chance in enumerate([0.95, 0.5, 0.1]):
+        probabilities[row] = (1 - chance) / 9
+        probabilities[row, row] = chance
+    logits, digits = tf.constant(np.log(probabilities)), tf.constant([0, 1, 2])
+    cross_entropy = -np.log([0.95, 0.5, 0.1])
+    np.testing.assert_allclose(float(losses.classifier_loss(logits, digits, 4)), cross_entropy.sum() / 4, rtol=1e-5)
+    expected = np.maximum(cross_entropy + np.log(0.9), 0).sum() / 4  # the first fake no longer counts
+    np.testing.assert_allclose(float(losses.classifier_loss(logits, digits, 4, confidence=0.9)), expected, rtol=1e-5)
+    assert float(losses.classifier_loss(logits[:1], digits[:1], 4, confidence=0.9)) == 0.0
+
+
+def test_classifier_confidence_changes_gs_loss_only(mnist_data_dir):
+    config = TrainConfig(batch_size=4, precision="float32")
+    state, images, digits, noise, fake_digits = _state_and_batch(config, mnist_data_dir)
+    kwargs = dict(training=False, classifier_weight=2.0)
+    plain = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True, **kwargs)
+    confident = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True,
+                                        classifier_confidence=0.5, **kwargs)
+    fakes = state.generator([noise, fake_digits], training=False)
+    fake_logit, fake_classes = state.discriminator([fakes, fake_digits], training=False)
+    expected = losses.generator_loss(fake_logit, 4) + 2.0 * losses.classifier_loss(fake_classes, fake_digits, 4, 0.5)
+    np.testing.assert_allclose(float(confident[0]), float(expected), rtol=1e-5)
+    assert float(confident[0]) < float(plain[0])  # an untrained D reads no fake at 0.5: each counts log 2 less
+    np.testing.assert_allclose(float(confident[1]), float(plain[1]), rtol=1e-6)
 
 
 def test_minibatch_std_appends_the_std_over_groups_of_four():
