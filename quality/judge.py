@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
 import platform
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -435,6 +437,53 @@ def reference(judge: Judge, mnist) -> Reference:
         _mean_report(judged), samples=len(test_features), mnist_score=mnist_score(test_probabilities),
         conditional_accuracy=accuracy, per_digit_accuracy=per_digit_accuracy, coverage=coverage(test_probabilities))
     return dataclasses.replace(partial, calibration=calibration)
+
+
+def reference_fingerprint(judge: Judge, mnist) -> str:
+    """A sha256 of everything that decides `reference(judge, mnist)`: the judge's weights, MNIST's
+    arrays, and the source of this module and of `measures` (so a change to how the real side is
+    computed never reads a file written before it)."""
+    digest = hashlib.sha256(judge.manifest["sha256"].encode())
+    for array in (mnist.train_images, mnist.train_labels, mnist.test_images, mnist.test_labels):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    for module_file in (Path(__file__), Path(measures.__file__)):
+        digest.update(module_file.read_bytes())
+    return digest.hexdigest()
+
+
+def save_reference(reference_data: Reference, path: str | Path) -> Path:
+    """Writes `reference_data` to `path` as one .npz file, atomically; `load_reference` reads it back."""
+    digit_moments = reference_data.per_digit_test_moments
+    arrays = dict(
+        test_features=reference_data.test_features, test_labels=reference_data.test_labels,
+        test_radii=reference_data.test_radii, test_mean=reference_data.test_moments.mean,
+        test_covariance=reference_data.test_moments.covariance, test_root=reference_data.test_moments.root,
+        digit_means=np.stack([one.mean for one in digit_moments]),
+        digit_covariances=np.stack([one.covariance for one in digit_moments]),
+        digit_roots=np.stack([one.root for one in digit_moments]),
+        real_vs_real_frechet=np.float64(reference_data.real_vs_real_frechet),
+        per_digit_real_vs_real=np.asarray(reference_data.per_digit_real_vs_real, np.float64),
+        calibration=np.array(json.dumps(reference_data.calibration.to_dict())))
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return files.write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_reference(path: str | Path) -> Reference:
+    """The Reference `save_reference` wrote to `path`; OSError or ValueError when it is missing or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+        digit_moments = [Moments(mean, covariance, root) for mean, covariance, root in
+                         zip(arrays["digit_means"], arrays["digit_covariances"], arrays["digit_roots"])]
+        return Reference(
+            arrays["test_features"], arrays["test_labels"],
+            Moments(arrays["test_mean"], arrays["test_covariance"], arrays["test_root"]), digit_moments,
+            arrays["test_radii"], float(arrays["real_vs_real_frechet"]),
+            [float(value) for value in arrays["per_digit_real_vs_real"]],
+            QualityReport.from_dict(json.loads(str(arrays["calibration"]))))
+    except (KeyError, TypeError, ValueError, EOFError, zipfile.BadZipFile) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"'{path}' is not a stored reference: {error}") from None
 
 
 def _mean_report(reports: list["QualityReport"]) -> "QualityReport":

@@ -18,12 +18,16 @@ per judge, the calibration row and the model's row; gates take the worse judge's
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
+from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
 from quality import judge as judge_lib
+
+log = logging.getLogger(__name__)
 
 NUM_CLASSES = judge_lib.NUM_CLASSES
 
@@ -246,14 +250,38 @@ def calibration_rows(config: EvaluateConfig, mnist) -> list[judge_lib.QualityRep
 # The real side of a judge's figures depends only on its weights and on MNIST, so a process that
 # evaluates again (the bench after each leg, the export gate) reads the real digits once per judge.
 _REFERENCES: dict[tuple[str, str | None], judge_lib.Reference] = {}
+REFERENCE_FOLDER = "digitgan_references"  # in MNIST's data dir: the real side, one file per fingerprint
 
 
 def _reference(judge: judge_lib.Judge, mnist, data_dir: str | None) -> judge_lib.Reference:
     key = (judge.manifest["sha256"], data_dir)
     if key not in _REFERENCES:
-        _REFERENCES[key] = judge_lib.reference(judge, mnist)
+        _REFERENCES[key] = stored_reference(judge, mnist, data_dir)
     return dataclasses.replace(_REFERENCES[key], calibration=dataclasses.replace(
         _REFERENCES[key].calibration, judge=judge.name))  # the same weights may be named otherwise
+
+
+def stored_reference(judge: judge_lib.Judge, mnist, data_dir: str | None) -> judge_lib.Reference:
+    """`judge_lib.reference(judge, mnist)`, kept beside MNIST in `data_dir` so that the next process
+    reads it instead of judging 60,000 real digits again (up to minutes on a slow CPU).
+
+    The file is named by `judge_lib.reference_fingerprint`: other weights, data or code never read
+    it. One that cannot be read is computed again and replaced.
+    """
+    from mnist_data import acquire
+
+    folder = Path(data_dir or acquire.default_data_dir()) / REFERENCE_FOLDER
+    path = folder / f"{judge_lib.reference_fingerprint(judge, mnist)}.npz"
+    try:
+        return judge_lib.load_reference(path)
+    except (OSError, ValueError):
+        pass  # not written yet, or unreadable: compute it
+    reference = judge_lib.reference(judge, mnist)
+    try:
+        judge_lib.save_reference(reference, path)
+    except OSError as error:  # a read-only data dir costs time, not the evaluation
+        log.warning("could not keep the judge's real-digit figures in %s: %s", folder, error)
+    return reference
 
 
 SHEET_SIZE = 64  # images on the sheet: 8 rows of 8

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from quality import judge as judge_lib
+from quality import judge as judge_lib, sources
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +18,18 @@ def mnist(mnist_data_dir):
     return acquire.load_mnist(mnist_data_dir)
 
 
+# `reference()` through the file each process keeps beside MNIST (computed by whichever test got there
+# first); test_a_stored_reference_is_read_back_by_the_next_process checks that file against the computation.
 @pytest.fixture(scope="module")
-def judge_and_reference(mnist):
+def judge_and_reference(mnist, mnist_data_dir):
     judge = judge_lib.load_judge()  # the first shipped judge
-    return judge, judge_lib.reference(judge, mnist)
+    return judge, sources.stored_reference(judge, mnist, mnist_data_dir)
 
 
 @pytest.fixture(scope="module")
-def second_judge_and_reference(mnist):
+def second_judge_and_reference(mnist, mnist_data_dir):
     judge = judge_lib.load_judge(judge_lib.SECOND_JUDGE)
-    return judge, judge_lib.reference(judge, mnist)
+    return judge, sources.stored_reference(judge, mnist, mnist_data_dir)
 
 
 BOTH_JUDGES = ["judge_and_reference", pytest.param("second_judge_and_reference", marks=pytest.mark.slow)]
@@ -118,6 +120,46 @@ def test_the_reference_draws_judged_as_a_model_average_to_the_calibration(judge_
     in_order = judge_lib.judge_images(judge, reference, "first train images", first,
                                       mnist.train_labels[:judge_lib.REFERENCE_SIZE], first)
     assert in_order.frechet_ratio > max(row.frechet_ratio for row in rows), (in_order, rows)
+
+
+def _assert_same_reference(stored, computed):
+    for name in ("test_features", "test_labels", "test_radii"):
+        np.testing.assert_array_equal(getattr(stored, name), getattr(computed, name))
+    for stored_moments, computed_moments in zip([stored.test_moments, *stored.per_digit_test_moments],
+                                                [computed.test_moments, *computed.per_digit_test_moments]):
+        for name in ("mean", "covariance", "root"):
+            np.testing.assert_array_equal(getattr(stored_moments, name), getattr(computed_moments, name))
+    assert (stored.real_vs_real_frechet, stored.per_digit_real_vs_real, stored.calibration) == (
+        computed.real_vs_real_frechet, computed.per_digit_real_vs_real, computed.calibration)
+
+
+def test_a_stored_reference_is_read_back_by_the_next_process(tmp_path, judge_and_reference, mnist, monkeypatch):
+    judge, reference = judge_and_reference
+    computed = []
+    monkeypatch.setattr(judge_lib, "reference", lambda *args: computed.append(args) or reference)
+    first = sources.stored_reference(judge, mnist, str(tmp_path))  # computes (here: the fixture's) and keeps it
+    stored = tmp_path / sources.REFERENCE_FOLDER / f"{judge_lib.reference_fingerprint(judge, mnist)}.npz"
+    assert len(computed) == 1 and stored.is_file() and first is reference
+    again = sources.stored_reference(judge, mnist, str(tmp_path))  # as a new process would: read, not computed
+    assert len(computed) == 1
+    _assert_same_reference(again, reference)
+    stored.write_bytes(b"not an npz")  # a damaged file is refused, computed again and replaced
+    with pytest.raises(ValueError, match="not a stored reference"):
+        judge_lib.load_reference(stored)
+    sources.stored_reference(judge, mnist, str(tmp_path))
+    assert len(computed) == 2
+    _assert_same_reference(judge_lib.load_reference(stored), reference)
+    assert [path.name for path in stored.parent.iterdir()] == [stored.name]  # no temporary file left
+
+
+def test_the_reference_fingerprint_changes_with_the_weights_and_the_data(judge_and_reference, mnist):
+    judge, _ = judge_and_reference
+    fingerprint = judge_lib.reference_fingerprint(judge, mnist)
+    assert fingerprint == judge_lib.reference_fingerprint(judge, mnist)
+    assert fingerprint != judge_lib.reference_fingerprint(judge_lib.load_judge(judge_lib.SECOND_JUDGE), mnist)
+    labels = mnist.test_labels.copy()
+    labels[0] = (labels[0] + 1) % 10
+    assert fingerprint != judge_lib.reference_fingerprint(judge, mnist._replace(test_labels=labels))
 
 
 @pytest.mark.slow
