@@ -33,9 +33,9 @@ RECIPES: dict[str, dict] = {
         epochs=6, batch_size=64, learning_rate=5e-4, discriminator_learning_rate=None,
         learning_rate_schedule="linear_decay", learning_rate_decay_start=0.5, beta_1=0.5, beta_2=0.999,
         latent_dim=100, conditional=True, classifier_weight=0.6, twin_classifier=0.0, classifier_confidence=0.0,
-        discriminator_dropout=0.0, architecture="tutorial_cbn_3x3", image_activation="tanh", loss="bce", spectral_norm=False, r1_gamma=0.0,
-        r1_interval=16, minibatch_std=False, max_steps=None, seed=0, generator_average_decay=0.999,
-        generator_average_rampup=0.0, mode_seeking=0.0, generator_average_interval=1),
+        discriminator_dropout=0.0, architecture="tutorial_cbn_3x3", image_activation="tanh", loss="bce",
+        spectral_norm=False, r1_gamma=0.0, r1_interval=16, minibatch_std=False, max_steps=None, seed=0,
+        generator_average_decay=0.999, generator_average_rampup=0.0, mode_seeking=0.0, generator_average_interval=1),
     # TensorFlow's DCGAN tutorial: unconditional, batch 256, Adam(1e-4) with beta_1 0.9, 50 epochs,
     # float32, no schedule and no moving average.
     "tutorial": dict(

@@ -441,9 +441,13 @@ def reference(judge: Judge, mnist) -> Reference:
 
 def reference_fingerprint(judge: Judge, mnist) -> str:
     """A sha256 of everything that decides `reference(judge, mnist)`: the judge's weights, MNIST's
-    arrays, and the source of this module and of `measures` (so a change to how the real side is
-    computed never reads a file written before it)."""
-    digest = hashlib.sha256(judge.manifest["sha256"].encode())
+    arrays, the source of this module and of `measures`, and the TensorFlow, Keras and NumPy versions
+    (so a change to how the real side is computed never reads a file written before it)."""
+    import keras
+    import tensorflow as tf
+
+    versions = f"{tf.__version__} {keras.__version__} {np.__version__}"
+    digest = hashlib.sha256(f"{judge.manifest['sha256']} {versions}".encode())
     for array in (mnist.train_images, mnist.train_labels, mnist.test_images, mnist.test_labels):
         digest.update(np.ascontiguousarray(array).tobytes())
     for module_file in (Path(__file__), Path(measures.__file__)):
@@ -474,6 +478,10 @@ def load_reference(path: str | Path) -> Reference:
     try:
         with np.load(path, allow_pickle=False) as stored:
             arrays = {name: stored[name] for name in stored.files}
+        width = arrays["test_features"].shape[1]
+        digit_shapes = (arrays["digit_means"].shape, arrays["digit_covariances"].shape, arrays["digit_roots"].shape)
+        if digit_shapes != ((NUM_CLASSES, width), (NUM_CLASSES, width, width), (NUM_CLASSES, width, width)):
+            raise ValueError(f"per-digit moments of shapes {digit_shapes} for {width} features")
         digit_moments = [Moments(mean, covariance, root) for mean, covariance, root in
                          zip(arrays["digit_means"], arrays["digit_covariances"], arrays["digit_roots"])]
         return Reference(
@@ -481,9 +489,9 @@ def load_reference(path: str | Path) -> Reference:
             Moments(arrays["test_mean"], arrays["test_covariance"], arrays["test_root"]), digit_moments,
             arrays["test_radii"], float(arrays["real_vs_real_frechet"]),
             [float(value) for value in arrays["per_digit_real_vs_real"]],
-            QualityReport.from_dict(json.loads(str(arrays["calibration"]))))
-    except (KeyError, TypeError, ValueError, EOFError, zipfile.BadZipFile) as error:  # JSONDecodeError is a ValueError
-        raise ValueError(f"'{path}' is not a stored reference: {error}") from None
+            QualityReport.from_dict(dict(json.loads(str(arrays["calibration"])))))
+    except (KeyError, IndexError, TypeError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"'{path}' is not a stored reference: {error}") from None  # JSONDecodeError is a ValueError
 
 
 def _mean_report(reports: list["QualityReport"]) -> "QualityReport":

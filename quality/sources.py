@@ -250,7 +250,7 @@ def calibration_rows(config: EvaluateConfig, mnist) -> list[judge_lib.QualityRep
 # The real side of a judge's figures depends only on its weights and on MNIST, so a process that
 # evaluates again (the bench after each leg, the export gate) reads the real digits once per judge.
 _REFERENCES: dict[tuple[str, str | None], judge_lib.Reference] = {}
-REFERENCE_FOLDER = "digitgan_references"  # in MNIST's data dir: the real side, one file per fingerprint
+REFERENCE_FOLDER = "digitgan_references"  # in MNIST's data dir: each judge's real side, one file per judge
 
 
 def _reference(judge: judge_lib.Judge, mnist, data_dir: str | None) -> judge_lib.Reference:
@@ -265,13 +265,15 @@ def stored_reference(judge: judge_lib.Judge, mnist, data_dir: str | None) -> jud
     """`judge_lib.reference(judge, mnist)`, kept beside MNIST in `data_dir` so that the next process
     reads it instead of judging 60,000 real digits again (up to minutes on a slow CPU).
 
-    The file is named by `judge_lib.reference_fingerprint`: other weights, data or code never read
-    it. One that cannot be read is computed again and replaced.
+    The file is named by the judge's weights and `judge_lib.reference_fingerprint`: other weights,
+    data, code or library versions never read it, and writing it removes the judge's files of
+    other fingerprints. One that cannot be read is computed again and replaced.
     """
     from mnist_data import acquire
 
     folder = Path(data_dir or acquire.default_data_dir()) / REFERENCE_FOLDER
-    path = folder / f"{judge_lib.reference_fingerprint(judge, mnist)}.npz"
+    prefix = judge.manifest["sha256"][:16]
+    path = folder / f"{prefix}-{judge_lib.reference_fingerprint(judge, mnist)}.npz"
     try:
         return judge_lib.load_reference(path)
     except (OSError, ValueError):
@@ -279,6 +281,8 @@ def stored_reference(judge: judge_lib.Judge, mnist, data_dir: str | None) -> jud
     reference = judge_lib.reference(judge, mnist)
     try:
         judge_lib.save_reference(reference, path)
+        for outdated in set(folder.glob(f"{prefix}-*.npz")) - {path}:
+            outdated.unlink(missing_ok=True)
     except OSError as error:  # a read-only data dir costs time, not the evaluation
         log.warning("could not keep the judge's real-digit figures in %s: %s", folder, error)
     return reference

@@ -143,6 +143,9 @@ class TrainConfig:
         _require(not self.twin_classifier or self.classifier_weight > 0, "twin_classifier", self.twin_classifier,
                  "0 when there is no auxiliary classifier (classifier_weight 0, or an unconditional run)")
         _require(0 <= self.classifier_confidence < 1, "classifier_confidence", self.classifier_confidence, "in [0, 1)")
+        _require(not self.classifier_confidence or self.classifier_weight > 0, "classifier_confidence",
+                 self.classifier_confidence, "0 when there is no auxiliary classifier (classifier_weight 0, or an "
+                 "unconditional run)")
         _require(0 <= self.beta_1 < 1, "beta_1", self.beta_1, "in [0, 1)")
         _require(0 < self.beta_2 < 1, "beta_2", self.beta_2, "in (0, 1)")
         _require(self.latent_dim >= 2, "latent_dim", self.latent_dim, "at least 2")

@@ -18,8 +18,8 @@ def mnist(mnist_data_dir):
     return acquire.load_mnist(mnist_data_dir)
 
 
-# `reference()` through the file each process keeps beside MNIST (computed by whichever test got there
-# first); test_a_stored_reference_is_read_back_by_the_next_process checks that file against the computation.
+# `reference()` through the file kept beside MNIST (computed by whichever test got there first):
+# test_recalibrate_rewrites_only_the_calibration computes the first judge's afresh and compares.
 @pytest.fixture(scope="module")
 def judge_and_reference(mnist, mnist_data_dir):
     judge = judge_lib.load_judge()  # the first shipped judge
@@ -138,7 +138,9 @@ def test_a_stored_reference_is_read_back_by_the_next_process(tmp_path, judge_and
     computed = []
     monkeypatch.setattr(judge_lib, "reference", lambda *args: computed.append(args) or reference)
     first = sources.stored_reference(judge, mnist, str(tmp_path))  # computes (here: the fixture's) and keeps it
-    stored = tmp_path / sources.REFERENCE_FOLDER / f"{judge_lib.reference_fingerprint(judge, mnist)}.npz"
+    folder = tmp_path / sources.REFERENCE_FOLDER
+    prefix = judge.manifest["sha256"][:16]
+    stored = folder / f"{prefix}-{judge_lib.reference_fingerprint(judge, mnist)}.npz"
     assert len(computed) == 1 and stored.is_file() and first is reference
     again = sources.stored_reference(judge, mnist, str(tmp_path))  # as a new process would: read, not computed
     assert len(computed) == 1
@@ -146,10 +148,13 @@ def test_a_stored_reference_is_read_back_by_the_next_process(tmp_path, judge_and
     stored.write_bytes(b"not an npz")  # a damaged file is refused, computed again and replaced
     with pytest.raises(ValueError, match="not a stored reference"):
         judge_lib.load_reference(stored)
+    outdated, other_judge = folder / f"{prefix}-{'0' * 64}.npz", folder / f"{'f' * 16}-{'0' * 64}.npz"
+    outdated.write_bytes(b"an earlier fingerprint"), other_judge.write_bytes(b"another judge's")
     sources.stored_reference(judge, mnist, str(tmp_path))
     assert len(computed) == 2
     _assert_same_reference(judge_lib.load_reference(stored), reference)
-    assert [path.name for path in stored.parent.iterdir()] == [stored.name]  # no temporary file left
+    # The judge's outdated file is removed, another judge's kept, and no temporary file is left.
+    assert sorted(path.name for path in folder.iterdir()) == sorted([stored.name, other_judge.name])
 
 
 def test_the_reference_fingerprint_changes_with_the_weights_and_the_data(judge_and_reference, mnist):
@@ -179,9 +184,13 @@ def test_recalibrate_rewrites_only_the_calibration(tmp_path, judge_and_reference
     after = json.loads(manifest_path.read_text())
     assert {key: value for key, value in after.items() if key != "calibration"} == \
         {key: value for key, value in before.items() if key != "calibration"}
-    assert after["calibration"]["real_train_vs_real_test_frechet"] == pytest.approx(reference.real_vs_real_frechet)
-    assert after["calibration"]["precision"] == pytest.approx(reference.calibration.precision)
-    assert after["calibration"]["command"].endswith("--recalibrate")
+    # Computed afresh here, so this also checks the fixture's stored real side against the computation.
+    calibration = after["calibration"]
+    assert calibration["real_train_vs_real_test_frechet"] == pytest.approx(reference.real_vs_real_frechet, rel=1e-4)
+    assert calibration["mnist_score"] == pytest.approx(reference.calibration.mnist_score, rel=1e-4)
+    assert calibration["precision"] == pytest.approx(reference.calibration.precision, abs=2e-3)
+    assert calibration["recall"] == pytest.approx(reference.calibration.recall, abs=2e-3)
+    assert calibration["command"].endswith("--recalibrate")
     assert judge_lib.load_judge(copy).manifest["sha256"] == before["sha256"]
 
 

@@ -69,9 +69,11 @@ def test_bad_lever_values_are_refused_with_the_value(field, value, message):
 
 
 @pytest.mark.parametrize("settings", [dict(classifier_weight=0.0), dict(conditional=False)])
-def test_twin_classifier_needs_the_auxiliary_classifier(settings):
+def test_the_classifier_levers_need_the_auxiliary_classifier(settings):
     with pytest.raises(ValueError, match=re.escape("twin_classifier must be 0 when there is no auxiliary")):
         TrainConfig(twin_classifier=1.0, **settings)
+    with pytest.raises(ValueError, match=re.escape("classifier_confidence must be 0 when there is no auxiliary")):
+        TrainConfig(classifier_confidence=0.9, **settings)
 
 
 def test_levers_are_settable_with_set():
@@ -183,6 +185,28 @@ def test_classifier_confidence_changes_gs_loss_only(mnist_data_dir):
     np.testing.assert_allclose(float(confident[0]), float(expected), rtol=1e-5)
     assert float(confident[0]) < float(plain[0])  # an untrained D reads no fake at 0.5: each counts log 2 less
     np.testing.assert_allclose(float(confident[1]), float(plain[1]), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_train_function_caps_gs_digit_loss_only(mnist_data_dir, monkeypatch):
+    from mnist_data import acquire
+
+    received = []
+    original = losses.classifier_loss
+
+    def recording(*args, confidence=0.0, **kwargs):
+        received.append(confidence)
+        return original(*args, confidence=confidence, **kwargs)
+
+    monkeypatch.setattr(losses, "classifier_loss", recording)  # before the step is traced
+    strategy = tf.distribute.get_strategy()
+    config = TrainConfig(batch_size=4, precision="float32", classifier_confidence=0.9)
+    state = step_lib.set_globals_and_build_state(config, strategy)
+    mnist = acquire.load_mnist(mnist_data_dir)
+    dataset_fn = data.epoch_dataset_fn(mnist.train_images[:8], mnist.train_labels[:8], 4, seed=0, epoch=0)
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    step_lib.make_train_function(strategy, state, config, 4)(iterator, tf.constant(1))
+    assert sorted(received) == [0.0, 0.9]  # D's digit loss on the real images, then G's on the fakes, capped
 
 
 def test_minibatch_std_appends_the_std_over_groups_of_four():
