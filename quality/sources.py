@@ -269,11 +269,7 @@ def stored_reference(judge: judge_lib.Judge, mnist, data_dir: str | None) -> jud
     data, code or library versions never read it, and writing it removes the judge's files of
     other fingerprints. One that cannot be read is computed again and replaced.
     """
-    from mnist_data import acquire
-
-    folder = Path(data_dir or acquire.default_data_dir()) / REFERENCE_FOLDER
-    prefix = judge.manifest["sha256"][:16]
-    path = folder / f"{prefix}-{judge_lib.reference_fingerprint(judge, mnist)}.npz"
+    path = reference_path(judge, mnist, data_dir)
     try:
         return judge_lib.load_reference(path)
     except (OSError, ValueError):
@@ -281,11 +277,24 @@ def stored_reference(judge: judge_lib.Judge, mnist, data_dir: str | None) -> jud
     reference = judge_lib.reference(judge, mnist)
     try:
         judge_lib.save_reference(reference, path)
-        for outdated in set(folder.glob(f"{prefix}-*.npz")) - {path}:
+        for outdated in set(path.parent.glob(f"{_judge_prefix(judge)}-*.npz")) - {path}:
             outdated.unlink(missing_ok=True)
     except OSError as error:  # a read-only data dir costs time, not the evaluation
-        log.warning("could not keep the judge's real-digit figures in %s: %s", folder, error)
+        log.warning("could not keep the judge's real-digit figures in %s: %s", path.parent, error)
     return reference
+
+
+def reference_path(judge: judge_lib.Judge, mnist, data_dir: str | None) -> Path:
+    """Where `stored_reference` keeps `judge`'s real side:
+    `<data dir>/digitgan_references/<weights' sha256, 16 digits>-<fingerprint>.npz`."""
+    from mnist_data import acquire
+
+    folder = Path(data_dir or acquire.default_data_dir()) / REFERENCE_FOLDER
+    return folder / f"{_judge_prefix(judge)}-{judge_lib.reference_fingerprint(judge, mnist)}.npz"
+
+
+def _judge_prefix(judge: judge_lib.Judge) -> str:
+    return judge.manifest["sha256"][:16]  # names the judge's files, so a new one can replace the old
 
 
 SHEET_SIZE = 64  # images on the sheet: 8 rows of 8

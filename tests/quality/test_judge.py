@@ -138,9 +138,9 @@ def test_a_stored_reference_is_read_back_by_the_next_process(tmp_path, judge_and
     computed = []
     monkeypatch.setattr(judge_lib, "reference", lambda *args: computed.append(args) or reference)
     first = sources.stored_reference(judge, mnist, str(tmp_path))  # computes (here: the fixture's) and keeps it
-    folder = tmp_path / sources.REFERENCE_FOLDER
-    prefix = judge.manifest["sha256"][:16]
-    stored = folder / f"{prefix}-{judge_lib.reference_fingerprint(judge, mnist)}.npz"
+    stored = sources.reference_path(judge, mnist, str(tmp_path))
+    folder, prefix = stored.parent, stored.name.split("-")[0]
+    assert folder == tmp_path / sources.REFERENCE_FOLDER and prefix == judge.manifest["sha256"][:16]
     assert len(computed) == 1 and stored.is_file() and first is reference
     again = sources.stored_reference(judge, mnist, str(tmp_path))  # as a new process would: read, not computed
     assert len(computed) == 1
