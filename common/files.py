@@ -1,15 +1,18 @@
-"""Atomic file writes: write a temporary sibling, fsync, then rename over the target.
+"""Atomic file writes (write a temporary sibling, fsync, then rename over the target), and a lock
+for work that processes sharing a folder should do once.
 
 A reader (a user, TensorBoard, a server polling a directory) never sees a half-written file, and a
 crash mid-write leaves the previous version intact.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -34,3 +37,31 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
     """Writes `payload` as pretty, key-sorted JSON, atomically."""
     text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, on_wait: Callable[[], None] = lambda: None) -> Iterator[bool]:
+    """Holds an exclusive advisory lock on the file `path` (created if missing) for the `with` block.
+
+    Processes that share a folder (two trainings, test workers) prepare a shared file under it and
+    read it after: the first one does the work, the others wait, then find it done. `on_wait` is
+    called once if another process holds the lock. The lock goes with the process, so a killed
+    holder never leaves it stuck. Yields False, and locks nothing, where the file cannot be created
+    (a read-only folder): the work is then done without it, as before.
+    """
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except OSError:
+        yield False
+        return
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

