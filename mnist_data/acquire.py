@@ -74,6 +74,7 @@ def load_mnist(data_dir: str | None = None, report: Callable[[str], None] = log.
     mnist = _read_prepared(data_dir)
     if mnist is not None:
         return mnist
+
     def waiting() -> None:
         report(f"Waiting for another process preparing MNIST in {data_dir} ...")
 

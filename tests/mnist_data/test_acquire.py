@@ -92,12 +92,14 @@ def test_a_process_that_finds_mnist_being_prepared_waits_and_reads_it(mnist_data
             thread = threading.Thread(target=second_process)
             thread.start()
             assert waiting.wait(timeout=60), reported
-            shutil.copytree(Path(mnist_data_dir) / "mnist", data_dir / "mnist")  # the first process's work
+            for folder in ("mnist", acquire.ARRAYS_FOLDER):  # the first process's work: the dataset and its arrays
+                shutil.copytree(Path(mnist_data_dir) / folder, data_dir / folder)
         thread.join(timeout=120)
     assert reported == [f"Waiting for another process preparing MNIST in {data_dir} ..."]  # nothing prepared
     assert result["mnist"].train_images.shape == (60_000, 28, 28, 1)
 
 
+@pytest.mark.slow  # decodes MNIST's 70,000 PNGs once
 def test_decoded_splits_are_kept_and_read_back_instead_of_decoding_again(mnist_data_dir, tmp_path, monkeypatch):
     data_dir = tmp_path / "tfds"
     shutil.copytree(Path(mnist_data_dir) / "mnist", data_dir / "mnist")

@@ -232,6 +232,7 @@ def test_recalibrate_refuses_a_folder_without_a_judge(tmp_path):
     assert result.exit_code == 2 and "no MNIST judge in" in result.output, result.output
 
 
+@pytest.mark.slow  # judges 10,000 real digits and more: seconds on a slow CPU
 def test_real_images_score_as_real_and_noise_far(judge_and_reference, mnist):
     judge, reference = judge_and_reference
     images = judge_lib.real_images(mnist.train_images[20_000:30_000])  # 10,000 real digits, not a random draw
@@ -336,6 +337,7 @@ def test_digits_in_proportion_keeps_the_shares_of_the_labels(mnist):
             judge_lib.digits_in_proportion(labels, total)
 
 
+@pytest.mark.slow  # judges 10,000 real digits and more: seconds on a slow CPU
 def test_real_digits_in_equal_shares_read_further_from_the_test_split(judge_and_reference, mnist):
     # Why evaluate asks for digits in the test split's shares: the class mix alone moves the distance.
     judge, reference = judge_and_reference
