@@ -43,11 +43,11 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
 def exclusive_lock(path: str | os.PathLike, on_wait: Callable[[], None] = lambda: None) -> Iterator[bool]:
     """Holds an exclusive advisory lock on the file `path` (created if missing) for the `with` block.
 
-    Processes that share a folder (two trainings, test workers) prepare a shared file under it and
-    read it after: the first one does the work, the others wait, then find it done. `on_wait` is
-    called once if another process holds the lock. The lock goes with the process, so a killed
-    holder never leaves it stuck. Yields False, and locks nothing, where the file cannot be created
-    (a read-only folder): the work is then done without it, as before.
+    Processes that share a folder (two trainings, the workers of a multi-worker job) prepare a shared
+    file under it and read it after: the first one does the work, the others wait, then find it
+    done. `on_wait` is called once if another process holds the lock. The lock goes with the
+    process, so a killed holder never leaves it stuck. Yields False, and locks nothing, where the
+    file cannot be created (a read-only folder): the work is then done without it, as before.
     """
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

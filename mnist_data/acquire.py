@@ -78,7 +78,8 @@ def load_mnist(data_dir: str | None = None, report: Callable[[str], None] = log.
     def waiting() -> None:
         report(f"Waiting for another process preparing MNIST in {data_dir} ...")
 
-    # Processes sharing a data dir (two trainings, test workers) prepare it once: the others wait, then read it.
+    # Processes sharing a data dir (two trainings, the workers of a multi-worker job) prepare it once:
+    # the others wait, then read it.
     with files.exclusive_lock(Path(data_dir) / PREPARATION_LOCK, on_wait=waiting):
         mnist = _read_prepared(data_dir)
         if mnist is None:

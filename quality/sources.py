@@ -274,10 +274,10 @@ def stored_reference(judge: judge_lib.Judge, mnist, data_dir: str | None) -> jud
     reference = _read_reference(path)
     if reference is not None:
         return reference
-    # Processes sharing the data dir (test workers, a bench's recipes) compute it once: the others wait, then read it.
     def waiting() -> None:
         log.info("waiting for another process computing %s's real-digit figures in %s", judge.name, path.parent)
 
+    # Processes sharing the data dir (a bench's recipes, evaluations) compute it once: the others wait, then read it.
     with files.exclusive_lock(path.parent / f"{_judge_prefix(judge)}.lock", on_wait=waiting):
         reference = _read_reference(path)
         if reference is None:
