@@ -12,7 +12,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
+
+Result = TypeVar("Result")
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -31,6 +33,17 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         Path(temporary_name).unlink(missing_ok=True)
         raise
     return target
+
+
+def write_npz_atomic(path: str | os.PathLike, **arrays) -> Path:
+    """Writes `arrays` as one uncompressed .npz file (read back with `np.load(allow_pickle=False)`), atomically."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
@@ -65,3 +78,15 @@ def exclusive_lock(path: str | os.PathLike, on_wait: Callable[[], None] = lambda
             yield True
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def read_or_make_once(read: Callable[[], Result | None], make: Callable[[], Result], lock_path: str | os.PathLike,
+                      on_wait: Callable[[], None] = lambda: None) -> Result:
+    """`read()`, or else `make()` under `exclusive_lock(lock_path)`: of processes that find nothing to read
+    at the same time, the first makes it and the others wait, then read what it made."""
+    found = read()
+    if found is not None:
+        return found
+    with exclusive_lock(lock_path, on_wait=on_wait):
+        found = read()  # another process may have made it while this one waited
+        return found if found is not None else make()

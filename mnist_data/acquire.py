@@ -19,7 +19,6 @@ from __future__ import annotations
 import concurrent.futures
 import gzip
 import hashlib
-import io
 import logging
 import pickle
 import shutil
@@ -71,20 +70,16 @@ def default_data_dir() -> str:
 def load_mnist(data_dir: str | None = None, report: Callable[[str], None] = log.info) -> Mnist:
     """Returns real MNIST from `data_dir`, preparing it first (download or offline mirror) if needed."""
     data_dir = data_dir or default_data_dir()
-    mnist = _read_prepared(data_dir)
-    if mnist is not None:
-        return mnist
 
-    def waiting() -> None:
-        report(f"Waiting for another process preparing MNIST in {data_dir} ...")
+    def prepare_and_read() -> Mnist | None:
+        prepare_mnist(data_dir, report)
+        return _read_prepared(data_dir)
 
     # Processes sharing a data dir (two trainings, the workers of a multi-worker job) prepare it once:
     # the others wait, then read it.
-    with files.exclusive_lock(Path(data_dir) / PREPARATION_LOCK, on_wait=waiting):
-        mnist = _read_prepared(data_dir)
-        if mnist is None:
-            prepare_mnist(data_dir, report)
-            mnist = _read_prepared(data_dir)
+    mnist = files.read_or_make_once(
+        lambda: _read_prepared(data_dir), prepare_and_read, Path(data_dir) / PREPARATION_LOCK,
+        on_wait=lambda: report(f"Waiting for another process preparing MNIST in {data_dir} ..."))
     if mnist is None:
         raise DataError(f"MNIST was prepared in '{data_dir}' but failed its checks; delete that folder's 'mnist' and retry")
     return mnist
@@ -256,10 +251,8 @@ def _read_arrays(path: Path) -> Mnist | None:
 def _keep_arrays(mnist: Mnist, path: Path) -> None:
     """Writes the decoded splits atomically (uncompressed: they load in a fraction of a second) and removes
     those of other datasets; a data dir that cannot be written only costs the next process the decoding."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **mnist._asdict())
     try:
-        files.write_bytes_atomic(path, buffer.getvalue())
+        files.write_npz_atomic(path, **mnist._asdict())
         for outdated in set(path.parent.glob("mnist-*.npz")) - {path}:
             outdated.unlink(missing_ok=True)
     except OSError as error:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -468,9 +467,7 @@ def save_reference(reference_data: Reference, path: str | Path) -> Path:
         real_vs_real_frechet=np.float64(reference_data.real_vs_real_frechet),
         per_digit_real_vs_real=np.asarray(reference_data.per_digit_real_vs_real, np.float64),
         calibration=np.array(json.dumps(reference_data.calibration.to_dict())))
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return files.write_bytes_atomic(path, buffer.getvalue())
+    return files.write_npz_atomic(path, **arrays)
 
 
 def load_reference(path: str | Path) -> Reference:

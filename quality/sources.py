@@ -271,19 +271,18 @@ def stored_reference(judge: judge_lib.Judge, mnist, data_dir: str | None) -> jud
     other fingerprints. One that cannot be read is computed again and replaced.
     """
     path = reference_path(judge, mnist, data_dir)
-    reference = _read_reference(path)
-    if reference is not None:
+
+    def compute_and_keep() -> judge_lib.Reference:
+        reference = judge_lib.reference(judge, mnist)
+        _keep_reference(judge, reference, path)
         return reference
+
     def waiting() -> None:
         log.info("waiting for another process computing %s's real-digit figures in %s", judge.name, path.parent)
 
     # Processes sharing the data dir (a bench's recipes, evaluations) compute it once: the others wait, then read it.
-    with files.exclusive_lock(path.parent / f"{_judge_prefix(judge)}.lock", on_wait=waiting):
-        reference = _read_reference(path)
-        if reference is None:
-            reference = judge_lib.reference(judge, mnist)
-            _keep_reference(judge, reference, path)
-    return reference
+    return files.read_or_make_once(lambda: _read_reference(path), compute_and_keep,
+                                   path.parent / f"{_judge_prefix(judge)}.lock", on_wait=waiting)
 
 
 def _read_reference(path: Path) -> judge_lib.Reference | None:
