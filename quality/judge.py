@@ -266,18 +266,23 @@ class Judge:
 
     def __init__(self, model, manifest: dict, name: str):
         import keras
+        import tensorflow as tf
 
         self.model = model
         self.manifest = manifest
         self.name = name
-        self._features_and_logits = keras.Model(model.inputs, [model.get_layer("features").output, model.output])
+        features_and_logits = keras.Model(model.inputs, [model.get_layer("features").output, model.output])
+        # One compiled graph for every batch: about half the time of eager calls, the same numbers.
+        self._features_and_logits = tf.function(lambda images: features_and_logits(images, training=False),
+                                                input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)])
 
     def read(self, images: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
         """images float32 [N, 28, 28, 1] in [0, 1] → (features float64 [N, D], probabilities float64 [N, 10])."""
         _check_images(images)
         features, logits = [], []
         for start in range(0, len(images), batch_size):
-            batch_features, batch_logits = self._features_and_logits([images[start:start + batch_size]], training=False)
+            batch = np.asarray(images[start:start + batch_size], np.float32)
+            batch_features, batch_logits = self._features_and_logits(batch)
             features.append(np.asarray(batch_features, np.float64))
             logits.append(np.asarray(batch_logits, np.float64))
         return np.concatenate(features), _softmax(np.concatenate(logits))
