@@ -1,8 +1,9 @@
 """Training under faults, with real `cli.py train` subprocesses, real checkpoints and real MNIST (no mocks).
 
-- kill -9 at seeded random steps, once in the middle of a checkpoint write (that trainer runs
-  behind a hook that stops it there, STOP_IN_A_WRITE): every restart resumes from the newest
-  complete checkpoint and cleans up the cut-short save;
+- a SIGTERM first, which saves the step reached and exits with 128 + 15; then kill -9 at seeded
+  random steps, once in the middle of a checkpoint write (that trainer runs behind a hook that
+  stops it there, STOP_IN_A_WRITE): every restart resumes from the newest complete checkpoint and
+  cleans up the cut-short save;
 - then the two newest checkpoints are damaged (garbled bytes; NaN in a weight): the last restart
   reports and skips them, resumes from the third, and the run still ends with exactly the weights
   of an uninterrupted run, so every step trained on the batches it should (data order across
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -38,7 +40,7 @@ from trainer.config import TrainConfig
 
 MAX_STEPS = 20
 SEED = 3
-KILLS = 4  # kill -9s in the faulted run; one of them lands in a checkpoint write
+INTERRUPTIONS = 4  # a SIGTERM, then kill -9s, one of which lands in a checkpoint write
 # A tiny run: 2 replicas, one step per call and a checkpoint every 2 steps, so kills land anywhere.
 # With D's dropout (the default has none): its per-replica masks are random state a resume must restore too.
 RUN = dict(batch_size=16, cpu_replicas=2, steps_per_call=1, checkpoint_every_steps=2, seed=SEED, discriminator_dropout=0.3)
@@ -233,9 +235,25 @@ def start_trainer(mnist_data_dir):
             trainer.kill()
 
 
-def kill_somewhere(trainer: TrainerProcess, checkpoint_dir: Path, in_a_write: bool, step: int) -> tuple[str, list[str]]:
-    """Kills the trainer in a checkpoint write or at `step`; returns where, and the partial save files left."""
-    if in_a_write:
+def stop_with_sigterm(trainer: TrainerProcess, step: int) -> int:
+    """SIGTERMs the trainer once it has trained to `step` (its handler is in place by then); returns
+    the step it says it saved and stopped at."""
+    trainer.wait_until(lambda: trainer.shown_step() >= step, f"step {step}")
+    trainer.process.send_signal(signal.SIGTERM)
+    assert trainer.finish() == 128 + signal.SIGTERM, trainer.output
+    stopped = re.search(r"Stopped by signal 15 at step (\d+); checkpoint saved", trainer.output)
+    assert stopped, trainer.output
+    return int(stopped.group(1))
+
+
+def interrupt_somewhere(trainer: TrainerProcess, checkpoint_dir: Path, how: str, step: int) -> tuple[str, list[str]]:
+    """Stops the trainer by SIGTERM at `step`, or kills it in a checkpoint write or at `step`; returns
+    where, and the partial save files left."""
+    if how == "sigterm":
+        stopped = stop_with_sigterm(trainer, step)
+        assert newest_complete_step(checkpoint_dir) == stopped and partial_writes(checkpoint_dir) == []
+        return f"by SIGTERM at step {stopped}, which it saved", []
+    if how == "write":
         left = kill_during_checkpoint_write(trainer, checkpoint_dir)
         return f"during a checkpoint write ({', '.join(left)} on disk)", left
     kill_at_step(trainer, step)
@@ -260,20 +278,22 @@ def assert_resumed(trainer: TrainerProcess, expected_step: int, left: list[str])
 
 
 @pytest.mark.slow
-def test_kill_9_and_damaged_checkpoints_still_end_like_an_uninterrupted_run(tmp_path, start_trainer):
+def test_sigterm_kill_9_and_damaged_checkpoints_still_end_like_an_uninterrupted_run(tmp_path, start_trainer):
     reference = start_trainer(tmp_path / "reference")  # runs alongside, never interrupted
     checkpoint_dir = tmp_path / "faulted" / "checkpoints"
     random_points = random.Random(SEED)
-    write_kill = random_points.randrange(KILLS)  # which kill waits for a checkpoint write
+    # A SIGTERM first (early, so the run cannot finish before it lands), then kill -9s; a seeded one waits for a write.
+    kills = ["step"] * (INTERRUPTIONS - 1)
+    kills[random_points.randrange(len(kills))] = "write"
     report, resumed, left = [], 0, []
-    for kill in range(KILLS):
-        trainer = start_trainer(tmp_path / "faulted", stop_in_a_write=kill == write_kill)
+    for number, how in enumerate(["sigterm", *kills], start=1):
+        trainer = start_trainer(tmp_path / "faulted", stop_in_a_write=how == "write")
         # The newest checkpoint listed when the previous run died: never older, never the cut-short save.
         assert_resumed(trainer, resumed, left)
         target = min(resumed + random_points.randint(1, 5), MAX_STEPS - 1)
-        where, left = kill_somewhere(trainer, checkpoint_dir, kill == write_kill, target)
+        where, left = interrupt_somewhere(trainer, checkpoint_dir, how, target)
         resumed = newest_complete_step(checkpoint_dir)
-        report.append(f"kill {kill + 1} {where}: progress showed step {trainer.shown_step()}, "
+        report.append(f"interruption {number} {where}: progress showed step {trainer.shown_step()}, "
                       f"newest listed checkpoint step {resumed}")
     newest, older, oldest = damage_two_newest(checkpoint_dir)
     trainer = start_trainer(tmp_path / "faulted")
