@@ -182,11 +182,12 @@ def check_mnist(mnist: Mnist, ordered: bool) -> None:
 
 def write_tfds_dataset(data_dir: str, mnist: Mnist) -> None:
     """Stores `mnist` as TFDS's `mnist` dataset (same name, version and features) in `data_dir`."""
-    import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    def split(images: np.ndarray, labels: np.ndarray) -> tf.data.Dataset:
-        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+    def split(images: np.ndarray, labels: np.ndarray) -> list[tuple[int, dict]]:
+        # (key, example) pairs in MNIST's order: TFDS writes them as a tf.data.Dataset's, without
+        # stepping through a dataset one eager element at a time.
+        return [(index, {"image": image, "label": label}) for index, (image, label) in enumerate(zip(images, labels))]
 
     features = tfds.features.FeaturesDict({
         "image": tfds.features.Image(shape=(28, 28, 1)),

@@ -19,7 +19,7 @@ tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfigu
 
 REPO = Path(__file__).resolve().parent.parent
 # A TFDS data dir reused across test sessions on one machine (CI starts without it), so the
-# 20 MB mirror download and the 1-minute conversion happen once; tests that need an EMPTY data
+# 20 MB mirror download and the conversion happen once; tests that need an EMPTY data
 # dir use their own tmp dir.
 SHARED_DATA_DIR = Path(os.environ.get("DIGITGAN_TEST_DATA_DIR", REPO / ".test-data" / "tensorflow_datasets"))
 

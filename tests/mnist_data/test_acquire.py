@@ -50,7 +50,7 @@ def test_corrupt_cache_is_detected_not_used(mnist_data_dir, tmp_path):
     assert acquire._read_prepared(str(copy)) is None
 
 
-@pytest.mark.slow  # converts all of MNIST into the TFDS format (about a minute)
+@pytest.mark.slow  # converts all of MNIST into the TFDS format
 def test_a_first_preparation_reports_its_own_lines_and_no_warnings(mnist_data_dir, tmp_path, caplog, capfd):
     """A first `train` on an empty data dir: no absl or TFDS warnings (TFDS's is_prepared() used to log
     "Variant folder .../mnist/3.0.1 has no dataset_info.json" twice), only our own report lines."""
