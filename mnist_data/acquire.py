@@ -185,8 +185,8 @@ def write_tfds_dataset(data_dir: str, mnist: Mnist) -> None:
     import tensorflow_datasets as tfds
 
     def split(images: np.ndarray, labels: np.ndarray) -> list[tuple[int, dict]]:
-        # (key, example) pairs in MNIST's order: TFDS writes them as a tf.data.Dataset's, without
-        # stepping through a dataset one eager element at a time.
+        # (key, example) pairs in MNIST's order: TFDS writes the same files as from a tf.data.Dataset,
+        # without stepping through one eagerly, element by element.
         return [(index, {"image": image, "label": label}) for index, (image, label) in enumerate(zip(images, labels))]
 
     features = tfds.features.FeaturesDict({
