@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from common import field_docs, quiet  # no TensorFlow at import time
+from common import cpu_kernels, field_docs, quiet  # no TensorFlow at import time
 from configs import recipes  # plain data: no TensorFlow
 from serving import config as serve_config_lib  # plain dataclasses and constants: no TensorFlow, no grpc
 from trainer import config as train_config_lib  # plain dataclasses: no TensorFlow at import time
@@ -39,6 +39,7 @@ def main(verbose: bool = typer.Option(
         False, "--verbose", help=f"Show TensorFlow's own start-up and C++ logs (also: {quiet.VERBOSE_VARIABLE}=1); "
                                  "by default only errors that matter reach the terminal.")) -> None:
     """Runs before every command, before any command imports TensorFlow."""
+    cpu_kernels.use_onednn()
     # Only a real program's stderr is filtered; typer's test runner swaps sys.stderr for a buffer.
     if sys.stderr is sys.__stderr__:
         quiet.install(verbose=verbose)

@@ -48,12 +48,13 @@ import threading
 import time
 from pathlib import Path
 
-from common import machine, quiet
+from common import cpu_kernels, machine, quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
     quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
+    cpu_kernels.use_onednn()  # likewise before TensorFlow: the kernels `cli.py` runs with
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402

@@ -36,10 +36,11 @@ import threading
 import time
 from pathlib import Path
 
-from common import quiet
+from common import cpu_kernels, quiet
 
 if __name__ == "__main__":
     quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
+    cpu_kernels.use_onednn()  # likewise before TensorFlow: the kernels `cli.py` runs with
 
 import grpc  # noqa: E402
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc  # noqa: E402

@@ -42,12 +42,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import quiet
+from common import cpu_kernels, quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
     quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
+    cpu_kernels.use_onednn()  # likewise before TensorFlow: the kernels `cli.py` runs with
     # On a GPU, each process takes memory as it needs it, so this parent (which loads MNIST and
     # judges) leaves the GPU to the recipe's own process while that trains.
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")

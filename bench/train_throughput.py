@@ -40,10 +40,11 @@ import os
 import time
 import typing
 
-from common import quiet
+from common import cpu_kernels, quiet
 
 if __name__ == "__main__":
     quiet.install()  # before TensorFlow is imported; DIGITGAN_VERBOSE=1 shows its logs
+    cpu_kernels.use_onednn()  # likewise before TensorFlow: the kernels `cli.py` runs with
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -9,7 +9,10 @@ import os
 from pathlib import Path
 from unittest import mock
 
+from common import cpu_kernels
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+cpu_kernels.use_onednn()  # the kernels `cli.py` runs with; its subprocesses here inherit the choice
 
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -8,6 +8,7 @@ on purpose, so the tests look for chatter, not for an empty stderr.
 from __future__ import annotations
 
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
-from common import quiet
+from common import cpu_kernels, quiet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_PREFIX = r"\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^\s:]+:\d+\] "  # after the severity letter: date, time, thread, file:line]
@@ -29,9 +30,9 @@ PROBE_LINE = re.compile(r"^W\d{4} .*cache_dataset_ops\.cc:\d+\] The calling iter
 
 
 def _user_environment(**extra: str) -> dict:
-    """The environment of a user's shell: none of the test session's log settings."""
+    """The environment of a user's shell: none of the test session's log or kernel settings."""
     environment = {key: value for key, value in os.environ.items()
-                   if key not in ("TF_CPP_MIN_LOG_LEVEL", quiet.VERBOSE_VARIABLE)}
+                   if key not in ("TF_CPP_MIN_LOG_LEVEL", quiet.VERBOSE_VARIABLE, cpu_kernels.ONEDNN_VARIABLE)}
     environment.update(extra)
     return environment
 
@@ -60,6 +61,8 @@ def test_train_and_export_print_only_our_own_lines(mnist_data_dir, tmp_path):
                         "--run-dir", run_dir])
     assert code == 0, lines
     assert _own(lines)[0].startswith("Strategy: "), lines
+    if platform.machine().lower() in cpu_kernels.X86_64:  # cli.py turns oneDNN on by itself there
+        assert "CPU kernels: oneDNN" in lines, lines
     assert _chatter("\n".join(lines)) == [], lines
     code, lines = _run(["export", "--run-dir", run_dir, "--model-base-path", base])
     assert code == 0, lines

@@ -123,6 +123,7 @@ def _strategy_and_precision(config: TrainConfig, report: Callable[[str], None]) 
                          f"use a multiple of {replicas}")
     step_lib.check_xla(config, strategy)
     report(f"Strategy: {strategy_lib.describe(strategy)}")
+    report(f"CPU kernels: {strategy_lib.cpu_kernels()}")
     if config.precision == "auto":
         config = dataclasses.replace(config, precision=strategy_lib.resolve_precision(config.precision, strategy))
         report(f"Precision: {config.precision} (auto: "

@@ -97,3 +97,13 @@ def test_serving_memory_smoke_prints_the_switch_and_its_json_line():
     figures = json_figures(output, "serving_memory")
     assert len(figures["switch_peaks_mib"]) == 1 and figures["one_version_mib"] > 0 and figures["runtime_mib"] > 0
     assert figures["requests"] > 0
+
+
+def test_cpu_kernels_smoke_measures_both_settings_in_their_own_processes(mnist_data_dir):
+    output = run_bench("-m", "bench.cpu_kernels", "--rounds", "1", "--steps", "10", "--images", "1000",
+                       "--data-dir", mnist_data_dir)
+    for figure in ("train step (ms)", "judge small (s)", "judge wide (s)", "generate 64 (ms)", "generate 1 (ms)"):
+        row = re.search(rf"^{re.escape(figure)}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x$", output, re.M)
+        assert row and float(row.group(1)) > 0 and float(row.group(2)) > 0, f"no row {figure!r} in:\n{output[-3000:]}"
+    figures = json_figures(output, "cpu_kernels")
+    assert figures["onednn_on"] == {"oneDNN": True, "TensorFlow's own": False}
