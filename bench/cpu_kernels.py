@@ -54,8 +54,8 @@ def measure(arguments) -> dict:
     import time
 
     import tensorflow as tf
-    from tensorflow.python.util import _pywrap_util_port
 
+    from common import cpu_kernels
     from configs import recipes
     from mnist_data import acquire
     from quality import judge as judge_lib
@@ -98,7 +98,7 @@ def measure(arguments) -> dict:
             generate(noise=noise)
             calls.append(time.perf_counter() - started)
         figures[f"generate {batch} (ms)"] = statistics.median(calls) * 1000
-    return {"onednn": bool(_pywrap_util_port.IsMklEnabled()), "precision": config.precision, "figures": figures}
+    return {"onednn": cpu_kernels.in_use() == "oneDNN", "precision": config.precision, "figures": figures}
 
 
 def run_child(setting: str, arguments) -> dict:

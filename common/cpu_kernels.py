@@ -1,4 +1,4 @@
-"""Which CPU kernels TensorFlow runs: oneDNN's on every x86-64 CPU (no TensorFlow import here).
+"""Which CPU kernels TensorFlow runs: oneDNN's on every x86-64 CPU (no TensorFlow import at import time).
 
 TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it starts, and without it turns oneDNN's kernels
 on only on x86 CPUs with AVX-512-class features. On an x86 CPU without them (AVX2 only) oneDNN ran
@@ -23,3 +23,10 @@ def use_onednn() -> None:
     """
     if platform.machine().lower() in X86_64:
         os.environ.setdefault(ONEDNN_VARIABLE, "1")
+
+
+def in_use() -> str:
+    """The kernels this process runs its CPU ops with: "oneDNN", or "TensorFlow's own (Eigen)"."""
+    from tensorflow.python.util import _pywrap_util_port  # TensorFlow's own check; no public API answers it
+
+    return "oneDNN" if _pywrap_util_port.IsMklEnabled() else "TensorFlow's own (Eigen)"

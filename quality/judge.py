@@ -445,12 +445,15 @@ def reference(judge: Judge, mnist) -> Reference:
 
 def reference_fingerprint(judge: Judge, mnist) -> str:
     """A sha256 of everything that decides `reference(judge, mnist)`: the judge's weights, MNIST's
-    arrays, the source of this module and of `measures`, and the TensorFlow, Keras and NumPy versions
-    (so a change to how the real side is computed never reads a file written before it)."""
+    arrays, the source of this module and of `measures`, the TensorFlow, Keras and NumPy versions and
+    the CPU kernels, whose rounding differs in the last bits (so a change to how the real side is
+    computed never reads a file written before it)."""
     import keras
     import tensorflow as tf
 
-    versions = f"{tf.__version__} {keras.__version__} {np.__version__}"
+    from common import cpu_kernels
+
+    versions = f"{tf.__version__} {keras.__version__} {np.__version__} {cpu_kernels.in_use()}"
     digest = hashlib.sha256(f"{judge.manifest['sha256']} {versions}".encode())
     for array in (mnist.train_images, mnist.train_labels, mnist.test_images, mnist.test_labels):
         digest.update(np.ascontiguousarray(array).tobytes())

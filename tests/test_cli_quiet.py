@@ -86,9 +86,8 @@ def test_verbose_brings_tensorflows_logs_back():
     oneDNN's `port.cc` line is checked only where TensorFlow turned oneDNN on (it does on CPUs with
     AVX-512-class features, or with TF_ENABLE_ONEDNN_OPTS=1); the subprocess itself reports that.
     """
-    script = ("from common import quiet; quiet.install(); import tensorflow as tf; "
-              "from tensorflow.python.util import _pywrap_util_port; "
-              f"print('onednn', _pywrap_util_port.IsMklEnabled()); {PROBE}")
+    script = ("from common import cpu_kernels, quiet; quiet.install(); import tensorflow as tf; "
+              f"print('onednn', cpu_kernels.in_use() == 'oneDNN'); {PROBE}")
     quiet_run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_user_environment(),
                                capture_output=True, text=True, timeout=300)
     verbose_run = subprocess.run([sys.executable, "-c", script], cwd=REPO,

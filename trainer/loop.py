@@ -19,6 +19,7 @@ from typing import Callable
 import tensorflow as tf
 import tqdm
 
+from common import cpu_kernels
 from mnist_data import acquire
 from trainer import checkpoints, data, step as step_lib, strategy as strategy_lib, summaries
 from trainer.checkpoints import NonFiniteLossError
@@ -123,7 +124,7 @@ def _strategy_and_precision(config: TrainConfig, report: Callable[[str], None]) 
                          f"use a multiple of {replicas}")
     step_lib.check_xla(config, strategy)
     report(f"Strategy: {strategy_lib.describe(strategy)}")
-    report(f"CPU kernels: {strategy_lib.cpu_kernels()}")
+    report(f"CPU kernels: {cpu_kernels.in_use()}")
     if config.precision == "auto":
         config = dataclasses.replace(config, precision=strategy_lib.resolve_precision(config.precision, strategy))
         report(f"Precision: {config.precision} (auto: "

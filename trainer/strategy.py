@@ -205,13 +205,6 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
                                     and "chief" not in resolver.cluster_spec().as_dict())
 
 
-def cpu_kernels() -> str:
-    """Which kernels run this process's CPU ops: "oneDNN", or TensorFlow's own (`common/cpu_kernels.py`)."""
-    from tensorflow.python.util import _pywrap_util_port  # TensorFlow's own check; no public API answers it
-
-    return "oneDNN" if _pywrap_util_port.IsMklEnabled() else "TensorFlow's own (Eigen)"
-
-
 def describe(strategy: tf.distribute.Strategy) -> str:
     """One line: the strategy, its replica count and devices (printed at the start of training)."""
     try:
