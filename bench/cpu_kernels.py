@@ -17,6 +17,7 @@ Usage: python -m bench.cpu_kernels [--rounds 2] [--steps 100] [--images 10000] [
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -64,8 +65,7 @@ def measure(arguments) -> dict:
     mnist = acquire.load_mnist(arguments.data_dir)
     config = recipes.build("default", data_dir=arguments.data_dir)
     strategy = strategy_lib.create_strategy(config.gpus, config.cpu_replicas)
-    config = recipes.build("default", data_dir=arguments.data_dir,
-                           precision=strategy_lib.resolve_precision(config.precision, strategy))
+    config = dataclasses.replace(config, precision=strategy_lib.resolve_precision(config.precision, strategy))
     state = step_lib.set_globals_and_build_state(config, strategy)
     train = step_lib.make_train_function(strategy, state, config, config.batch_size)
     batches = iter(strategy.distribute_datasets_from_function(
