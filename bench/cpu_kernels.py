@@ -17,14 +17,13 @@ Usage: python -m bench.cpu_kernels [--rounds 2] [--steps 100] [--images 10000] [
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from common import machine, quiet
+from common import cpu_kernels, machine, quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"oneDNN": "1", "TensorFlow's own": "0"}  # label -> TF_ENABLE_ONEDNN_OPTS
@@ -56,32 +55,18 @@ def measure(arguments) -> dict:
 
     import tensorflow as tf
 
-    from common import cpu_kernels
+    from bench import train_throughput  # the default step, built and timed as that bench does
     from configs import recipes
     from mnist_data import acquire
     from quality import judge as judge_lib
-    from trainer import data, step as step_lib, strategy as strategy_lib
+    from trainer import strategy as strategy_lib
 
     mnist = acquire.load_mnist(arguments.data_dir)
     config = recipes.build("default", data_dir=arguments.data_dir)
-    strategy = strategy_lib.create_strategy(config.gpus, config.cpu_replicas)
-    config = dataclasses.replace(config, precision=strategy_lib.resolve_precision(config.precision, strategy))
-    state = step_lib.set_globals_and_build_state(config, strategy)
-    train = step_lib.make_train_function(strategy, state, config, config.batch_size)
-    batches = iter(strategy.distribute_datasets_from_function(
-        data.epoch_dataset_fn(mnist.train_images, mnist.train_labels, config.batch_size, 0, 0)))
-
-    def train_seconds(steps: int) -> float:
-        started, done = time.perf_counter(), 0
-        while done < steps:
-            count = min(config.steps_per_call, steps - done)
-            losses = train(batches, tf.constant(count, tf.int32))
-            done += count
-        float(losses[0])
-        return time.perf_counter() - started
-
-    train_seconds(config.steps_per_call)  # traces and runs once
-    figures = {"train step (ms)": train_seconds(arguments.steps) / arguments.steps * 1000}
+    train, batches = train_throughput.ours(config, mnist, synthetic=False)
+    train_throughput.time_ours(train, batches, config.steps_per_call, config.steps_per_call)  # traces and runs once
+    seconds = train_throughput.time_ours(train, batches, arguments.steps, config.steps_per_call)
+    figures = {"train step (ms)": seconds / arguments.steps * 1000}
     images = judge_lib.real_images(mnist.test_images[:arguments.images])
     for judge in judge_lib.load_judges():
         judge.read(images[:1000])  # traces
@@ -98,17 +83,19 @@ def measure(arguments) -> dict:
             generate(noise=noise)
             calls.append(time.perf_counter() - started)
         figures[f"generate {batch} (ms)"] = statistics.median(calls) * 1000
-    return {"onednn": cpu_kernels.in_use() == "oneDNN", "precision": config.precision, "figures": figures}
+    precision = strategy_lib.resolve_precision(config.precision, tf.distribute.get_strategy())
+    return {"onednn": cpu_kernels.in_use() == cpu_kernels.ONEDNN, "precision": precision, "figures": figures}
 
 
 def run_child(setting: str, arguments) -> dict:
-    """One child's measure() under TF_ENABLE_ONEDNN_OPTS=setting."""
+    """One child's measure() with TF_ENABLE_ONEDNN_OPTS set to `setting`."""
     command = [sys.executable, "-m", "bench.cpu_kernels", "--child", "--steps", str(arguments.steps),
                "--images", str(arguments.images)] + (["--data-dir", arguments.data_dir] if arguments.data_dir else [])
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": setting})
+                            env={**os.environ, cpu_kernels.ONEDNN_VARIABLE: setting})
     if result.returncode != 0:
-        raise SystemExit(f"error: the child with TF_ENABLE_ONEDNN_OPTS={setting} failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"error: the child with {cpu_kernels.ONEDNN_VARIABLE}={setting} failed:\n"
+                         f"{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

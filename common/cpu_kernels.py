@@ -13,6 +13,7 @@ import platform
 
 ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
 X86_64 = ("x86_64", "amd64")
+ONEDNN, EIGEN = "oneDNN", "TensorFlow's own (Eigen)"  # what `in_use` answers
 
 
 def use_onednn() -> None:
@@ -26,7 +27,7 @@ def use_onednn() -> None:
 
 
 def in_use() -> str:
-    """The kernels this process runs its CPU ops with: "oneDNN", or "TensorFlow's own (Eigen)"."""
+    """The kernels this process runs its CPU ops with: ONEDNN, or EIGEN (TensorFlow's own)."""
     from tensorflow.python.util import _pywrap_util_port  # TensorFlow's own check; no public API answers it
 
-    return "oneDNN" if _pywrap_util_port.IsMklEnabled() else "TensorFlow's own (Eigen)"
+    return ONEDNN if _pywrap_util_port.IsMklEnabled() else EIGEN

@@ -62,7 +62,7 @@ def test_train_and_export_print_only_our_own_lines(mnist_data_dir, tmp_path):
     assert code == 0, lines
     assert _own(lines)[0].startswith("Strategy: "), lines
     if platform.machine().lower() in cpu_kernels.X86_64:  # cli.py turns oneDNN on by itself there
-        assert "CPU kernels: oneDNN" in lines, lines
+        assert f"CPU kernels: {cpu_kernels.ONEDNN}" in lines, lines
     assert _chatter("\n".join(lines)) == [], lines
     code, lines = _run(["export", "--run-dir", run_dir, "--model-base-path", base])
     assert code == 0, lines
@@ -87,7 +87,7 @@ def test_verbose_brings_tensorflows_logs_back():
     AVX-512-class features, or with TF_ENABLE_ONEDNN_OPTS=1); the subprocess itself reports that.
     """
     script = ("from common import cpu_kernels, quiet; quiet.install(); import tensorflow as tf; "
-              f"print('onednn', cpu_kernels.in_use() == 'oneDNN'); {PROBE}")
+              f"print('onednn', cpu_kernels.in_use() == cpu_kernels.ONEDNN); {PROBE}")
     quiet_run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_user_environment(),
                                capture_output=True, text=True, timeout=300)
     verbose_run = subprocess.run([sys.executable, "-c", script], cwd=REPO,

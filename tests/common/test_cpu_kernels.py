@@ -40,4 +40,4 @@ def test_the_test_session_runs_the_kernels_cli_py_asks_for():
         pytest.skip("not x86-64: TensorFlow chooses its own kernels here")
     if os.environ.get(cpu_kernels.ONEDNN_VARIABLE) == "0":
         pytest.skip("TF_ENABLE_ONEDNN_OPTS=0 was set for this test session")
-    assert cpu_kernels.in_use() == "oneDNN"
+    assert cpu_kernels.in_use() == cpu_kernels.ONEDNN

@@ -196,7 +196,7 @@ def test_the_reference_fingerprint_changes_with_the_weights_the_data_and_the_ker
     labels[0] = (labels[0] + 1) % 10
     assert fingerprint != judge_lib.reference_fingerprint(judge, mnist._replace(test_labels=labels))
     # Features computed with the other CPU kernels differ in their last bits: never read them.
-    other = "oneDNN" if cpu_kernels.in_use() != "oneDNN" else "TensorFlow's own (Eigen)"
+    other = cpu_kernels.ONEDNN if cpu_kernels.in_use() != cpu_kernels.ONEDNN else cpu_kernels.EIGEN
     monkeypatch.setattr(cpu_kernels, "in_use", lambda: other)
     assert fingerprint != judge_lib.reference_fingerprint(judge, mnist)
 
