@@ -87,6 +87,16 @@ class TrainConfig:
     mode_seeking: float = 0.1
     """Weight of MSGAN's mode-seeking term in G's loss (Mao et al. 2019); 0 = none. G's fakes come in pairs
     asked for the same digit, and G is pushed to draw them as far apart as their noise vectors are."""
+    generator_top_k: float = 1.0
+    """Top-k training (Sinha et al. 2020): the share of each batch's fakes, those D rates most real, that G's
+    adversarial loss counts by the run's last step, falling linearly from all of them at its first; 1 = all,
+    always. G then stops chasing the fakes D finds worst, whose gradients point across the gaps between styles."""
+    consistency: float = 0.0
+    """Weight of balanced consistency regularisation in D's loss (bCR, Zhao et al. 2021): the squared change of
+    D's logit when a real or a fake image moves by up to `consistency_shift` pixels; 0 = none. Costs D a
+    forward and backward pass over both batches, moved."""
+    consistency_shift: int = 2
+    """With `consistency` > 0: the largest move, in whole pixels, right or left and up or down."""
     max_steps: int | None = None
     """Stop after this many steps in total (smoke runs); None trains all epochs."""
     seed: int = 0
@@ -170,6 +180,9 @@ class TrainConfig:
         _require(self.loss in LOSSES, "loss", self.loss, f"one of {', '.join(LOSSES)}")
         _require(self.r1_gamma >= 0, "r1_gamma", self.r1_gamma, "0 or more")
         _require(self.mode_seeking >= 0, "mode_seeking", self.mode_seeking, "0 or more")
+        _require(0 < self.generator_top_k <= 1, "generator_top_k", self.generator_top_k, "in (0, 1]")
+        _require(self.consistency >= 0, "consistency", self.consistency, "0 or more")
+        _require(1 <= self.consistency_shift <= 8, "consistency_shift", self.consistency_shift, "from 1 to 8")
         _require(self.r1_interval >= 1, "r1_interval", self.r1_interval, "at least 1")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "at least 1")
         _require(bool(self.run_dir), "run_dir", self.run_dir, "a directory path")

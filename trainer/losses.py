@@ -107,6 +107,49 @@ def mode_seeking_loss(images, noise, global_batch_size: int):
     return tf.nn.compute_average_loss(per_pair, global_batch_size=max(global_batch_size // 2, 1))
 
 
+def top_k_share(step, total_steps: int, final_share: float):
+    """The share of fakes top-k training keeps at `step`: 1 at step 0, falling linearly to `final_share` at
+    `total_steps` and held there. A float32 scalar tensor."""
+    progress = tf.minimum(tf.cast(step, tf.float32) / float(max(total_steps, 1)), 1.0)
+    return 1.0 - (1.0 - final_share) * progress
+
+
+def strongest_fakes(real_logits, fake_logits, share, global_batch_size: int):
+    """Top-k training (Sinha et al. 2020): the rows of this replica's fakes that D rates most real.
+
+    Logits float32 [b, 1]; `share` a float32 scalar in (0, 1]. Keeps k = ceil(share x b) rows (at least
+    one) of the fakes' logits and of the real logits paired with them (the relativistic loss pairs
+    rows), and returns (real_logits [k, 1], fake_logits [k, 1], the global count of kept rows), so a
+    loss averaged over that count weights every kept fake as the whole batch's mean would.
+    """
+    batch = tf.shape(fake_logits)[0]
+    kept = tf.maximum(tf.cast(tf.math.ceil(share * tf.cast(batch, tf.float32)), tf.int32), 1)
+    strongest = tf.math.top_k(tf.squeeze(tf.cast(fake_logits, tf.float32), -1), k=kept).indices
+    replicas = global_batch_size // batch
+    return tf.gather(real_logits, strongest), tf.gather(fake_logits, strongest), kept * replicas
+
+
+def translate(images, shifts):
+    """Each image moved by whole pixels, the uncovered border filled with the background (-1).
+
+    images float [b, 28, 28, 1] in [-1, 1]; shifts int32 [b, 2], (dx, dy) per image (right, down).
+    Returns float32 [b, 28, 28, 1]; no gradient flows back to the images.
+    """
+    shifts = tf.cast(shifts, tf.float32)
+    ones, zeros = tf.ones_like(shifts[:, 0]), tf.zeros_like(shifts[:, 0])
+    # Each output pixel (x, y) reads the input pixel (x - dx, y - dy).
+    transforms = tf.stack([ones, zeros, -shifts[:, 0], zeros, ones, -shifts[:, 1], zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.stop_gradient(tf.cast(images, tf.float32)), transforms=transforms,
+        output_shape=tf.shape(images)[1:3], fill_value=-1.0, interpolation="NEAREST", fill_mode="CONSTANT")
+
+
+def consistency_penalty(logits, moved_logits, global_batch_size: int):
+    """bCR's term (Zhao et al. 2021): Σ over the batch of (D(x) - D(T(x)))² / global batch. Logits [b, 1]."""
+    difference = tf.cast(logits, tf.float32) - tf.cast(moved_logits, tf.float32)
+    return tf.nn.compute_average_loss(tf.squeeze(tf.square(difference), -1), global_batch_size=global_batch_size)
+
+
 def r1_penalty(input_gradients, global_batch_size: int):
     """Σ over the batch of |∇ₓD(x)|² / global batch: E[|∇D|²] of R1 (Mescheder et al. 2018), before its γ/2.
 

@@ -140,9 +140,14 @@ def learning_rate_schedule(config: TrainConfig, learning_rate: float):
     """
     if config.learning_rate_schedule == "constant":
         return learning_rate
-    total_steps = config.epochs * data.steps_per_epoch(acquire.TRAIN_SIZE, config.batch_size)
+    total_steps = planned_steps(config)
     hold_steps = int(total_steps * config.learning_rate_decay_start)
     return HoldThenLinearDecay(learning_rate, hold_steps=hold_steps, total_steps=total_steps)
+
+
+def planned_steps(config: TrainConfig) -> int:
+    """The steps of all `epochs` (what the schedules span; `max_steps` only cuts a run short)."""
+    return config.epochs * data.steps_per_epoch(acquire.TRAIN_SIZE, config.batch_size)
 
 
 @keras.saving.register_keras_serializable(package="digitgan")
@@ -162,7 +167,7 @@ class HoldThenLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def replica_step(state: GanState, images, digits, latent_dim: int, gradients_function, r1_interval: int = 1,
-                 paired_digits: bool = False):
+                 paired_digits: bool = False, shift_pixels: int = 0):
     """One D and G update on this replica's batch. Returns (generator_loss, discriminator_loss).
 
     images uint8 [b, 28, 28, 1] (MNIST pixels); digits int32 [b]; b = this replica's share of the batch.
@@ -170,6 +175,8 @@ def replica_step(state: GanState, images, digits, latent_dim: int, gradients_fun
     the run's settings bound (make_train_function builds it, XLA-compiled when `config.xla`);
     `regularize` says whether this step adds the lazy R1 penalty (every `r1_interval` steps).
     With `paired_digits` the fakes' second half asks for the first half's digits (`losses.paired_halves`).
+    With `shift_pixels` > 0 each real and fake image also gets a random move of up to that many pixels
+    each way, int32 [2, b, 2], for the consistency term (passed as `shifts`; None otherwise).
     """
     images = scale_images(images)
     batch = tf.shape(images)[0]  # the per-replica batch, not the global one
@@ -177,8 +184,11 @@ def replica_step(state: GanState, images, digits, latent_dim: int, gradients_fun
     noise = state.noise_generator.normal([batch, latent_dim])
     fake_digits = draw_fake_digits(state.noise_generator, batch, paired_digits)
     regularize = state.step % r1_interval == 0
+    shifts = None
+    if shift_pixels:
+        shifts = state.noise_generator.uniform([2, batch, 2], -shift_pixels, shift_pixels + 1, dtype=tf.int32)
     generator_loss, discriminator_loss, generator_gradients, discriminator_gradients = gradients_function(
-        images, digits, noise, fake_digits, regularize)
+        images, digits, noise, fake_digits, regularize, shifts)
     _apply(state.generator_optimizer, generator_gradients, state.generator)
     _apply(state.discriminator_optimizer, discriminator_gradients, state.discriminator)
     return generator_loss, discriminator_loss
@@ -192,15 +202,17 @@ def draw_fake_digits(noise_generator: tf.random.Generator, batch, paired: bool =
     return tf.concat([first_half, first_half[:batch // 2]], axis=0)
 
 
-def losses_and_gradients(state: GanState, images, digits, noise, fake_digits, regularize=False, *,
+def losses_and_gradients(state: GanState, images, digits, noise, fake_digits, regularize=False, shifts=None, *,
                          global_batch_size: int, conditional: bool, classifier_weight: float = 0.0,
                          loss: str = "bce", r1_weight: float = 0.0, twin_classifier: float = 0.0,
-                         mode_seeking: float = 0.0, classifier_confidence: float = 0.0):
+                         mode_seeking: float = 0.0, classifier_confidence: float = 0.0,
+                         generator_top_k: float = 1.0, total_steps: int = 1, consistency: float = 0.0):
     """(generator_loss, discriminator_loss, G's gradients, D's gradients) of one forward and backward pass.
 
     images float32 [b, 28, 28, 1] in [-1, 1]; digits and fake_digits int32 [b]; noise float32 [b, latent].
     With `r1_weight` > 0 and `regularize` (a bool tensor) true, D's gradients also include
-    r1_weight x E[|∇ₓD(real)|²] (not in the reported D loss).
+    r1_weight x E[|∇ₓD(real)|²] (not in the reported D loss). With `consistency` > 0 and `shifts` int32
+    [2, b, 2] (the real and the fake images' moves), D's loss adds that weight of bCR's term (reported).
     With mixed_float16 the gradients are of the scaled losses; LossScaleOptimizer unscales them.
     """
     with tf.GradientTape() as generator_tape, tf.GradientTape() as discriminator_tape:
@@ -209,7 +221,10 @@ def losses_and_gradients(state: GanState, images, digits, noise, fake_digits, re
                                                             classifier_weight=classifier_weight, loss=loss,
                                                             twin_classifier=twin_classifier,
                                                             mode_seeking=mode_seeking,
-                                                            classifier_confidence=classifier_confidence)
+                                                            classifier_confidence=classifier_confidence,
+                                                            generator_top_k=generator_top_k,
+                                                            total_steps=total_steps, consistency=consistency,
+                                                            shifts=shifts)
         optimized_discriminator_loss = discriminator_loss
         if r1_weight:
             penalty = tf.cond(regularize,
@@ -245,7 +260,8 @@ def scale_images(images):
 
 def compute_losses(state: GanState, images, digits, noise, fake_digits, global_batch_size: int, conditional: bool,
                    training: bool = True, classifier_weight: float = 0.0, loss: str = "bce",
-                   twin_classifier: float = 0.0, mode_seeking: float = 0.0, classifier_confidence: float = 0.0):
+                   twin_classifier: float = 0.0, mode_seeking: float = 0.0, classifier_confidence: float = 0.0,
+                   generator_top_k: float = 1.0, total_steps: int = 1, consistency: float = 0.0, shifts=None):
     """(generator_loss, discriminator_loss) of one forward pass, each divided by the GLOBAL batch size.
 
     Summing the replicas' values (and the optimizer summing their gradients) gives the
@@ -257,7 +273,11 @@ def compute_losses(state: GanState, images, digits, noise, fake_digits, global_b
     `twin_classifier` > 0 (a discriminator with the twin head, TAC-GAN) D's loss also adds the twin's
     cross-entropy on the fakes, and G's subtracts that share of it. `loss` picks the adversarial
     loss: "bce", "hinge" or "relativistic" (`losses.adversarial_losses`). With `mode_seeking` > 0, G's
-    loss adds that weight of `losses.mode_seeking_loss` (the fakes' digits must come paired).
+    loss adds that weight of `losses.mode_seeking_loss` (the fakes' digits must come paired). With
+    `generator_top_k` < 1, G's adversarial loss counts only the fakes D rates most real, a share falling
+    from all of them to `generator_top_k` over `total_steps` (`losses.strongest_fakes`). With `consistency` > 0,
+    D's loss adds that weight of bCR's term on the real and the fake images moved by `shifts` int32 [2, b, 2]
+    (`consistency_term`).
     """
     generator_loss, discriminator_loss = losses.adversarial_losses(loss)
     fakes = state.generator(models.generator_inputs(noise, fake_digits, conditional), training=training)
@@ -266,10 +286,19 @@ def compute_losses(state: GanState, images, digits, noise, fake_digits, global_b
     # With digit heads D returns [logit, class_logits(, twin_class_logits)]; without, the logit alone.
     real_logits, *real_heads = real_outputs if classifier_weight else [real_outputs]
     fake_logits, *fake_heads = fake_outputs if classifier_weight else [fake_outputs]
-    adversarial_generator = generator_loss(real_logits, fake_logits, global_batch_size)
+    if generator_top_k < 1:
+        share = losses.top_k_share(state.step, total_steps, generator_top_k)
+        adversarial_generator = generator_loss(*losses.strongest_fakes(real_logits, fake_logits, share,
+                                                                       global_batch_size))
+    else:
+        adversarial_generator = generator_loss(real_logits, fake_logits, global_batch_size)
     adversarial_discriminator = discriminator_loss(real_logits, fake_logits, global_batch_size)
     if mode_seeking:
         adversarial_generator += mode_seeking * losses.mode_seeking_loss(fakes, noise, global_batch_size)
+    if consistency:
+        adversarial_discriminator += consistency * consistency_term(
+            state, images, digits, real_logits, fakes, fake_digits, fake_logits, shifts, global_batch_size,
+            conditional, training)
     if not classifier_weight:
         return adversarial_generator, adversarial_discriminator
     generator_classifier = losses.classifier_loss(fake_heads[0], fake_digits, global_batch_size,
@@ -283,6 +312,21 @@ def compute_losses(state: GanState, images, digits, noise, fake_digits, global_b
         discriminator_classifier += twin
     return (adversarial_generator + classifier_weight * generator_classifier,
             adversarial_discriminator + classifier_weight * discriminator_classifier)
+
+
+def consistency_term(state: GanState, images, digits, real_logits, fakes, fake_digits, fake_logits, shifts,
+                     global_batch_size: int, conditional: bool, training: bool):
+    """Balanced consistency regularisation (bCR, Zhao et al. 2021): D's logit should not change when an
+    image, real or fake, moves by a few pixels. The mean squared change over both batches; D's weights
+    only (the fakes enter as constants)."""
+    total = 0.0
+    for batch, batch_digits, logits, batch_shifts in ((images, digits, real_logits, shifts[0]),
+                                                     (fakes, fake_digits, fake_logits, shifts[1])):
+        moved = state.discriminator(models.discriminator_inputs(losses.translate(batch, batch_shifts), batch_digits,
+                                                                conditional), training=training)
+        moved_logits = moved[0] if isinstance(moved, (list, tuple)) else moved
+        total += losses.consistency_penalty(logits, moved_logits, global_batch_size)
+    return total
 
 
 def _scale(optimizer, loss):
@@ -314,6 +358,8 @@ def make_train_function(strategy: tf.distribute.Strategy, state: GanState, confi
         losses_and_gradients, state, global_batch_size=global_batch_size, conditional=config.conditional,
         classifier_weight=config.classifier_weight, loss=config.loss, twin_classifier=config.twin_classifier,
         mode_seeking=config.mode_seeking, classifier_confidence=config.classifier_confidence,
+        generator_top_k=config.generator_top_k,
+        total_steps=planned_steps(config), consistency=config.consistency,
         # Lazy R1 (StyleGAN2): (γ/2)·E|∇D|², every r1_interval steps, so γ is scaled by the interval.
         r1_weight=config.r1_gamma / 2.0 * config.r1_interval)
     if config.xla:
@@ -323,7 +369,8 @@ def make_train_function(strategy: tf.distribute.Strategy, state: GanState, confi
     def distributed_step(batch):
         images, digits = batch
         per_replica = strategy.run(replica_step, args=(state, images, digits, config.latent_dim, gradients_function,
-                                                       config.r1_interval, config.mode_seeking > 0))
+                                                       config.r1_interval, config.mode_seeking > 0,
+                                                       config.consistency_shift if config.consistency else 0))
         state.step.assign_add(1)
         if state.generator_average is not None:
             update = functools.partial(update_generator_average, state, config.generator_average_decay,

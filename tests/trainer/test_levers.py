@@ -28,7 +28,8 @@ GLOBAL_BATCH = 16
 # 2-replica test below trains under each. tanh is the image activation other than the default.
 ALL_LEVERS = dict(loss="relativistic", spectral_norm=True, r1_gamma=1.0, r1_interval=2, minibatch_std=True,
                   generator_average_rampup=0.05, twin_classifier=1.0, mode_seeking=1.0, classifier_confidence=0.9,
-                  generator_average_interval=2, image_activation="tanh")
+                  generator_average_interval=2, image_activation="tanh", generator_top_k=0.5,
+                  consistency=1.0, consistency_shift=1)
 
 
 def test_config_names_every_loss_the_step_knows():
@@ -38,8 +39,8 @@ def test_config_names_every_loss_the_step_knows():
 def test_levers_are_off_by_default_but_a_little_mode_seeking():
     config = TrainConfig()
     assert (config.loss, config.spectral_norm, config.r1_gamma, config.minibatch_std,
-            config.generator_average_rampup, config.twin_classifier, config.classifier_confidence) == (
-        "bce", False, 0.0, False, 0.0, 0.0, 0.0)
+            config.generator_average_rampup, config.twin_classifier, config.classifier_confidence,
+            config.generator_top_k, config.consistency) == ("bce", False, 0.0, False, 0.0, 0.0, 0.0, 1.0, 0.0)
     assert (config.mode_seeking, config.generator_average_interval) == (0.1, 4)  # the default recipe's
 
 
@@ -52,6 +53,10 @@ def test_levers_are_off_by_default_but_a_little_mode_seeking():
     ("mode_seeking", -0.5, "mode_seeking must be 0 or more, got -0.5"),
     ("classifier_confidence", 1.0, "classifier_confidence must be in [0, 1), got 1.0"),
     ("generator_average_interval", 0, "generator_average_interval must be at least 1, got 0"),
+    ("generator_top_k", 0.0, "generator_top_k must be in (0, 1], got 0.0"),
+    ("generator_top_k", 1.5, "generator_top_k must be in (0, 1], got 1.5"),
+    ("consistency", -1.0, "consistency must be 0 or more, got -1.0"),
+    ("consistency_shift", 0, "consistency_shift must be from 1 to 8, got 0"),
     ("image_activation", "sigmoid", "image_activation must be one of tanh, hard_tanh, got 'sigmoid'"),
 ])
 def test_bad_lever_values_are_refused_with_the_value(field, value, message):
@@ -147,6 +152,74 @@ def test_mode_seeking_adds_its_weighted_term_to_gs_loss_only(mnist_data_dir):
     term = float(losses.mode_seeking_loss(fakes, noise, 4))
     np.testing.assert_allclose(float(seeking[0]), float(plain[0]) + 2.0 * term, rtol=1e-5)
     np.testing.assert_allclose(float(seeking[1]), float(plain[1]), rtol=1e-6)
+
+
+def test_top_k_share_falls_linearly_from_all_fakes_to_the_final_share_and_holds():
+    shares = [float(losses.top_k_share(step, 100, 0.5)) for step in (0, 50, 100, 400)]
+    np.testing.assert_allclose(shares, [1.0, 0.75, 0.5, 0.5])
+
+
+def test_strongest_fakes_keep_the_rows_d_rates_most_real_with_their_paired_real_rows():
+    real = tf.constant([[10.0], [11.0], [12.0], [13.0], [14.0]])
+    fake = tf.constant([[0.5], [-2.0], [3.0], [1.0], [-1.0]])
+    kept_real, kept_fake, global_count = losses.strongest_fakes(real, fake, tf.constant(0.5), global_batch_size=10)
+    np.testing.assert_array_equal(kept_fake.numpy().ravel(), [3.0, 1.0, 0.5])  # ceil(0.5 x 5) = 3 rows
+    np.testing.assert_array_equal(kept_real.numpy().ravel(), [12.0, 13.0, 10.0])
+    assert int(global_count) == 6  # 3 rows on each of the 2 replicas a global batch of 10 implies
+    assert int(losses.strongest_fakes(real, fake, tf.constant(0.01), 5)[2]) == 1  # never no row at all
+
+
+def test_top_k_counts_only_the_strongest_fakes_in_gs_adversarial_loss(mnist_data_dir):
+    config = TrainConfig(batch_size=4, precision="float32")
+    state, images, digits, noise, fake_digits = _state_and_batch(config, mnist_data_dir)
+    state.step.assign(100)  # past the end of a 100-step run: the final share, a half
+    kwargs = dict(training=False, classifier_weight=config.classifier_weight)
+    plain = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True, **kwargs)
+    top = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True, generator_top_k=0.5,
+                                  total_steps=100, **kwargs)
+    fakes = state.generator([noise, fake_digits], training=False)
+    fake_logit, fake_classes = state.discriminator([fakes, fake_digits], training=False)
+    strongest = np.sort(fake_logit.numpy().ravel())[-2:]
+    expected = (float(losses.generator_loss(tf.constant(strongest[:, None]), 2))
+                + config.classifier_weight * float(losses.classifier_loss(fake_classes, fake_digits, 4)))
+    np.testing.assert_allclose(float(top[0]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(top[1]), float(plain[1]), rtol=1e-6)  # D's loss is untouched
+    state.step.assign(0)  # the first step keeps every fake
+    start = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True, generator_top_k=0.5,
+                                    total_steps=100, **kwargs)
+    np.testing.assert_allclose(float(start[0]), float(plain[0]), rtol=1e-6)
+
+
+def test_translate_moves_each_image_by_whole_pixels_onto_background():
+    images = np.full((2, 28, 28, 1), -1.0, np.float32)
+    images[0, 10, 12], images[1, 0, 0], images[1, 5, 5] = 1.0, 0.5, 0.25
+    moved = losses.translate(tf.constant(images), tf.constant([[2, -1], [-1, 0]])).numpy()[..., 0]
+    assert [tuple(index) for index in np.argwhere(moved[0] > -1)] == [(9, 14)]  # 2 right, 1 up
+    assert moved[1, 5, 4] == 0.25 and moved[1, 0, 0] == -1.0  # 1 left: the corner pixel left the image
+
+
+def test_consistency_penalty_is_the_mean_squared_change_of_the_logit_over_the_global_batch():
+    penalty = losses.consistency_penalty(tf.constant([[1.0], [2.0]]), tf.constant([[0.0], [4.0]]), 4)
+    assert float(penalty) == (1.0 + 4.0) / 4
+
+
+def test_consistency_adds_bcr_to_ds_loss_only(mnist_data_dir):
+    config = TrainConfig(batch_size=4, precision="float32")
+    state, images, digits, noise, fake_digits = _state_and_batch(config, mnist_data_dir)
+    kwargs = dict(training=False, classifier_weight=config.classifier_weight)
+    plain = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True, **kwargs)
+    shifts = tf.constant([[[1, 0], [0, 2], [-2, -1], [0, 0]], [[0, 1], [2, 2], [0, 0], [-1, 0]]])
+    regularised = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True, consistency=3.0,
+                                          shifts=shifts, **kwargs)
+    fakes = state.generator([noise, fake_digits], training=False)
+    expected = 0.0
+    for batch, batch_digits, batch_shifts in ((images, digits, shifts[0]), (fakes, fake_digits, shifts[1])):
+        logits = state.discriminator([batch, batch_digits], training=False)[0]
+        moved = state.discriminator([losses.translate(batch, batch_shifts), batch_digits], training=False)[0]
+        expected += float(tf.reduce_sum(tf.square(logits - moved))) / 4
+    assert expected > 0
+    np.testing.assert_allclose(float(regularised[1]), float(plain[1]) + 3.0 * expected, rtol=1e-5)
+    np.testing.assert_allclose(float(regularised[0]), float(plain[0]), rtol=1e-6)  # G's loss is untouched
 
 
 def test_classifier_confidence_counts_each_fake_only_below_that_probability():
