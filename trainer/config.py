@@ -12,7 +12,7 @@ LEARNING_RATE_SCHEDULES = ("constant", "linear_decay")
 LOSSES = ("bce", "hinge", "relativistic")
 IMAGE_ACTIVATIONS = ("tanh", "hard_tanh")
 ARCHITECTURES = ("tutorial", "compact", "tutorial_cbn", "tutorial_cbn_3x3", "tutorial_cbn_3x3_wide_d",
-                 "tutorial_cbn_3x3_5x5_pixels")  # the keys of trainer.models.ARCHITECTURES
+                 "tutorial_cbn_3x3_5x5_pixels", "tutorial_cbn_3x3_4x4_up")  # the keys of trainer.models.ARCHITECTURES
 CONFIG_FILE = "config.json"
 # Fields that say where and how a run ran, not what it learns: two runs that differ only in these
 # follow the same recipe (precision is recorded resolved, so "auto" and what it chose compare equal).
@@ -65,8 +65,9 @@ class TrainConfig:
     architecture: str = "tutorial_cbn_3x3_5x5_pixels"
     """G and D's layers (trainer/models.py): "tutorial" (the DCGAN tutorial's), "compact", "tutorial_cbn"
     (the digit also conditions G's BatchNorm), "tutorial_cbn_3x3" (tutorial_cbn with 3x3 kernels),
-    "tutorial_cbn_3x3_wide_d" (the same with D twice as wide) or "tutorial_cbn_3x3_5x5_pixels" (5x5
-    kernels in G's image layer and D's first convolution)."""
+    "tutorial_cbn_3x3_wide_d" (the same with D twice as wide), "tutorial_cbn_3x3_5x5_pixels" (5x5
+    kernels in G's image layer and D's first convolution) or "tutorial_cbn_3x3_4x4_up" (4x4 kernels in
+    G's stride-2 layers and D's first convolution)."""
     image_activation: str = "hard_tanh"
     """G's last activation, from its image layer to pixels in [-1, 1]: "tanh", or "hard_tanh" (clip to [-1, 1]),
     which reaches -1 and 1 exactly, where tanh only nears them: the real digits' background is exactly -1."""

@@ -113,6 +113,17 @@ def test_the_pixel_layers_take_their_own_kernel_size():
     assert plain.get_layer("to_image").kernel.shape[:2] == (3, 3)
 
 
+def test_the_4x4_architecture_puts_4x4_kernels_where_the_stride_is_2():
+    generator = models.build_generator(16, conditional=True, architecture="tutorial_cbn_3x3_4x4_up")
+    discriminator = models.build_discriminator(architecture="tutorial_cbn_3x3_4x4_up", classifier_head=True)
+    kernels = {name: generator.get_layer(name).kernel.shape[:2] for name in ("up1", "up2", "to_image")}
+    assert kernels == {"up1": (3, 3), "up2": (4, 4), "to_image": (4, 4)}  # up1 keeps 7x7 (stride 1)
+    assert discriminator.get_layer("down1").kernel.shape[:2] == (4, 4)
+    assert discriminator.get_layer("down2").kernel.shape[:2] == (3, 3)
+    images = generator([tf.random.normal([2, 16], seed=1), tf.constant([3, 7])], training=False)
+    assert images.shape == (2, 28, 28, 1)
+
+
 def test_hard_tanh_passes_logits_inside_minus_one_to_one_and_clips_the_rest_to_exactly_one():
     generator = models.build_generator(16, conditional=True, architecture="tutorial_cbn_3x3", image_activation="hard_tanh")
     layer = generator.get_layer("to_image")
