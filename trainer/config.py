@@ -98,6 +98,10 @@ class TrainConfig:
     forward and backward pass over both batches, moved."""
     consistency_shift: int = 2
     """With `consistency` > 0: the largest move, in whole pixels, right or left and up or down."""
+    centring: float = 0.0
+    """Weight of a penalty in G's loss: each fake's squared distance, in pixels, from its centre of mass to the
+    pixel where MNIST centred every digit's (`losses.MNIST_CENTRE`); 0 = none. G's digits otherwise wander
+    around that point, which real ones never do (docs/experiments.md)."""
     max_steps: int | None = None
     """Stop after this many steps in total (smoke runs); None trains all epochs."""
     seed: int = 0
@@ -182,6 +186,7 @@ class TrainConfig:
         _require(self.r1_gamma >= 0, "r1_gamma", self.r1_gamma, "0 or more")
         _require(self.mode_seeking >= 0, "mode_seeking", self.mode_seeking, "0 or more")
         _require(0 < self.generator_top_k <= 1, "generator_top_k", self.generator_top_k, "in (0, 1]")
+        _require(self.centring >= 0, "centring", self.centring, "0 or more")
         _require(self.consistency >= 0, "consistency", self.consistency, "0 or more")
         _require(1 <= self.consistency_shift <= 8, "consistency_shift", self.consistency_shift, "from 1 to 8")
         _require(self.r1_interval >= 1, "r1_interval", self.r1_interval, "at least 1")

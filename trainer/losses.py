@@ -150,6 +150,22 @@ def consistency_penalty(logits, moved_logits, global_batch_size: int):
     return tf.nn.compute_average_loss(tf.squeeze(tf.square(difference), -1), global_batch_size=global_batch_size)
 
 
+# MNIST placed every digit with its centre of mass on this pixel (row and column, counting from 0).
+MNIST_CENTRE = 14.0
+
+
+def centring_penalty(images, global_batch_size: int):
+    """Σ over the batch of each image's squared distance, in pixels, from its centre of mass to MNIST_CENTRE,
+    divided by the global batch. images float [b, 28, 28, 1] in [-1, 1] (ink is (x + 1) / 2)."""
+    ink = (tf.cast(images[..., 0], tf.float32) + 1.0) / 2.0
+    mass = tf.reduce_sum(ink, axis=[1, 2]) + 1e-3
+    positions = tf.range(tf.shape(ink)[1], dtype=tf.float32)
+    row = tf.reduce_sum(tf.reduce_sum(ink, axis=2) * positions, axis=1) / mass
+    column = tf.reduce_sum(tf.reduce_sum(ink, axis=1) * positions, axis=1) / mass
+    per_example = tf.square(row - MNIST_CENTRE) + tf.square(column - MNIST_CENTRE)
+    return tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
+
+
 def r1_penalty(input_gradients, global_batch_size: int):
     """Σ over the batch of |∇ₓD(x)|² / global batch: E[|∇D|²] of R1 (Mescheder et al. 2018), before its γ/2.
 

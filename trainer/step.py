@@ -206,7 +206,8 @@ def losses_and_gradients(state: GanState, images, digits, noise, fake_digits, re
                          global_batch_size: int, conditional: bool, classifier_weight: float = 0.0,
                          loss: str = "bce", r1_weight: float = 0.0, twin_classifier: float = 0.0,
                          mode_seeking: float = 0.0, classifier_confidence: float = 0.0,
-                         generator_top_k: float = 1.0, total_steps: int = 1, consistency: float = 0.0):
+                         generator_top_k: float = 1.0, total_steps: int = 1, consistency: float = 0.0,
+                         centring: float = 0.0):
     """(generator_loss, discriminator_loss, G's gradients, D's gradients) of one forward and backward pass.
 
     images float32 [b, 28, 28, 1] in [-1, 1]; digits and fake_digits int32 [b]; noise float32 [b, latent].
@@ -224,7 +225,7 @@ def losses_and_gradients(state: GanState, images, digits, noise, fake_digits, re
                                                             classifier_confidence=classifier_confidence,
                                                             generator_top_k=generator_top_k,
                                                             total_steps=total_steps, consistency=consistency,
-                                                            shifts=shifts)
+                                                            shifts=shifts, centring=centring)
         optimized_discriminator_loss = discriminator_loss
         if r1_weight:
             penalty = tf.cond(regularize,
@@ -261,7 +262,8 @@ def scale_images(images):
 def compute_losses(state: GanState, images, digits, noise, fake_digits, global_batch_size: int, conditional: bool,
                    training: bool = True, classifier_weight: float = 0.0, loss: str = "bce",
                    twin_classifier: float = 0.0, mode_seeking: float = 0.0, classifier_confidence: float = 0.0,
-                   generator_top_k: float = 1.0, total_steps: int = 1, consistency: float = 0.0, shifts=None):
+                   generator_top_k: float = 1.0, total_steps: int = 1, consistency: float = 0.0, shifts=None,
+                   centring: float = 0.0):
     """(generator_loss, discriminator_loss) of one forward pass, each divided by the GLOBAL batch size.
 
     Summing the replicas' values (and the optimizer summing their gradients) gives the
@@ -277,7 +279,7 @@ def compute_losses(state: GanState, images, digits, noise, fake_digits, global_b
     `generator_top_k` < 1, G's adversarial loss counts only the fakes D rates most real, a share falling
     from all of them to `generator_top_k` over `total_steps` (`losses.strongest_fakes`). With `consistency` > 0,
     D's loss adds that weight of bCR's term on the real and the fake images moved by `shifts` int32 [2, b, 2]
-    (`consistency_term`).
+    (`consistency_term`). With `centring` > 0, G's loss adds that weight of `losses.centring_penalty`.
     """
     generator_loss, discriminator_loss = losses.adversarial_losses(loss)
     fakes = state.generator(models.generator_inputs(noise, fake_digits, conditional), training=training)
@@ -295,6 +297,8 @@ def compute_losses(state: GanState, images, digits, noise, fake_digits, global_b
     adversarial_discriminator = discriminator_loss(real_logits, fake_logits, global_batch_size)
     if mode_seeking:
         adversarial_generator += mode_seeking * losses.mode_seeking_loss(fakes, noise, global_batch_size)
+    if centring:
+        adversarial_generator += centring * losses.centring_penalty(fakes, global_batch_size)
     if consistency:
         adversarial_discriminator += consistency * consistency_term(
             state, images, digits, real_logits, fakes, fake_digits, fake_logits, shifts, global_batch_size,
@@ -359,7 +363,7 @@ def make_train_function(strategy: tf.distribute.Strategy, state: GanState, confi
         classifier_weight=config.classifier_weight, loss=config.loss, twin_classifier=config.twin_classifier,
         mode_seeking=config.mode_seeking, classifier_confidence=config.classifier_confidence,
         generator_top_k=config.generator_top_k,
-        total_steps=planned_steps(config), consistency=config.consistency,
+        total_steps=planned_steps(config), consistency=config.consistency, centring=config.centring,
         # Lazy R1 (StyleGAN2): (γ/2)·E|∇D|², every r1_interval steps, so γ is scaled by the interval.
         r1_weight=config.r1_gamma / 2.0 * config.r1_interval)
     if config.xla:

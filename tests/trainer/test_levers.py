@@ -29,7 +29,7 @@ GLOBAL_BATCH = 16
 ALL_LEVERS = dict(loss="relativistic", spectral_norm=True, r1_gamma=1.0, r1_interval=2, minibatch_std=True,
                   generator_average_rampup=0.05, twin_classifier=1.0, mode_seeking=1.0, classifier_confidence=0.9,
                   generator_average_interval=2, image_activation="tanh", generator_top_k=0.5,
-                  consistency=1.0, consistency_shift=1)
+                  consistency=1.0, consistency_shift=1, centring=1.0)
 
 
 def test_config_names_every_loss_the_step_knows():
@@ -40,7 +40,8 @@ def test_levers_are_off_by_default_but_a_little_mode_seeking():
     config = TrainConfig()
     assert (config.loss, config.spectral_norm, config.r1_gamma, config.minibatch_std,
             config.generator_average_rampup, config.twin_classifier, config.classifier_confidence,
-            config.generator_top_k, config.consistency) == ("bce", False, 0.0, False, 0.0, 0.0, 0.0, 1.0, 0.0)
+            config.generator_top_k, config.consistency, config.centring) == (
+        "bce", False, 0.0, False, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0)
     assert (config.mode_seeking, config.generator_average_interval) == (0.1, 4)  # the default recipe's
 
 
@@ -55,6 +56,7 @@ def test_levers_are_off_by_default_but_a_little_mode_seeking():
     ("generator_average_interval", 0, "generator_average_interval must be at least 1, got 0"),
     ("generator_top_k", 0.0, "generator_top_k must be in (0, 1], got 0.0"),
     ("generator_top_k", 1.5, "generator_top_k must be in (0, 1], got 1.5"),
+    ("centring", -0.1, "centring must be 0 or more, got -0.1"),
     ("consistency", -1.0, "consistency must be 0 or more, got -1.0"),
     ("consistency_shift", 0, "consistency_shift must be from 1 to 8, got 0"),
     ("image_activation", "sigmoid", "image_activation must be one of tanh, hard_tanh, got 'sigmoid'"),
@@ -220,6 +222,36 @@ def test_consistency_adds_bcr_to_ds_loss_only(mnist_data_dir):
     assert expected > 0
     np.testing.assert_allclose(float(regularised[1]), float(plain[1]) + 3.0 * expected, rtol=1e-5)
     np.testing.assert_allclose(float(regularised[0]), float(plain[0]), rtol=1e-6)  # G's loss is untouched
+
+
+def test_centring_penalty_is_the_squared_distance_of_each_centre_of_mass_from_mnists():
+    images = np.full((3, 28, 28, 1), -1.0, np.float32)
+    images[0, 14, 14] = 1.0  # on the centre
+    images[1, 10, 17] = 1.0  # 4 rows up, 3 columns right: 25 px²
+    images[2, 14, 12:17:4] = 1.0  # two dots either side of the centre: their mean is on it
+    penalty = float(losses.centring_penalty(tf.constant(images), 4))
+    np.testing.assert_allclose(penalty, 25.0 / 4, rtol=1e-3)  # the blank background weighs nothing
+
+
+def test_centring_adds_its_weighted_term_to_gs_loss_only(mnist_data_dir):
+    config = TrainConfig(batch_size=4, precision="float32")
+    state, images, digits, noise, fake_digits = _state_and_batch(config, mnist_data_dir)
+    kwargs = dict(training=False, classifier_weight=config.classifier_weight)
+    plain = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True, **kwargs)
+    centred = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True, centring=0.5, **kwargs)
+    fakes = state.generator([noise, fake_digits], training=False)
+    term = float(losses.centring_penalty(fakes, 4))
+    assert term > 0
+    np.testing.assert_allclose(float(centred[0]), float(plain[0]) + 0.5 * term, rtol=1e-5)
+    np.testing.assert_allclose(float(centred[1]), float(plain[1]), rtol=1e-6)
+
+
+def test_real_mnist_digits_sit_on_the_centre_the_penalty_pulls_towards(mnist_data_dir):
+    from mnist_data import acquire
+
+    real = acquire.load_mnist(mnist_data_dir).test_images[:500].astype(np.float32) / 127.5 - 1.0
+    mean_squared_distance = float(losses.centring_penalty(tf.constant(real), 500))
+    assert mean_squared_distance < 0.25  # whole-pixel placement leaves under half a pixel either way
 
 
 def test_classifier_confidence_counts_each_fake_only_below_that_probability():
