@@ -144,16 +144,22 @@ def test_paired_fake_digits_repeat_the_first_half(batch):
     assert (unpaired[:32] != unpaired[32:]).any()
 
 
-def test_mode_seeking_adds_its_weighted_term_to_gs_loss_only(mnist_data_dir):
+# G's weighted terms: each lever's field, and its term from the fakes and their noise (global batch 4).
+G_TERMS = {"mode_seeking": lambda fakes, noise: losses.mode_seeking_loss(fakes, noise, 4),
+           "centring": lambda fakes, noise: losses.centring_penalty(fakes, 4)}
+
+
+@pytest.mark.parametrize("lever", G_TERMS)
+def test_a_weighted_term_of_g_adds_weight_times_term_to_gs_loss_only(mnist_data_dir, lever):
     config = TrainConfig(batch_size=4, precision="float32")
     state, images, digits, noise, fake_digits = _state_and_batch(config, mnist_data_dir)
     kwargs = dict(training=False, classifier_weight=config.classifier_weight)
     plain = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True, **kwargs)
-    seeking = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True, mode_seeking=2.0, **kwargs)
-    fakes = state.generator([noise, fake_digits], training=False)
-    term = float(losses.mode_seeking_loss(fakes, noise, 4))
-    np.testing.assert_allclose(float(seeking[0]), float(plain[0]) + 2.0 * term, rtol=1e-5)
-    np.testing.assert_allclose(float(seeking[1]), float(plain[1]), rtol=1e-6)
+    weighted = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True, **{lever: 2.0}, **kwargs)
+    term = float(G_TERMS[lever](state.generator([noise, fake_digits], training=False), noise))
+    assert term > 0
+    np.testing.assert_allclose(float(weighted[0]), float(plain[0]) + 2.0 * term, rtol=1e-5)
+    np.testing.assert_allclose(float(weighted[1]), float(plain[1]), rtol=1e-6)
 
 
 def test_top_k_share_falls_linearly_from_all_fakes_to_the_final_share_and_holds():
@@ -231,19 +237,6 @@ def test_centring_penalty_is_the_squared_distance_of_each_centre_of_mass_from_mn
     images[2, 14, 12:17:4] = 1.0  # two dots either side of the centre: their mean is on it
     penalty = float(losses.centring_penalty(tf.constant(images), 4))
     np.testing.assert_allclose(penalty, 25.0 / 4, rtol=1e-3)  # the blank background weighs nothing
-
-
-def test_centring_adds_its_weighted_term_to_gs_loss_only(mnist_data_dir):
-    config = TrainConfig(batch_size=4, precision="float32")
-    state, images, digits, noise, fake_digits = _state_and_batch(config, mnist_data_dir)
-    kwargs = dict(training=False, classifier_weight=config.classifier_weight)
-    plain = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True, **kwargs)
-    centred = step_lib.compute_losses(state, images, digits, noise, fake_digits, 4, True, centring=0.5, **kwargs)
-    fakes = state.generator([noise, fake_digits], training=False)
-    term = float(losses.centring_penalty(fakes, 4))
-    assert term > 0
-    np.testing.assert_allclose(float(centred[0]), float(plain[0]) + 0.5 * term, rtol=1e-5)
-    np.testing.assert_allclose(float(centred[1]), float(plain[1]), rtol=1e-6)
 
 
 def test_real_mnist_digits_sit_on_the_centre_the_penalty_pulls_towards(mnist_data_dir):
