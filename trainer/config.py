@@ -222,6 +222,8 @@ class TrainConfig:
         values.setdefault("image_activation", "tanh")  # and those from before this field, tanh
         values.setdefault("mode_seeking", 0.0)  # and those from before these two, no mode seeking
         values.setdefault("generator_average_interval", 1)  # and an average updated on every step
+        for field, before in (("generator_top_k", 1.0), ("consistency", 0.0), ("centring", 0.0)):
+            values.setdefault(field, before)  # and these levers, off, whatever later defaults become
         known = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
 

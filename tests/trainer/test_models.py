@@ -102,6 +102,16 @@ def test_a_config_json_from_before_mode_seeking_reads_as_none_and_an_average_on_
     assert (old.mode_seeking, old.generator_average_interval) == (0.0, 1)
 
 
+def test_a_config_json_from_before_top_k_consistency_and_centring_reads_them_as_off(tmp_path):
+    path = config_lib.TrainConfig(run_dir=str(tmp_path), generator_top_k=0.5, consistency=2.0, centring=0.3).save()
+    values = json.loads(path.read_text())
+    assert (values["generator_top_k"], values["consistency"], values["centring"]) == (0.5, 2.0, 0.3)
+    del values["generator_top_k"], values["consistency"], values["centring"]  # as written before they existed
+    path.write_text(json.dumps(values))
+    old = config_lib.TrainConfig.load(str(tmp_path))
+    assert (old.generator_top_k, old.consistency, old.centring) == (1.0, 0.0, 0.0)
+
+
 def test_the_pixel_layers_take_their_own_kernel_size():
     generator = models.build_generator(16, conditional=True, architecture="tutorial_cbn_3x3_5x5_pixels")
     discriminator = models.build_discriminator(architecture="tutorial_cbn_3x3_5x5_pixels", classifier_head=True)
