@@ -26,8 +26,7 @@ RECIPES: dict[str, dict] = {
         architecture="tutorial_cbn", generator_average_decay=0.999, max_steps=None, seed=0, loss="bce",
         spectral_norm=False, r1_gamma=0.0, r1_interval=16, minibatch_std=False, generator_average_rampup=0.0,
         twin_classifier=0.0, classifier_confidence=0.0, image_activation="tanh", mode_seeking=0.0,
-        generator_average_interval=1, generator_top_k=1.0, consistency=0.0, consistency_shift=2,
-        centring=0.0),
+        generator_average_interval=1, generator_top_k=1.0, consistency=0.0, consistency_shift=2, centring=0.0),
     # The default before G's image activation became hard_tanh: the same recipe with tanh. Every
     # recipe field is spelled out, so a new default cannot shift it.
     "tanh_default": dict(
@@ -37,8 +36,7 @@ RECIPES: dict[str, dict] = {
         discriminator_dropout=0.0, architecture="tutorial_cbn_3x3", image_activation="tanh", loss="bce",
         spectral_norm=False, r1_gamma=0.0, r1_interval=16, minibatch_std=False, max_steps=None, seed=0,
         generator_average_decay=0.999, generator_average_rampup=0.0, mode_seeking=0.0, generator_average_interval=1,
-        generator_top_k=1.0, consistency=0.0, consistency_shift=2,
-        centring=0.0),
+        generator_top_k=1.0, consistency=0.0, consistency_shift=2, centring=0.0),
     # TensorFlow's DCGAN tutorial: unconditional, batch 256, Adam(1e-4) with beta_1 0.9, 50 epochs,
     # float32, no schedule and no moving average.
     "tutorial": dict(

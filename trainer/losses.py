@@ -133,15 +133,18 @@ def translate(images, shifts):
     """Each image moved by whole pixels, the uncovered border filled with the background (-1).
 
     images float [b, 28, 28, 1] in [-1, 1]; shifts int32 [b, 2], (dx, dy) per image (right, down).
-    Returns float32 [b, 28, 28, 1]; no gradient flows back to the images.
+    Returns float32 [b, 28, 28, 1]; no gradient flows back to the images. Gathers, so XLA compiles it.
     """
-    shifts = tf.cast(shifts, tf.float32)
-    ones, zeros = tf.ones_like(shifts[:, 0]), tf.zeros_like(shifts[:, 0])
-    # Each output pixel (x, y) reads the input pixel (x - dx, y - dy).
-    transforms = tf.stack([ones, zeros, -shifts[:, 0], zeros, ones, -shifts[:, 1], zeros, zeros], axis=1)
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=tf.stop_gradient(tf.cast(images, tf.float32)), transforms=transforms,
-        output_shape=tf.shape(images)[1:3], fill_value=-1.0, interpolation="NEAREST", fill_mode="CONSTANT")
+    images = tf.stop_gradient(tf.cast(images, tf.float32))
+    size = tf.shape(images)[1]
+    positions = tf.range(size)[None, :]
+    # Output row y reads input row y - dy, column x reads x - dx; outside the image is background.
+    source_rows, source_columns = positions - shifts[:, 1:2], positions - shifts[:, 0:1]
+    moved = tf.gather(images, tf.clip_by_value(source_rows, 0, size - 1), axis=1, batch_dims=1)
+    moved = tf.gather(moved, tf.clip_by_value(source_columns, 0, size - 1), axis=2, batch_dims=1)
+    inside = ((source_rows >= 0) & (source_rows < size))[:, :, None] & \
+        ((source_columns >= 0) & (source_columns < size))[:, None, :]
+    return tf.where(inside[..., None], moved, -1.0)
 
 
 def consistency_penalty(logits, moved_logits, global_batch_size: int):

@@ -204,6 +204,8 @@ def test_translate_moves_each_image_by_whole_pixels_onto_background():
     moved = losses.translate(tf.constant(images), tf.constant([[2, -1], [-1, 0]])).numpy()[..., 0]
     assert [tuple(index) for index in np.argwhere(moved[0] > -1)] == [(9, 14)]  # 2 right, 1 up
     assert moved[1, 5, 4] == 0.25 and moved[1, 0, 0] == -1.0  # 1 left: the corner pixel left the image
+    compiled = tf.function(losses.translate, jit_compile=True)  # `xla=true` runs it inside XLA
+    np.testing.assert_array_equal(compiled(tf.constant(images), tf.constant([[2, -1], [-1, 0]])).numpy()[..., 0], moved)
 
 
 def test_consistency_penalty_is_the_mean_squared_change_of_the_logit_over_the_global_batch():
