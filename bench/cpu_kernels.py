@@ -53,13 +53,13 @@ def measure(arguments) -> dict:
     import statistics
     import time
 
+    import keras
     import tensorflow as tf
 
     from bench import train_throughput  # the default step, built and timed as that bench does
     from configs import recipes
     from mnist_data import acquire
     from quality import judge as judge_lib
-    from trainer import strategy as strategy_lib
 
     mnist = acquire.load_mnist(arguments.data_dir)
     config = recipes.build("default", data_dir=arguments.data_dir)
@@ -83,7 +83,7 @@ def measure(arguments) -> dict:
             generate(noise=noise)
             calls.append(time.perf_counter() - started)
         figures[f"generate {batch} (ms)"] = statistics.median(calls) * 1000
-    precision = strategy_lib.resolve_precision(config.precision, tf.distribute.get_strategy())
+    precision = keras.mixed_precision.global_policy().name  # what building the state resolved "auto" to
     return {"onednn": cpu_kernels.in_use() == cpu_kernels.ONEDNN, "precision": precision, "figures": figures}
 
 

@@ -248,10 +248,15 @@ def r1_penalty(state: GanState, images, digits, global_batch_size: int, conditio
     """
     with tf.GradientTape() as input_tape:
         input_tape.watch(images)
-        outputs = state.discriminator(models.discriminator_inputs(images, digits, conditional), training=False)
-        logits = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+        logits = discriminator_logit(state, images, digits, conditional, training=False)
         total = tf.reduce_sum(tf.cast(logits, tf.float32))
     return losses.r1_penalty(input_tape.gradient(total, images), global_batch_size)
+
+
+def discriminator_logit(state: GanState, images, digits, conditional: bool, training: bool):
+    """D's adversarial logit [b, 1] on `images`, whether or not D also has digit heads."""
+    outputs = state.discriminator(models.discriminator_inputs(images, digits, conditional), training=training)
+    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
 
 
 def scale_images(images):
@@ -326,9 +331,8 @@ def consistency_term(state: GanState, images, digits, real_logits, fakes, fake_d
     total = 0.0
     for batch, batch_digits, logits, batch_shifts in ((images, digits, real_logits, shifts[0]),
                                                      (fakes, fake_digits, fake_logits, shifts[1])):
-        moved = state.discriminator(models.discriminator_inputs(losses.translate(batch, batch_shifts), batch_digits,
-                                                                conditional), training=training)
-        moved_logits = moved[0] if isinstance(moved, (list, tuple)) else moved
+        moved_logits = discriminator_logit(state, losses.translate(batch, batch_shifts), batch_digits, conditional,
+                                           training)
         total += losses.consistency_penalty(logits, moved_logits, global_batch_size)
     return total
 
