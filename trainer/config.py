@@ -98,10 +98,11 @@ class TrainConfig:
     forward and backward pass over both batches, moved."""
     consistency_shift: int = 2
     """With `consistency` > 0: the largest move, in whole pixels, right or left and up or down."""
-    centring: float = 0.0
+    centring: float = 0.1
     """Weight of a penalty in G's loss: each fake's squared distance, in pixels, from its centre of mass to the
     pixel where MNIST centred every digit's (`losses.MNIST_CENTRE`); 0 = none. G's digits otherwise wander
-    around that point, which real ones never do (docs/experiments.md)."""
+    around that point, which real ones never do, and the judges read the wandering as unreal
+    (docs/experiments.md)."""
     max_steps: int | None = None
     """Stop after this many steps in total (smoke runs); None trains all epochs."""
     seed: int = 0

@@ -1,7 +1,8 @@
 """The training levers of issue 22: hinge and relativistic losses, spectral normalisation in D, lazy
 R1, minibatch standard deviation, the moving average's ramp-up and interval, the twin auxiliary
-classifier, the mode-seeking term and the classifier's confidence cap, each off by default except a
-little mode seeking and the interval; and G's image activation, tanh (the former default) or
+classifier, the mode-seeking term, the classifier's confidence cap, top-k training, consistency
+regularisation and centring, each off by default except a little mode seeking, the interval and a
+little centring; and G's image activation, tanh (the former default) or
 hard_tanh (the default).
 
 Each is checked for its arithmetic, its config validation, and on 2 logical CPU replicas for
@@ -36,13 +37,14 @@ def test_config_names_every_loss_the_step_knows():
     assert set(config_lib.LOSSES) == set(losses.ADVERSARIAL_LOSSES)
 
 
-def test_levers_are_off_by_default_but_a_little_mode_seeking():
+def test_levers_are_off_by_default_but_a_little_mode_seeking_and_centring():
     config = TrainConfig()
     assert (config.loss, config.spectral_norm, config.r1_gamma, config.minibatch_std,
             config.generator_average_rampup, config.twin_classifier, config.classifier_confidence,
-            config.generator_top_k, config.consistency, config.centring) == (
-        "bce", False, 0.0, False, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0)
-    assert (config.mode_seeking, config.generator_average_interval) == (0.1, 4)  # the default recipe's
+            config.generator_top_k, config.consistency) == (
+        "bce", False, 0.0, False, 0.0, 0.0, 0.0, 1.0, 0.0)
+    # the default recipe's
+    assert (config.mode_seeking, config.generator_average_interval, config.centring) == (0.1, 4, 0.1)
 
 
 @pytest.mark.parametrize("field, value, message", [
