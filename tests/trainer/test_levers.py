@@ -2,8 +2,7 @@
 R1, minibatch standard deviation, the moving average's ramp-up and interval, the twin auxiliary
 classifier, the mode-seeking term, the classifier's confidence cap, top-k training, consistency
 regularisation and centring, each off by default except a little mode seeking, the interval and a
-little centring; and G's image activation, tanh (the former default) or
-hard_tanh (the default).
+little centring; and G's image activation, tanh (the former default) or hard_tanh (the default).
 
 Each is checked for its arithmetic, its config validation, and on 2 logical CPU replicas for
 training with replicas kept identical and for resuming exactly.
@@ -43,7 +42,7 @@ def test_levers_are_off_by_default_but_a_little_mode_seeking_and_centring():
             config.generator_average_rampup, config.twin_classifier, config.classifier_confidence,
             config.generator_top_k, config.consistency) == (
         "bce", False, 0.0, False, 0.0, 0.0, 0.0, 1.0, 0.0)
-    # the default recipe's
+    # the default recipe's small weights and its lazier average
     assert (config.mode_seeking, config.generator_average_interval, config.centring) == (0.1, 4, 0.1)
 
 
