@@ -20,6 +20,19 @@ RUN_FIELDS = ("run_dir", "data_dir", "resume", "precision", "gpus", "cpu_replica
               "checkpoint_every_steps", "keep_checkpoints", "evaluate_every_epoch")
 
 
+# The value every run had before each of these fields existed, whatever its default became since:
+# a config recorded without the field reads it as this.
+VALUES_BEFORE_FIELDS = {
+    "discriminator_dropout": 0.3,  # the tutorial's
+    "image_activation": "tanh",
+    "mode_seeking": 0.0,
+    "generator_average_interval": 1,  # an average updated on every step
+    "generator_top_k": 1.0,
+    "consistency": 0.0,
+    "centring": 0.0,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A training run. Field defaults are the project's default recipe (see docs/experiments.md)."""
@@ -218,13 +231,7 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> "TrainConfig":
         """A TrainConfig from a recorded one (config.json, a bundle's metadata); fields recorded before
         they existed take the value every run had then, and unknown keys are ignored."""
-        values = dict(values)
-        values.setdefault("discriminator_dropout", 0.3)  # runs from before the field all had the tutorial's 0.3
-        values.setdefault("image_activation", "tanh")  # and those from before this field, tanh
-        values.setdefault("mode_seeking", 0.0)  # and those from before these two, no mode seeking
-        values.setdefault("generator_average_interval", 1)  # and an average updated on every step
-        for field, before in (("generator_top_k", 1.0), ("consistency", 0.0), ("centring", 0.0)):
-            values.setdefault(field, before)  # and these levers, off, whatever later defaults become
+        values = {**VALUES_BEFORE_FIELDS, **values}
         known = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
 
