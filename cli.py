@@ -292,11 +292,15 @@ def evaluate(
     judge_dirs: list[str] = typer.Option([], "--judge", help=JUDGE_HELP),
     sheet: str = typer.Option("least_real.png", help="Write the 64 judged images that look least real (lowest realism "
                                                      "score under the worse judge) here, with their digit and seed; '' for none."),
+    missed_sheet: str = typer.Option("missed_real.png", help="Write the 64 real test digits farthest from every "
+                                     "generated image (the styles recall misses, under the worse judge) here, with "
+                                     "their digit and test-split index; '' for none."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts: judge by judge, the calibration row "
                                                        "then the model's."),
 ) -> None:
     """Measure quality under both shipped MNIST judges: MNIST score, Fréchet ratio (all digits and per digit),
-    precision and recall, conditional accuracy, coverage; and write the sheet of least real-looking digits."""
+    precision and recall (all digits and the worst digit), conditional accuracy, coverage; and write two
+    sheets: the least real-looking digits and the real styles drawn least."""
     from quality import judge, sources
     from client import grpc_client
 
@@ -304,7 +308,8 @@ def evaluate(
         if (server is None) == (run_dir is None and checkpoint is None):
             raise ValueError("give exactly one of --run-dir/--checkpoint (a training run) or --server (a served model)")
         config = sources.EvaluateConfig(per_digit=per_digit, default_samples=default_samples, seed=seed, data_dir=data_dir,
-                                        judge_dirs=tuple(judge_dirs), sheet=sheet or None)
+                                        judge_dirs=tuple(judge_dirs), sheet=sheet or None,
+                                        missed_sheet=missed_sheet or None)
         report = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
         if server is not None:
             evaluation = sources.evaluate_server(server, model_name, version, config, report=report)
@@ -318,6 +323,9 @@ def evaluate(
     if evaluation.sheet:
         report(f"The {len(evaluation.sheet.labels)} least real-looking images, with their digit and seed: "
                f"{evaluation.sheet.path}")
+    if evaluation.missed_sheet:
+        report(f"The {len(evaluation.missed_sheet.labels)} real test digits farthest from every generated one, "
+               f"with their digit and index: {evaluation.missed_sheet.path}")
 
 
 def parse_digits(text: Optional[str]) -> Optional[list[int]]:

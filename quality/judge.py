@@ -500,15 +500,19 @@ def load_reference(path: str | Path) -> Reference:
 
 
 def _mean_report(reports: list["QualityReport"]) -> "QualityReport":
-    """The real draws' rows as one: the mean of each Fréchet figure, of precision and of recall."""
+    """The real draws' rows as one: the mean of each Fréchet figure, of precision and of recall (all digits and per digit)."""
     def average(name: str) -> float:
         return float(np.mean([getattr(report, name) for report in reports]))
 
-    per_digit = np.mean([report.per_digit_frechet_ratio for report in reports], axis=0)
+    def average_per_digit(name: str) -> list[float]:
+        return [float(value) for value in np.mean([getattr(report, name) for report in reports], axis=0)]
+
     return dataclasses.replace(
         reports[0], frechet_distance=average("frechet_distance"), frechet_ratio=average("frechet_ratio"),
         precision=average("precision"), recall=average("recall"),
-        per_digit_frechet_ratio=[float(ratio) for ratio in per_digit])
+        per_digit_frechet_ratio=average_per_digit("per_digit_frechet_ratio"),
+        per_digit_precision=average_per_digit("per_digit_precision"),
+        per_digit_recall=average_per_digit("per_digit_recall"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -528,6 +532,8 @@ class QualityReport:
     precision: float | None = None  # k = NEAREST_NEIGHBOURS, against the real test split
     recall: float | None = None
     per_digit_frechet_ratio: list[float] | None = None  # digit d generated vs real test d, over real train d vs test d
+    per_digit_precision: list[float] | None = None  # precision of the images asked to be digit d
+    per_digit_recall: list[float] | None = None  # the share of real test digits d that some generated ball covers
 
     @property
     def mean_digit_frechet_ratio(self) -> float | None:
@@ -547,10 +553,23 @@ class QualityReport:
         known = _known(self.per_digit_accuracy)
         return None if not known else min(known, key=known.get)
 
+    @property
+    def worst_precision_digit(self) -> int | None:
+        """The digit whose images lie off the real digits' manifold most often."""
+        known = _known(self.per_digit_precision)
+        return None if not known else min(known, key=known.get)
+
+    @property
+    def worst_recall_digit(self) -> int | None:
+        """The digit whose real styles the generator misses most often."""
+        known = _known(self.per_digit_recall)
+        return None if not known else min(known, key=known.get)
+
     def to_dict(self) -> dict:
         """The fields, and the figures derived from them (mean and worst digit), for JSON readers."""
         derived = {"mean_digit_frechet_ratio": self.mean_digit_frechet_ratio,
-                   "worst_frechet_digit": self.worst_frechet_digit, "worst_accuracy_digit": self.worst_accuracy_digit}
+                   "worst_frechet_digit": self.worst_frechet_digit, "worst_accuracy_digit": self.worst_accuracy_digit,
+                   "worst_precision_digit": self.worst_precision_digit, "worst_recall_digit": self.worst_recall_digit}
         return dict(dataclasses.asdict(self), **derived)
 
     @classmethod
@@ -567,10 +586,12 @@ def _known(per_digit: list[float] | None) -> dict[int, float]:
 
 @dataclasses.dataclass(frozen=True)
 class Judged:
-    """A report, and the realism score of each judged image."""
+    """A report, the realism score of each judged image, and the miss of each real test image
+    (`measures.Manifolds.miss`: above 1, no generated image is near it)."""
 
     report: QualityReport
     realism: np.ndarray
+    miss: np.ndarray
 
 
 def judge_images(judge: Judge, reference_data: Reference, source: str, conditional_images: np.ndarray | None,
@@ -610,12 +631,20 @@ def _judge_features(name: str, reference_data: Reference, source: str, features:
     manifolds = measures.compare_manifolds(reference_data.test_features, features, NEAREST_NEIGHBOURS,
                                            real_radii=reference_data.test_radii)
     score = mnist_score(probabilities) if probabilities is not None else float("nan")
+    per_digit_precision = None if requested is None else per_digit_means(manifolds.inside_real, requested)
     report = QualityReport(
         source=source, samples=len(features), mnist_score=score, frechet_distance=distance,
         frechet_ratio=distance / reference_data.real_vs_real_frechet, conditional_accuracy=accuracy,
         per_digit_accuracy=per_digit_accuracy, judge=name, precision=manifolds.precision, recall=manifolds.recall,
-        per_digit_frechet_ratio=per_digit_ratio)
-    return Judged(report, manifolds.realism)
+        per_digit_frechet_ratio=per_digit_ratio, per_digit_precision=per_digit_precision,
+        per_digit_recall=per_digit_means(manifolds.covered, reference_data.test_labels))
+    return Judged(report, manifolds.realism, manifolds.miss)
+
+
+def per_digit_means(values: np.ndarray, digits: np.ndarray) -> list[float]:
+    """For each digit d, the mean of `values` [N] over the rows whose digit is d (NaN where there are none)."""
+    return [float(np.mean(values[digits == digit])) if np.any(digits == digit) else float("nan")
+            for digit in range(NUM_CLASSES)]
 
 
 def per_digit_frechet_ratios(features: np.ndarray, requested: np.ndarray, reference_data: Reference) -> list[float]:
@@ -636,11 +665,12 @@ def format_reports(reports: list[QualityReport]) -> str:
     """Fixed-width tables, one per judge (in the order the reports name them), one row per report (the
     calibration rows included by the caller); the source column is as wide as the longest source,
     so no name is cut. Columns: samples, MNIST score, Fréchet ratio, per-digit Fréchet ratio (mean
-    over the digits, then the worst with its digit), precision, recall, conditional accuracy (all
-    digits, then the worst with its digit), coverage (the least and most frequent digit's share)."""
+    over the digits, then the worst with its digit), precision and recall (each over all digits, then
+    the worst digit's with its digit), conditional accuracy (all digits, then the worst with its
+    digit), coverage (the least and most frequent digit's share)."""
     width = max([30] + [len(report.source) for report in reports])
     header = (f"{'source':<{width}} {'samples':>7} {'MNIST':>5} {'ratio':>6} {'digits':>6} {'worst':>8} {'prec.':>5} "
-              f"{'rec.':>5} {'acc.':>7} {'worst':>10} {'coverage':>10}")
+              f"{'worst':>8} {'rec.':>5} {'worst':>8} {'acc.':>7} {'worst':>10} {'coverage':>10}")
     judges = list(dict.fromkeys(report.judge for report in reports))
     tables = []
     for name in judges:
@@ -662,9 +692,15 @@ def _format_row(report: QualityReport, width: int) -> str:
     worst_digit = ("-" if report.worst_frechet_digit is None else
                    f"{report.per_digit_frechet_ratio[report.worst_frechet_digit]:.2f} ({report.worst_frechet_digit})")
     spread = "-" if not report.coverage else f"{min(report.coverage):.1%}-{max(report.coverage):.1%}"
+    worst_precision = _worst_share(report.per_digit_precision, report.worst_precision_digit)
+    worst_recall = _worst_share(report.per_digit_recall, report.worst_recall_digit)
     return (f"{report.source:<{width}} {report.samples:>7} {report.mnist_score:>5.3f} {report.frechet_ratio:>6.2f} "
-            f"{mean_digit:>6} {worst_digit:>8} {share(report.precision):>5} {share(report.recall):>5} {accuracy:>7} "
-            f"{worst_accuracy:>10} {spread:>10}")
+            f"{mean_digit:>6} {worst_digit:>8} {share(report.precision):>5} {worst_precision:>8} "
+            f"{share(report.recall):>5} {worst_recall:>8} {accuracy:>7} {worst_accuracy:>10} {spread:>10}")
+
+
+def _worst_share(per_digit: list[float] | None, digit: int | None) -> str:
+    return "-" if digit is None else f"{per_digit[digit]:.3f}({digit})"
 
 
 def reports_json(reports: list[QualityReport]) -> str:

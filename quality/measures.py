@@ -6,6 +6,9 @@ judge's penultimate features.
   reaches its k-th nearest neighbour in the same set. Precision is the share of generated samples
   inside at least one real ball (catches blobs off the real digits' manifold); recall is the share
   of real samples inside at least one generated ball (catches styles never drawn).
+- The miss of a real sample: min over generated samples g of ||f_real - f_g|| / r_g, its distance to
+  the nearest generated ball in units of that ball's radius. At most 1 the sample is covered (what
+  recall counts); the highest misses are the real styles the generator draws least.
 - The realism score of a generated sample (the same paper): max over real samples j of
   r_j / ||f_g - f_j||, over the real balls no larger than the median (the largest half, outliers'
   balls, is left out, as the paper does). Under 1 the sample is outside every such ball; the lowest
@@ -52,16 +55,19 @@ def nearest_neighbour_radii(features: np.ndarray, k: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Manifolds:
-    """Precision and recall of a generated set against a real one, and each generated sample's realism."""
+    """Precision and recall of a generated set against a real one, and per sample what they count."""
 
     precision: float
     recall: float
-    realism: np.ndarray  # [N generated]
+    realism: np.ndarray  # [M generated] float64
+    inside_real: np.ndarray  # [M generated] bool: inside some real ball (what precision counts)
+    covered: np.ndarray  # [N real] bool: inside some generated ball (what recall counts)
+    miss: np.ndarray  # [N real] float64: distance to the nearest generated ball, in its radii (covered: <= 1)
 
 
 def compare_manifolds(real: np.ndarray, generated: np.ndarray, k: int,
                       real_radii: np.ndarray | None = None) -> Manifolds:
-    """Precision, recall and realism of `generated` [M, D] against `real` [N, D] with k-NN balls.
+    """Precision, recall, realism and misses of `generated` [M, D] against `real` [N, D] with k-NN balls.
 
     `real_radii` (from `nearest_neighbour_radii(real, k)`) may be passed when the real set is reused.
     """
@@ -75,14 +81,18 @@ def compare_manifolds(real: np.ndarray, generated: np.ndarray, k: int,
     real_norms = (real * real).sum(axis=1)
     inside_real = np.zeros(len(generated), bool)
     covered = np.zeros(len(real), bool)
+    squared_miss = np.full(len(real), np.inf, np.float32)
     squared_realism = np.empty(len(generated), np.float32)
     for start in range(0, len(generated), CHUNK):
         squared = _squared_distances(generated[start:start + CHUNK], real, real_norms)
         inside_real[start:start + CHUNK] = (squared <= squared_real_radii[None, :]).any(axis=1)
-        covered |= (squared <= squared_generated_radii[start:start + CHUNK, None]).any(axis=0)
+        radii = squared_generated_radii[start:start + CHUNK, None]
+        covered |= (squared <= radii).any(axis=0)
+        np.minimum(squared_miss, (squared / np.maximum(radii, 1e-12)).min(axis=0), out=squared_miss)
         squared += 1e-12
         squared_realism[start:start + CHUNK] = (realism_weights[None, :] / squared).max(axis=1)
-    return Manifolds(float(inside_real.mean()), float(covered.mean()), np.sqrt(squared_realism.astype(np.float64)))
+    return Manifolds(float(inside_real.mean()), float(covered.mean()), np.sqrt(squared_realism.astype(np.float64)),
+                     inside_real, covered, np.sqrt(squared_miss.astype(np.float64)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,9 @@ seed + 1, ...; every model gives `default_samples` images through
 
 Every evaluation is made under each judge (both shipped judges unless others are named) and gives,
 per judge, the calibration row and the model's row; gates take the worse judge's figure
-(`worst_figures`). `evaluate` can also write the least real-looking images as one sheet (`--sheet`).
+(`worst_figures`). `evaluate` can also write two sheets to look at: the least real-looking generated
+images (`--sheet`, what precision counts against) and the real test digits farthest from anything
+generated (`--missed-sheet`, the styles recall counts as missing).
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ class EvaluateConfig:
         judge_dirs: judges written by `python cli.py train-judge`, each a folder; empty = both judges
             shipped with the project.
         sheet: where to write the sheet of the SHEET_SIZE least real-looking images (None = no sheet).
+        missed_sheet: where to write the sheet of the SHEET_SIZE real test digits farthest from every
+            generated image (None = no sheet).
     """
 
     per_digit: int = 1000
@@ -57,6 +61,7 @@ class EvaluateConfig:
     data_dir: str | None = None
     judge_dirs: tuple[str, ...] = ()
     sheet: str | None = None
+    missed_sheet: str | None = None
 
     def __post_init__(self):
         if isinstance(self.judge_dirs, (str, bytes)):
@@ -178,6 +183,7 @@ class Evaluation:
     calibrations: tuple[judge_lib.QualityReport, ...]
     rows: tuple[judge_lib.QualityReport, ...]
     sheet: "Sheet | None" = None  # the sheet of least real-looking images, when one was written
+    missed_sheet: "Sheet | None" = None  # the sheet of real digits farthest from the generated ones, likewise
 
     @property
     def reports(self) -> list[judge_lib.QualityReport]:
@@ -225,7 +231,7 @@ def format_worst(rows: Sequence[judge_lib.QualityReport]) -> str:
 
 def evaluate(sampler: Sampler, source: str, config: EvaluateConfig,
              report: Callable[[str], None] = print, progress: bool = True) -> Evaluation:
-    """Judges `sampler` under every judge of `config`; writes the sheet when `config.sheet` names one."""
+    """Judges `sampler` under every judge of `config`; writes each sheet `config` names a file for."""
     from mnist_data import acquire
 
     judges = judge_lib.load_judges(config.judge_dirs)  # a missing or changed judge is refused before any work
@@ -238,8 +244,13 @@ def evaluate(sampler: Sampler, source: str, config: EvaluateConfig,
     if config.sheet:
         realism = np.min([one.realism for one in judged], axis=0)  # the worse judge's reading of each image
         sheet = write_least_real_sheet(config.sheet, samples, realism, [judge.name for judge in judges])
+    missed_sheet = None
+    if config.missed_sheet:
+        miss = np.max([one.miss for one in judged], axis=0)  # the worse judge's reading of each real digit
+        missed_sheet = write_missed_sheet(config.missed_sheet, mnist.test_images, mnist.test_labels, miss,
+                                          [judge.name for judge in judges])
     return Evaluation(tuple(reference.calibration for reference in references), tuple(one.report for one in judged),
-                      sheet)
+                      sheet, missed_sheet)
 
 
 def calibration_rows(config: EvaluateConfig, mnist) -> list[judge_lib.QualityReport]:
@@ -320,11 +331,12 @@ SHEET_COLUMNS = 8
 
 @dataclasses.dataclass(frozen=True)
 class Sheet:
-    """A written sheet: its path, and its cells' labels and realism scores, least real first."""
+    """A written sheet: its path, and its cells' labels and scores in the order shown (the realism score,
+    lowest first, on the least-real sheet; the miss, highest first, on the missed sheet)."""
 
     path: str
     labels: tuple[str, ...]
-    realism: tuple[float, ...]
+    scores: tuple[float, ...]
 
 
 def least_real(realism: np.ndarray, count: int = SHEET_SIZE) -> np.ndarray:
@@ -352,6 +364,29 @@ def write_least_real_sheet(path: str, samples: Samples, realism: np.ndarray, jud
     picture = image_grids.labelled_grid(images, labels, columns=SHEET_COLUMNS, caption=caption)
     files.write_bytes_atomic(path, image_grids.png_bytes(picture))
     return Sheet(str(path), tuple(labels), tuple(float(realism[index]) for index in chosen))
+
+
+def most_missed(miss: np.ndarray, count: int = SHEET_SIZE) -> np.ndarray:
+    """Indices of the `count` highest misses, highest first (ties in index order)."""
+    return np.argsort(-miss, kind="stable")[:count]
+
+
+def write_missed_sheet(path: str, test_images: np.ndarray, test_labels: np.ndarray, miss: np.ndarray,
+                       judge_names: Sequence[str], count: int = SHEET_SIZE) -> Sheet:
+    """Writes the `count` real test digits with the highest miss (`measures.Manifolds.miss`: farthest from
+    every generated image) as one PNG, highest first, each with its digit and test-split index under it.
+    test_images uint8 [N, 28, 28, 1]; test_labels [N]; miss [N]."""
+    from common import files, images as image_grids
+
+    chosen = most_missed(miss, count)
+    labels = [f"{test_labels[index]} #{index}" for index in chosen]
+    caption = (f"The {len(chosen)} of {len(miss)} real test digits farthest from every generated one (highest miss, "
+               f"worse of judges {' and '.join(judge_names)})\nstyles the model draws least; under each: digit, # + "
+               "index in the test split")
+    images = test_images[chosen].astype(np.float32) / 255.0
+    picture = image_grids.labelled_grid(images, labels, columns=SHEET_COLUMNS, caption=caption)
+    files.write_bytes_atomic(path, image_grids.png_bytes(picture))
+    return Sheet(str(path), tuple(labels), tuple(float(miss[index]) for index in chosen))
 
 
 def _draw_with_progress(sampler: Sampler, config: EvaluateConfig, test_labels: np.ndarray, progress: bool) -> Samples:

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import cli
 
 runner = CliRunner()
+TEST_DIGIT_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)  # MNIST's test split, digits 0-9
 
 TRAIN_FLAGS = ["--config", "--set", "--run-dir", "--data-dir", "--gpus", "--cpu-replicas", "--resume", "--no-resume",
                "--worker-hosts", "--task-index"]
@@ -196,12 +197,13 @@ def _pictures(address, mnist_data_dir, tmp_path):
 
 def _evaluate_served_model(address, mnist_data_dir, tmp_path):
     """`evaluate --server` judges what a gRPC client receives under both shipped judges, each judge's
-    calibration row first, and writes the sheet of least real-looking digits."""
+    calibration row first, and writes the sheets of least real-looking digits and of the real ones missed."""
     import json
 
-    sheet = tmp_path / "least_real.png"
+    sheet, missed_sheet = tmp_path / "least_real.png", tmp_path / "missed_real.png"
     result = runner.invoke(cli.app, ["evaluate", "--server", address, "--per-digit", "20", "--default-samples", "200",
-                                     "--data-dir", mnist_data_dir, "--json", "--sheet", str(sheet)])
+                                     "--data-dir", mnist_data_dir, "--json", "--sheet", str(sheet),
+                                     "--missed-sheet", str(missed_sheet)])
     assert result.exit_code == 0, result.output
     reports = json.loads(result.stdout[result.stdout.index("["):])
     assert [report["judge"] for report in reports] == ["small", "small", "wide", "wide"]
@@ -211,7 +213,11 @@ def _evaluate_served_model(address, mnist_data_dir, tmp_path):
         assert 0.0 <= row["conditional_accuracy"] <= 1.0 and len(row["per_digit_accuracy"]) == 10
         assert sum(row["coverage"]) == pytest.approx(1.0) and row["frechet_ratio"] > 1.0  # 4 training steps: far from real
         assert 0.0 <= row["precision"] <= 1.0 and 0.0 <= row["recall"] <= 1.0 and len(row["per_digit_frechet_ratio"]) == 10
-    assert Image.open(sheet).format == "PNG"
+        assert len(row["per_digit_precision"]) == len(row["per_digit_recall"]) == 10
+        assert row["recall"] == pytest.approx(sum(share * count for share, count in  # each digit in its test share
+                                                  zip(row["per_digit_recall"], TEST_DIGIT_COUNTS)) / 10_000)
+    assert Image.open(sheet).format == "PNG" and Image.open(missed_sheet).format == "PNG"
+    assert str(missed_sheet) in result.stderr
     both = runner.invoke(cli.app, ["evaluate", "--server", address, "--run-dir", "runs/x"])
     assert both.exit_code == 2 and "exactly one of" in both.output
 

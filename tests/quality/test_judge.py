@@ -244,12 +244,14 @@ def test_real_images_score_as_real_and_noise_far(judge_and_reference, mnist):
     real = judge_lib.judge_images(judge, reference, "real", images, mnist.train_labels[20_000:30_000], images)
     assert real.conditional_accuracy >= 0.99 and real.frechet_ratio < 1.5 and real.mnist_score > 9.0, real
     assert real.precision > 0.9 and real.recall > 0.9 and max(real.per_digit_frechet_ratio) < 2.0, real
+    assert min(real.per_digit_precision) > 0.8 and min(real.per_digit_recall) > 0.8, real
     noise = np.random.default_rng(0).uniform(0.0, 1.0, (2000, 28, 28, 1)).astype(np.float32)
     far = judge_lib.judge_images(judge, reference, "noise", None, None, noise)
     assert far.frechet_ratio > 50 and far.mnist_score < 2.0 and far.conditional_accuracy is None, far
     # Noise collapses to a few points of feature space, far from most real digits: no real style is
     # drawn (recall 0), though some noise lands in the wide balls of real outliers (precision's known weakness).
     assert far.recall < 0.01 and far.precision < 0.5 and far.per_digit_frechet_ratio is None, far
+    assert far.per_digit_precision is None and max(far.per_digit_recall) < 0.05, far
 
 
 def test_a_generator_collapsed_to_one_digit_fails_coverage(judge_and_reference, mnist):
@@ -291,7 +293,8 @@ def test_format_reports_prints_a_table_per_judge_with_columns_aligned():
         return judge_lib.QualityReport(source, 10000, 9.8, 4.0, ratio, accuracy, judge=judge, **figures)
 
     digits = dict(per_digit_accuracy=[0.999] * 8 + [0.985, 0.998], per_digit_frechet_ratio=[1.5] * 7 + [2.75, 1.5, 1.5],
-                  precision=0.912, recall=0.874, coverage=[0.089, 0.114])
+                  precision=0.912, recall=0.874, coverage=[0.089, 0.114],
+                  per_digit_precision=[0.93] + [0.738] + [0.92] * 8, per_digit_recall=[0.86] * 8 + [0.793, 0.842])
     reports = [row("real test split vs real train", "small", 1.0, 0.9907, **digits),
                row("previous_default after 646 s (step 7496)", "small", 1.89, 0.998, **digits),
                row("tutorial after 600 s (step 1928)", "small", 352.4),
@@ -302,18 +305,20 @@ def test_format_reports_prints_a_table_per_judge_with_columns_aligned():
     assert small_lines[0] == "judge small:" and wide_lines[0] == "judge wide:" and len(wide_lines) == 3
     assert small_lines[3].startswith("previous_default after 646 s (step 7496) ")
     assert len({line.index(" 10000 ") for line in small_lines[2:]}) == 1  # the samples column lines up
-    assert small_lines[3].split()[-10:] == ["1.89", "1.62", "2.75", "(7)", "0.912", "0.874", "99.80%", "98.50%", "(8)",
-                                            "8.9%-11.4%"]
-    assert small_lines[4].split()[-8:] == ["352.40", "-", "-", "-", "-", "-", "-", "-"]  # unconditional, no more measured
+    assert small_lines[3].split()[-12:] == ["1.89", "1.62", "2.75", "(7)", "0.912", "0.738(1)", "0.874", "0.793(8)",
+                                            "99.80%", "98.50%", "(8)", "8.9%-11.4%"]
+    assert small_lines[4].split()[-10:] == ["352.40"] + ["-"] * 9  # unconditional, no more measured
     assert wide_lines[2].split()[8] == "2.04"
-    assert max(len(line) for line in text.splitlines()) <= 120  # with sources up to 40 characters
+    assert max(len(line) for line in text.splitlines()) <= 140  # with sources up to 40 characters
 
 
 def test_a_report_round_trips_through_its_dict():
     report = judge_lib.QualityReport("x", 100, 9.0, 3.0, 1.5, 0.99, [0.99] * 10, [0.1] * 10, judge="wide",
-                                     precision=0.9, recall=0.8, per_digit_frechet_ratio=[1.0] * 9 + [3.0])
+                                     precision=0.9, recall=0.8, per_digit_frechet_ratio=[1.0] * 9 + [3.0],
+                                     per_digit_precision=[0.9] * 9 + [0.7], per_digit_recall=[0.6] + [0.8] * 9)
     figures = report.to_dict()
     assert figures["worst_frechet_digit"] == 9 and figures["mean_digit_frechet_ratio"] == pytest.approx(1.2)
+    assert figures["worst_precision_digit"] == 9 and figures["worst_recall_digit"] == 0
     assert judge_lib.QualityReport.from_dict(figures) == report
 
 

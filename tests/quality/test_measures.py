@@ -52,6 +52,18 @@ def test_chunked_distances_match_the_whole_matrix(monkeypatch):
     assert figures.recall == pytest.approx(np.mean((whole <= generated_radii[:, None]).any(axis=0)), abs=1 / 300)
     kept = real_radii <= np.median(real_radii)
     np.testing.assert_allclose(figures.realism, (real_radii[kept][None] / whole[:, kept]).max(axis=1), rtol=1e-3)
+    np.testing.assert_allclose(figures.miss, (whole / generated_radii[:, None]).min(axis=0), rtol=1e-3)
+    assert figures.recall == figures.covered.mean() and figures.precision == figures.inside_real.mean()
+
+
+def test_the_highest_misses_are_the_real_mode_never_drawn():
+    rng = np.random.default_rng(6)
+    centres = 50.0 * np.eye(4, 8)
+    real = _clusters(centres, 100, rng)
+    figures = measures.compare_manifolds(real, _clusters(centres[:3], 150, rng), k=5)  # mode 3 never drawn
+    assert set(np.argsort(-figures.miss)[:100] // 100) == {3}
+    assert figures.miss[300:].min() > 10.0 and not figures.covered[300:].any()
+    assert (figures.miss[figures.covered] <= 1.0).all() and (figures.miss[~figures.covered] > 1.0).all()
 
 
 def test_realism_orders_samples_by_distance_from_the_real_ones():

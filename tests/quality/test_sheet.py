@@ -20,11 +20,11 @@ def test_the_sheet_shows_the_least_real_images_with_their_digit_and_seed(tiny_ru
     exported = bundle.export_bundle(bundle.ExportConfig(run_dir=tiny_runs["conditional"],
                                                         model_base_path=str(tmp_path / "models")))
     config = sources.EvaluateConfig(per_digit=10, default_samples=20, data_dir=mnist_data_dir,
-                                    sheet=str(tmp_path / "least_real.png"))
+                                    sheet=str(tmp_path / "least_real.png"), missed_sheet=str(tmp_path / "missed.png"))
     evaluation = sources.evaluate_bundle(exported.path, config, report=lambda line: None, progress=False)
     sheet = evaluation.sheet
     assert sheet.path == config.sheet and len(sheet.labels) == sources.SHEET_SIZE == 64
-    assert len(set(sheet.labels)) == 64 and list(sheet.realism) == sorted(sheet.realism)  # least real first
+    assert len(set(sheet.labels)) == 64 and list(sheet.scores) == sorted(sheet.scores)  # least real first
     picture = np.asarray(Image.open(sheet.path))
     size, padding, columns = 28 * 3, 2, sources.SHEET_COLUMNS
     cell = size + image_grids.LABEL_HEIGHT
@@ -41,6 +41,29 @@ def test_the_sheet_shows_the_least_real_images_with_their_digit_and_seed(tiny_ru
         shown = picture[top:top + size:3, left:left + size:3]
         assert np.abs(shown.astype(int) - expected).max() <= 1, label  # the image its label names
         assert picture[top + size:top + cell, left:left + size].max() > 200, label  # the label is written under it
+    _check_missed_sheet(evaluation.missed_sheet, config, mnist_data_dir)
+
+
+def _check_missed_sheet(sheet, config, mnist_data_dir):
+    """The missed sheet: 64 real test digits, the farthest from the generated set first, each the test
+    image its label names."""
+    mnist = acquire.load_mnist(mnist_data_dir)
+    assert sheet.path == config.missed_sheet and len(set(sheet.labels)) == sources.SHEET_SIZE
+    assert list(sheet.scores) == sorted(sheet.scores, reverse=True) and min(sheet.scores) > 1.0  # none of them covered
+    picture = np.asarray(Image.open(sheet.path))
+    size, padding, columns = 28 * 3, 2, sources.SHEET_COLUMNS
+    cell, header = size + image_grids.LABEL_HEIGHT, 2 * image_grids.HEADER_HEIGHT
+    for index, label in enumerate(sheet.labels):
+        digit, position = (int(part) for part in re.fullmatch(r"(\d) #(\d+)", label).groups())
+        assert mnist.test_labels[position] == digit
+        row, column = divmod(index, columns)
+        top, left = header + padding + row * (cell + padding), padding + column * (size + padding)
+        shown = picture[top:top + size:3, left:left + size:3]
+        assert np.abs(shown.astype(int) - mnist.test_images[position, ..., 0].astype(int)).max() <= 1, label
+
+
+def test_most_missed_takes_the_highest_misses_first():
+    assert list(sources.most_missed(np.array([1.2, 3.0, 0.9, 3.0, 2.0]), 3)) == [1, 3, 4]
 
 
 def test_least_real_takes_the_lowest_scores_first():
