@@ -12,7 +12,8 @@ LEARNING_RATE_SCHEDULES = ("constant", "linear_decay")
 LOSSES = ("bce", "hinge", "relativistic")
 IMAGE_ACTIVATIONS = ("tanh", "hard_tanh")
 ARCHITECTURES = ("tutorial", "compact", "tutorial_cbn", "tutorial_cbn_3x3", "tutorial_cbn_3x3_wide_d",
-                 "tutorial_cbn_3x3_5x5_pixels", "tutorial_cbn_3x3_4x4_up")  # the keys of trainer.models.ARCHITECTURES
+                 "tutorial_cbn_3x3_5x5_pixels", "tutorial_cbn_3x3_4x4_up",
+                 "tutorial_cbn_3x3_5x5_pixels_wide_g")  # the keys of trainer.models.ARCHITECTURES
 CONFIG_FILE = "config.json"
 # Fields that say where and how a run ran, not what it learns: two runs that differ only in these
 # follow the same recipe (precision is recorded resolved, so "auto" and what it chose compare equal).

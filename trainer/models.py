@@ -216,6 +216,10 @@ ARCHITECTURES = {
     # (the default).
     "tutorial_cbn_3x3_5x5_pixels": Architecture(256, ((128, 1), (64, 2)), (64, 128), 3, digit_batch_norm=True,
                                                 pixel_kernel_size=5),
+    # The default (tutorial_cbn_3x3_5x5_pixels) with G half as wide again (384, 192, 96 channels; D
+    # unchanged): more room for G to draw varied styles, at about twice G's multiply-adds.
+    "tutorial_cbn_3x3_5x5_pixels_wide_g": Architecture(384, ((192, 1), (96, 2)), (64, 128), 3, digit_batch_norm=True,
+                                                       pixel_kernel_size=5),
     # tutorial_cbn_3x3 with 4x4 kernels wherever G doubles the resolution and in D's first convolution:
     # a kernel the stride divides covers every output pixel equally, so no checkerboard of stronger and
     # weaker pixels (Odena et al. 2016), for about a seventh more of G's multiply-adds.
