@@ -544,26 +544,22 @@ class QualityReport:
     @property
     def worst_frechet_digit(self) -> int | None:
         """The digit with the highest per-digit Fréchet ratio."""
-        known = _known(self.per_digit_frechet_ratio)
-        return None if not known else max(known, key=known.get)
+        return _extreme_digit(self.per_digit_frechet_ratio, max)
 
     @property
     def worst_accuracy_digit(self) -> int | None:
         """The digit read as asked least often."""
-        known = _known(self.per_digit_accuracy)
-        return None if not known else min(known, key=known.get)
+        return _extreme_digit(self.per_digit_accuracy, min)
 
     @property
     def worst_precision_digit(self) -> int | None:
         """The digit whose images lie off the real digits' manifold most often."""
-        known = _known(self.per_digit_precision)
-        return None if not known else min(known, key=known.get)
+        return _extreme_digit(self.per_digit_precision, min)
 
     @property
     def worst_recall_digit(self) -> int | None:
         """The digit whose real styles the generator misses most often."""
-        known = _known(self.per_digit_recall)
-        return None if not known else min(known, key=known.get)
+        return _extreme_digit(self.per_digit_recall, min)
 
     def to_dict(self) -> dict:
         """The fields, and the figures derived from them (mean and worst digit), for JSON readers."""
@@ -582,6 +578,12 @@ class QualityReport:
 def _known(per_digit: list[float] | None) -> dict[int, float]:
     """{digit: value} of a per-digit list, without the NaNs of digits that were not asked for."""
     return {digit: value for digit, value in enumerate(per_digit or []) if not np.isnan(value)}
+
+
+def _extreme_digit(per_digit: list[float] | None, pick) -> int | None:
+    """The digit whose known value `pick` (min or max) chooses; None when no digit has one."""
+    known = _known(per_digit)
+    return None if not known else pick(known, key=known.get)
 
 
 @dataclasses.dataclass(frozen=True)
