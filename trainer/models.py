@@ -217,7 +217,7 @@ ARCHITECTURES = {
     "tutorial_cbn_3x3_5x5_pixels": Architecture(256, ((128, 1), (64, 2)), (64, 128), 3, digit_batch_norm=True,
                                                 pixel_kernel_size=5),
     # The default (tutorial_cbn_3x3_5x5_pixels) with G half as wide again (384, 192, 96 channels; D
-    # unchanged): more room for G to draw varied styles, at about twice G's multiply-adds.
+    # unchanged): more room for G to draw varied styles, at about 2.25 times G's multiply-adds.
     "tutorial_cbn_3x3_5x5_pixels_wide_g": Architecture(384, ((192, 1), (96, 2)), (64, 128), 3, digit_batch_norm=True,
                                                        pixel_kernel_size=5),
     # tutorial_cbn_3x3 with 4x4 kernels wherever G doubles the resolution and in D's first convolution:
