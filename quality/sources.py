@@ -348,8 +348,6 @@ def write_least_real_sheet(path: str, samples: Samples, realism: np.ndarray, jud
                            count: int = SHEET_SIZE) -> Sheet:
     """Writes the `count` judged images with the lowest realism as one PNG, least real first, each with
     its digit and seed under it (`#i` for the i-th serving_default image of an unconditional model)."""
-    from common import files, images as image_grids
-
     chosen = least_real(realism, count)
     if samples.conditional is not None:
         images = samples.conditional[chosen]
@@ -361,9 +359,7 @@ def write_least_real_sheet(path: str, samples: Samples, realism: np.ndarray, jud
         labels = [f"#{index}" for index in chosen]
         caption = (f"The {len(chosen)} least real of {len(realism)} serving_default images (lowest realism score, "
                    f"worse of judges {' and '.join(judge_names)})\nleast real first; under each: # + row of noise")
-    picture = image_grids.labelled_grid(images, labels, columns=SHEET_COLUMNS, caption=caption)
-    files.write_bytes_atomic(path, image_grids.png_bytes(picture))
-    return Sheet(str(path), tuple(labels), tuple(float(realism[index]) for index in chosen))
+    return _write_sheet(path, images, labels, caption, realism[chosen])
 
 
 def most_missed(miss: np.ndarray, count: int = SHEET_SIZE) -> np.ndarray:
@@ -376,17 +372,21 @@ def write_missed_sheet(path: str, test_images: np.ndarray, test_labels: np.ndarr
     """Writes the `count` real test digits with the highest miss (`measures.Manifolds.miss`: farthest from
     every generated image) as one PNG, highest first, each with its digit and test-split index under it.
     test_images uint8 [N, 28, 28, 1]; test_labels [N]; miss [N]."""
-    from common import files, images as image_grids
-
     chosen = most_missed(miss, count)
     labels = [f"{test_labels[index]} #{index}" for index in chosen]
     caption = (f"The {len(chosen)} of {len(miss)} real test digits farthest from every generated one (highest miss, "
                f"worse of judges {' and '.join(judge_names)})\nstyles the model draws least; under each: digit, # + "
                "index in the test split")
-    images = test_images[chosen].astype(np.float32) / 255.0
+    return _write_sheet(path, judge_lib.real_images(test_images[chosen]), labels, caption, miss[chosen])
+
+
+def _write_sheet(path: str, images: np.ndarray, labels: list[str], caption: str, scores: np.ndarray) -> Sheet:
+    """Writes `images` float32 [n, 28, 28, 1] in [0, 1] as one labelled PNG grid, atomically."""
+    from common import images as image_grids
+
     picture = image_grids.labelled_grid(images, labels, columns=SHEET_COLUMNS, caption=caption)
     files.write_bytes_atomic(path, image_grids.png_bytes(picture))
-    return Sheet(str(path), tuple(labels), tuple(float(miss[index]) for index in chosen))
+    return Sheet(str(path), tuple(labels), tuple(float(score) for score in scores))
 
 
 def _draw_with_progress(sampler: Sampler, config: EvaluateConfig, test_labels: np.ndarray, progress: bool) -> Samples:
